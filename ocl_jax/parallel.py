@@ -9,15 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.jax_utils
 import jax
 import numpy as np
 
 AXIS = "batch"
 
 
-def replicate(tree: Any) -> Any:
-  """Copy a host pytree onto every local device (leading device axis)."""
-  return jax.device_put_replicated(tree, jax.local_devices())
+def replicate(tree: Any, devices: list[jax.Device] | None = None) -> Any:
+  """Copy a pytree onto every local device (leading device axis), as pmap expects."""
+  # The mesh axis is named like pmap's, so pmap outputs and inputs share one sharding
+  # and the step compiles once.
+  return flax.jax_utils.replicate(tree, devices or jax.local_devices(), axis_name=AXIS)
+
+
+def prefetch_to_device(iterator, size: int, devices: list[jax.Device] | None = None):
+  """Stage `size` batches on the devices ahead of the step (leading axis = local devices)."""
+  return flax.jax_utils.prefetch_to_device(iterator, size, devices, axis_name=AXIS)
 
 
 def unreplicate(tree: Any) -> Any:

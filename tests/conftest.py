@@ -9,3 +9,40 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def scenes_data_dir(tmp_path_factory):
+  """A TFDS data dir holding the generated `scenes/tiny` (32 px, a few hundred images)."""
+  import tensorflow_datasets as tfds
+  import ocl_jax  # noqa: F401  registers the builder
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  tfds.builder("scenes/tiny", data_dir=data_dir).download_and_prepare()
+  return data_dir
+
+
+@pytest.fixture
+def tiny_config(scenes_data_dir):
+  """The demo config shrunk to scenes/tiny and a very small ResNet: seconds per run."""
+  from ocl_jax.configuration import load_sibling_config
+  import pathlib
+  c = load_sibling_config(str(pathlib.Path(__file__).parents[1] / "configs" / "demo.py"), "demo.py")
+  c.dataset.name = "scenes/tiny"
+  c.dataset.data_dir = scenes_data_dir
+  c.dataset.image_size = 32
+  c.augment.crop_size = 32
+  c.model.arch = "resnet10"
+  c.model.width = 4
+  c.model.small_stem = True
+  c.model.proj_dim = 8
+  c.model.pred_hidden_dim = 16
+  c.batch_size = 16
+  c.moco.queue_size = 64
+  c.num_train_steps = 4
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.checkpoint_every_steps = 2
+  c.probe.eval_batches = 2
+  return c

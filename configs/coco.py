@@ -1,0 +1,22 @@
+"""MoCo v2 on COCO 2017 train (TFDS `coco/2017` in --config.dataset.data_dir), paper settings.
+
+METHOD.md section 1: ResNet-18, 224 px, global batch 256, lr 0.03 x batch/256,
+cosine to 1e-3, 800 epochs, queue 65,536, tau 0.2, EMA 0.999.
+"""
+
+from ocl_jax.configuration import load_sibling_config
+
+
+def get_config():
+  c = load_sibling_config(__file__, "default.py")
+  c.dataset.name = "coco/2017"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "validation"   # online probe: class of the largest instance
+  c.dataset.image_size = 256            # host resize; crops are taken on device
+  c.augment.crop_size = 224
+  c.model.arch = "resnet18"
+  c.batch_size = 256
+  c.num_epochs = 800
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 2000
+  return c

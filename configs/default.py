@@ -1,0 +1,95 @@
+"""Every configuration field of ocl_jax, with its meaning. Other configs derive from this.
+
+Override any field on the command line, e.g. `--config.batch_size=64`.
+Defaults are the paper's MoCo v2 setting (METHOD.md section 1) on `scenes`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # What ocl_jax.main does: 'train' (pretraining).
+  c.mode = "train"
+  # Seed of everything random: init, data order, augmentation.
+  c.seed = 0
+  # Contrastive objective: 'moco' (MoCo v2), 'byol' or 'simclr'.
+  c.method = "moco"
+
+  # ---- Data ---------------------------------------------------------------
+  c.dataset = ml_collections.ConfigDict()
+  # TFDS name (with builder config / version), e.g. 'scenes/default', 'coco/2017'.
+  c.dataset.name = "scenes/default"
+  # TFDS data dir; None = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+  c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
+  c.dataset.train_split = "train"
+  # Split the online linear probe is evaluated on during training ('' = none).
+  c.dataset.eval_split = "test"
+  # Host-side square size every image is resized to before on-device augmentation.
+  c.dataset.image_size = 96
+  # tf.data shuffle buffer (examples).
+  c.dataset.shuffle_buffer = 10_000
+
+  # ---- On-device augmentation per view (METHOD.md section 1) -------------
+  c.augment = ml_collections.ConfigDict()
+  c.augment.crop_size = 96            # output side of each view (pixels)
+  c.augment.scale = (0.08, 1.0)       # RandomResizedCrop area fraction range
+  c.augment.ratio = (3 / 4, 4 / 3)    # RandomResizedCrop aspect ratio range (w/h, pixels)
+  c.augment.flip_prob = 0.5           # horizontal flip probability
+  c.augment.jitter_prob = 0.8         # probability of colour jitter
+  c.augment.brightness = 0.4          # colour jitter strengths (torchvision semantics)
+  c.augment.contrast = 0.4
+  c.augment.saturation = 0.4
+  c.augment.hue = 0.1
+  c.augment.grayscale_prob = 0.2      # random grayscale probability
+  c.augment.blur_prob = 0.5           # Gaussian blur probability
+  c.augment.blur_sigma = (0.1, 2.0)   # blur sigma range (pixels)
+  c.augment.blur_kernel_frac = 0.1    # blur kernel side as a fraction of crop_size (made odd)
+
+  # ---- Model ----------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = "resnet18"           # resnet10 | resnet18 | resnet34 | resnet50
+  c.model.width = 64                  # channels of the first stage (64 = standard ResNet)
+  c.model.small_stem = False          # 3x3 stride-1 stem, no max-pool (small images)
+  c.model.proj_hidden_dim = 0         # projector hidden width; 0 = the encoder's feature dim
+  c.model.proj_dim = 128              # embedding dim (MoCo/SimCLR 128, BYOL 256)
+  c.model.pred_hidden_dim = 4096      # BYOL predictor hidden width (used by byol only)
+
+  # ---- Objectives ---------------------------------------------------------------
+  c.moco = ml_collections.ConfigDict()
+  c.moco.temperature = 0.2
+  c.moco.queue_size = 65_536          # negatives; must be a multiple of batch_size
+  c.moco.momentum = 0.999             # EMA of the key encoder
+  c.byol = ml_collections.ConfigDict()
+  c.byol.momentum = 0.996             # EMA of the target network (fixed, as the release)
+  c.simclr = ml_collections.ConfigDict()
+  c.simclr.temperature = 0.2
+
+  # ---- Optimisation ----------------------------------------------------------------
+  c.batch_size = 256                  # GLOBAL batch over all devices and processes
+  c.num_epochs = 800
+  c.num_train_steps = -1              # > 0 overrides num_epochs
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"                # sgd | lars
+  c.optim.base_lr = 0.03              # lr = base_lr * batch_size / 256
+  c.optim.final_lr = 1e-3             # cosine decays to this absolute lr
+  c.optim.warmup_steps = 0
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.lars_trust_coefficient = 1e-3
+
+  # ---- Online linear probe (stop-gradient features, its own Adam) ---------------------
+  c.probe = ml_collections.ConfigDict()
+  c.probe.enabled = True
+  c.probe.learning_rate = 1e-3
+  c.probe.eval_batches = 16           # batches of eval_split per probe evaluation (-1 = all)
+
+  # ---- Logging, checkpoints, export ----------------------------------------------------
+  c.log_every_steps = 50
+  c.eval_every_steps = 500            # online-probe evaluation on dataset.eval_split (0 = off)
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3              # newest N checkpoints kept in workdir/checkpoints
+  c.export_encoder = True             # write workdir/export (encoder only) at the end
+  c.prefetch_to_device = 2            # batches staged on device ahead of the step
+  return c

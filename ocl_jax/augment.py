@@ -1,0 +1,559 @@
+"""Per-view image augmentation of METHOD.md section 1, run on device.
+
+Everything here is a pure function of an explicit PRNG key, safe under
+jit/vmap/pmap: augmentation runs inside the train step, vmapped over one key
+per image (the DeepMind BYOL style), so the host input pipeline only decodes
+and resizes. Random "apply with probability p" steps are computed and then
+selected with `jnp.where`, because under vmap a `lax.cond` becomes a select
+anyway.
+
+Conventions: images HWC float32 in [0, 1]; boxes normalised (x1, y1, x2, y2)
+with the pixel-edge convention, so (0, 0, 1, 1) is the whole image. Crops are
+sampled in real pixel units (the original aspect ratio is passed in, since
+the pipeline stores every image resized to a square), optionally inside a
+`region` box, which is what object-aware crops (section 4) and
+saliency-guided crops (section 5) need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601-2 luma, as PIL's convert('L').
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+NUM_CROP_TRIALS = 10
+# Colour-jitter op ids, in the order of `factors` for `apply_color_ops`.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+_PROB_FIELDS = ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob")
+_STRENGTH_FIELDS = ("brightness", "contrast", "saturation", "hue")
+_TUPLE_FIELDS = ("scale", "ratio", "blur_sigma")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+  """One view's augmentation; defaults are MoCo v2 (METHOD.md section 1).
+
+  Frozen and hashable so it can be a static argument of a jitted function.
+  """
+
+  crop_size: int = 224
+  scale: tuple[float, float] = (0.08, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+  flip_prob: float = 0.5
+  jitter_prob: float = 0.8
+  brightness: float = 0.4
+  contrast: float = 0.4
+  saturation: float = 0.4
+  hue: float = 0.1
+  grayscale_prob: float = 0.2
+  blur_prob: float = 0.5
+  blur_sigma: tuple[float, float] = (0.1, 2.0)
+  blur_kernel_frac: float = 0.1  # kernel ≈ this fraction of crop_size, odd, >= 3
+
+  def __post_init__(self):
+    # Normalise sequences (config files give lists) so the config stays hashable.
+    for name in _TUPLE_FIELDS:
+      value = getattr(self, name)
+      try:
+        value = tuple(float(v) for v in value)
+      except TypeError as e:
+        raise ValueError(f"ViewConfig.{name} must be a pair of numbers, got {value!r}") from e
+      if len(value) != 2:
+        raise ValueError(f"ViewConfig.{name} must be a pair of numbers, got {value!r}")
+      object.__setattr__(self, name, value)
+    self._validate()
+
+  def _validate(self) -> None:
+    if int(self.crop_size) != self.crop_size or self.crop_size < 1:
+      raise ValueError(f"ViewConfig.crop_size must be an integer >= 1, got {self.crop_size!r}")
+    object.__setattr__(self, "crop_size", int(self.crop_size))
+    for name in _PROB_FIELDS:
+      p = getattr(self, name)
+      if not 0.0 <= p <= 1.0:
+        raise ValueError(f"ViewConfig.{name} is a probability and must be in [0, 1], got {p!r}")
+    lo, hi = self.scale
+    if not 0.0 < lo <= hi <= 1.0:
+      raise ValueError(f"ViewConfig.scale must satisfy 0 < a <= b <= 1, got {self.scale!r}")
+    lo, hi = self.ratio
+    if not 0.0 < lo <= hi:
+      raise ValueError(f"ViewConfig.ratio must satisfy 0 < a <= b, got {self.ratio!r}")
+    for name in _STRENGTH_FIELDS:
+      s = getattr(self, name)
+      if not s >= 0.0:
+        raise ValueError(f"ViewConfig.{name} must be >= 0, got {s!r}")
+    if self.hue > 0.5:
+      raise ValueError(f"ViewConfig.hue must be <= 0.5, got {self.hue!r}")
+    lo, hi = self.blur_sigma
+    if not 0.0 < lo <= hi:
+      raise ValueError(f"ViewConfig.blur_sigma must satisfy 0 < a <= b, got {self.blur_sigma!r}")
+    if not self.blur_kernel_frac >= 0.0:
+      raise ValueError(f"ViewConfig.blur_kernel_frac must be >= 0, got {self.blur_kernel_frac!r}")
+
+  @classmethod
+  def from_config(cls, cfg: Any) -> "ViewConfig":
+    """Build from a ConfigDict (or mapping) holding a subset of the fields.
+
+    Unknown fields are an error rather than ignored, so a typo in a config
+    file cannot silently fall back to a default.
+    """
+    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in items:
+      if name not in known:
+        raise ValueError(f"Unknown ViewConfig field {name!r}; known fields: {sorted(known)}")
+    return cls(**items)
+
+  @property
+  def blur_kernel_size(self) -> int:
+    """Static blur kernel size: int(frac * crop_size), forced odd, >= 3."""
+    k = int(self.blur_kernel_frac * self.crop_size)
+    if k % 2 == 0:
+      k += 1
+    return max(k, 3)
+
+
+# ----------------------------------------------------------------------------
+# Crops.
+
+
+_CROP_UNIFORMS = 2 * NUM_CROP_TRIALS + 2
+
+
+def _sample_crop_params(key: jax.Array, aspect, scale, ratio, region=None) -> tuple[jax.Array, jax.Array]:
+  """`sample_crop_box` that also says whether a trial was accepted (for tests)."""
+  return _crop_from_uniforms(jax.random.uniform(key, (_CROP_UNIFORMS,)), aspect, scale, ratio, region)
+
+
+def _crop_from_uniforms(u: jax.Array, aspect, scale, ratio, region=None) -> tuple[jax.Array, jax.Array]:
+  """RandomResizedCrop box from U(0,1) draws u (22,): areas, log-ratios, position.
+
+  Taking the uniforms rather than a key lets augment_view make one random
+  draw per image: each jax.random call is a separate threefry computation,
+  and together they dominated compile time.
+  """
+  num_trials = NUM_CROP_TRIALS
+  if region is None:
+    region = jnp.array([0.0, 0.0, 1.0, 1.0], jnp.float32)
+  region = jnp.asarray(region, jnp.float32)
+  rw = jnp.maximum(region[2] - region[0], 1e-6)
+  rh = jnp.maximum(region[3] - region[1], 1e-6)
+  # Pixel aspect of the region: ratios and areas are relative to it.
+  a = jnp.asarray(aspect, jnp.float32) * rw / rh
+
+  s = scale[0] + (scale[1] - scale[0]) * u[:num_trials]
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  r = jnp.exp(log_lo + (log_hi - log_lo) * u[num_trials:2 * num_trials])
+  w = jnp.sqrt(s * r / a)
+  h = jnp.sqrt(s * a / r)
+  # Small tolerance: torchvision compares rounded pixel sizes, so a crop that
+  # is the full side up to float error must count as fitting.
+  fits = (w <= 1.0 + 1e-6) & (h <= 1.0 + 1e-6)
+  first = jnp.argmax(fits)
+  accepted = jnp.any(fits)
+  w_t = jnp.minimum(w[first], 1.0)
+  h_t = jnp.minimum(h[first], 1.0)
+  x_t = u[-2] * (1.0 - w_t)
+  y_t = u[-1] * (1.0 - h_t)
+
+  # Central fallback crop with the ratio clamped into range.
+  rmin, rmax = float(ratio[0]), float(ratio[1])
+  w_f = jnp.where(a > rmax, rmax / a, 1.0)
+  h_f = jnp.where(a < rmin, a / rmin, 1.0)
+  x_f = (1.0 - w_f) / 2.0
+  y_f = (1.0 - h_f) / 2.0
+
+  x1 = jnp.where(accepted, x_t, x_f)
+  y1 = jnp.where(accepted, y_t, y_f)
+  bw = jnp.where(accepted, w_t, w_f)
+  bh = jnp.where(accepted, h_t, h_f)
+  box = jnp.stack([
+      region[0] + x1 * rw,
+      region[1] + y1 * rh,
+      region[0] + jnp.minimum(x1 + bw, 1.0) * rw,
+      region[1] + jnp.minimum(y1 + bh, 1.0) * rh,
+  ])
+  return jnp.clip(box, 0.0, 1.0), accepted
+
+
+def sample_crop_box(key: jax.Array, aspect, scale: tuple[float, float],
+                    ratio: tuple[float, float], region=None) -> jax.Array:
+  """RandomResizedCrop box (torchvision get_params), vectorised over 10 trials.
+
+  Each trial draws an area fraction ~ U(scale) and a log pixel ratio ~
+  U(log ratio); the first trial that fits is used, at a uniform position,
+  else the central crop with the ratio clamped into range. `aspect` is the
+  original image's width/height in pixels, so in normalised coordinates
+  w = sqrt(s*r/aspect), h = sqrt(s*aspect/r). With `region` the crop is
+  sampled inside it, scale and ratio relative to it (its pixel aspect is
+  aspect*rw/rh); the returned box is in whole-image normalised coordinates.
+  """
+  return _sample_crop_params(key, aspect, scale, ratio, region)[0]
+
+
+# Internally a view is planar (C, H, W) between the crop and the end of
+# augment_view: channel planes are contiguous, so the colour ops vectorise,
+# and the separable resampling passes (crop and blur) are plain matmuls with
+# one small transpose in all. That layout was 1.8x faster on CPU than HWC. The
+# public functions take and return HWC and wrap the planar versions, so the
+# tests exercise the same code as augment_view.
+
+
+def _chw(image: jax.Array) -> jax.Array:
+  return jnp.moveaxis(image, -1, 0)
+
+
+def _hwc(planes: jax.Array) -> jax.Array:
+  return jnp.moveaxis(planes, 0, -1)
+
+
+def _resize_weights(in_size: int, out_size: int, start, length) -> jax.Array:
+  """(in_size, out_size) linear-interpolation weights for one axis.
+
+  Output pixel j covers input interval start + [j, j+1] * length/out_size
+  (pixel-edge convention); its centre is sampled with a triangle kernel that
+  is widened by the shrink factor when shrinking (antialiasing), and the
+  weights are renormalised where the kernel leaves the image (edge clamp).
+  Same maths as jax.image.scale_and_translate(method='linear', antialias=True).
+  """
+  inv_scale = length / out_size
+  kernel_scale = jnp.maximum(inv_scale, 1.0)
+  centres = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * inv_scale + start - 0.5
+  dist = jnp.abs(centres[None, :] - jnp.arange(in_size, dtype=jnp.float32)[:, None])
+  w = jnp.maximum(0.0, 1.0 - dist / kernel_scale)
+  total = jnp.sum(w, axis=0, keepdims=True)
+  return w / jnp.where(total > 0, total, 1.0)
+
+
+def _crop_resize_flip_chw(image: jax.Array, box: jax.Array, size: int, do_flip) -> jax.Array:
+  """HWC image -> planar (C, size, size) crop, optionally mirrored.
+
+  Two small matmuls per image (separable resampling beats per-pixel
+  gathers); the flip is folded into the column weights, reversing a
+  (W, size) matrix instead of the image.
+  """
+  height, width = image.shape[0], image.shape[1]
+  box = jnp.asarray(box, jnp.float32)
+  bw = jnp.maximum((box[2] - box[0]) * width, 1e-6)
+  bh = jnp.maximum((box[3] - box[1]) * height, 1e-6)
+  wy = _resize_weights(height, size, box[1] * height, bh)
+  wx = _resize_weights(width, size, box[0] * width, bw)
+  if do_flip is not None:
+    wx = jnp.where(do_flip, wx[:, ::-1], wx)
+  hp = jax.lax.Precision.HIGHEST
+  rows = jnp.einsum("hwc,hy->ywc", image, wy, precision=hp)
+  out = jnp.einsum("cyw,wx->cyx", jnp.transpose(rows, (2, 0, 1)), wx, precision=hp)
+  return jnp.clip(out, 0.0, 1.0)
+
+
+def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
+  """Bilinear crop of `box` resized to (size, size), antialiased when shrinking.
+
+  Pixel-edge convention: the box (0, 0, 1, 1) maps the image's outer edges
+  onto the output's outer edges, so a full box at the same size is the
+  identity.
+  """
+  return _hwc(_crop_resize_flip_chw(_to_float(image), box, size, None))
+
+
+def flip_left_right(image: jax.Array, do_flip) -> jax.Array:
+  """Mirror an HWC image horizontally where `do_flip` (a traced bool) is true."""
+  return jnp.where(do_flip, image[:, ::-1], image)
+
+
+# ----------------------------------------------------------------------------
+# Colour (torchvision.transforms.functional semantics on float images).
+
+
+def _luma_p(x: jax.Array) -> jax.Array:
+  """(H, W) ITU-R 601-2 luma of planar (3, H, W)."""
+  w = LUMA_WEIGHTS
+  return w[0] * x[0] + w[1] * x[1] + w[2] * x[2]
+
+
+def _sum_pixels_p(x: jax.Array) -> jax.Array:
+  """Per-channel sum over all pixels of planar x, (C,), independent of batch size.
+
+  XLA's reductions (on CPU at least) round differently depending on the
+  batch they are vmapped over, which would make an image's augmentation
+  depend on how the global batch is split across devices. Pairwise halving
+  with elementwise adds is exact per image; the last few columns are summed
+  by a tiny dot, which XLA does not fuse into (and recompute in) every pixel
+  of the consumer, as it does with an elementwise or reduce tail.
+  """
+  x = x.reshape(x.shape[0], -1)
+  while x.shape[1] % 2 == 0 and x.shape[1] > 16:
+    half = x.shape[1] // 2
+    x = x[:, :half] + x[:, half:]
+  return jnp.einsum("cn,n->c", x, jnp.ones((x.shape[1],), x.dtype),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _mean_luma_p(x: jax.Array) -> jax.Array:
+  """Mean of the luma image (contrast's blend target)."""
+  s = _sum_pixels_p(x)
+  w = LUMA_WEIGHTS
+  return (w[0] * s[0] + w[1] * s[1] + w[2] * s[2]) / (x.shape[1] * x.shape[2])
+
+
+def _blend(x: jax.Array, other, factor) -> jax.Array:
+  return jnp.clip(factor * x + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def _hue_p(x: jax.Array, factor) -> jax.Array:
+  """Hue shift of planar x; see adjust_hue.
+
+  V (= max) and the chroma C (= max - min) are unchanged by a hue shift, so
+  after torchvision's rgb->hue (in sextants, 6H) the HSV -> RGB step is the
+  closed form c_n = V - C * clip(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6,
+  n = 5, 3, 1 for R, G, B: torchvision's piecewise hsv2rgb without its
+  six-way select. Mods use floor, which vectorises where fmod does not.
+  """
+  r, g, b = x[0], x[1], x[2]
+  maxc = jnp.maximum(jnp.maximum(r, g), b)
+  chroma = maxc - jnp.minimum(jnp.minimum(r, g), b)
+  inv = 1.0 / jnp.where(chroma > 0, chroma, 1.0)  # grey pixels: hue 0, as torchvision
+  h6 = jnp.where(maxc == r, (g - b) * inv,
+                 jnp.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
+  h6 = h6 + 6.0 * factor
+  out = []
+  for n in (5.0, 3.0, 1.0):
+    t = n + h6
+    k = t - 6.0 * jnp.floor(t * (1.0 / 6.0))
+    out.append(maxc - chroma * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0))
+  return jnp.clip(jnp.stack(out), 0.0, 1.0)
+
+
+def adjust_brightness(image: jax.Array, factor) -> jax.Array:
+  """Blend with black: clip(factor * image)."""
+  return _blend(image, 0.0, factor)
+
+
+def adjust_contrast(image: jax.Array, factor) -> jax.Array:
+  """Blend with the mean of the grayscale image."""
+  return _blend(image, _mean_luma_p(_chw(image)), factor)
+
+
+def adjust_saturation(image: jax.Array, factor) -> jax.Array:
+  """Blend with the grayscale image."""
+  return _blend(image, _luma_p(_chw(image))[..., None], factor)
+
+
+def adjust_hue(image: jax.Array, factor) -> jax.Array:
+  """Shift the HSV hue by `factor` in [-0.5, 0.5] (mod 1); S and V are kept."""
+  return _hwc(_hue_p(_chw(image), factor))
+
+
+def _blend_step_p(x: jax.Array, factors: jax.Array, op: jax.Array, active) -> jax.Array:
+  """Brightness, contrast or saturation (by traced `op`) if `active`, else identity.
+
+  The three ops blend towards alpha * luma + beta: (0, 0), (0, mean luma),
+  (1, 0), so one code path serves all three without per-op branches.
+  """
+  alpha = (op == SATURATION).astype(x.dtype)
+  beta = jnp.where(op == CONTRAST, _mean_luma_p(x), 0.0)
+  f = jnp.sum(factors[:3] * (jnp.arange(3) == op))
+  return jnp.where(active, _blend(x, alpha * _luma_p(x) + beta, f), x)
+
+
+def _color_ops_p(x: jax.Array, factors: jax.Array, order: jax.Array, with_hue: bool) -> jax.Array:
+  """Planar apply_color_ops.
+
+  Under vmap every branch is computed, so instead of four "any op" steps
+  (four hue shifts) this runs the blend ops that precede hue, one hue
+  shift, then the blend ops that follow it.
+  """
+  factors = jnp.asarray(factors, jnp.float32)
+  order = jnp.asarray(order)
+  hue_pos = jnp.argmax(order == HUE)
+  for step in range(3):
+    x = _blend_step_p(x, factors, order[step], step < hue_pos)
+  if with_hue:
+    x = _hue_p(x, factors[HUE])
+  for step in range(1, 4):
+    x = _blend_step_p(x, factors, order[step], step > hue_pos)
+  return x
+
+
+def apply_color_ops(image: jax.Array, factors: jax.Array, order: jax.Array,
+                    with_hue: bool = True) -> jax.Array:
+  """Apply brightness/contrast/saturation/hue in `order` (a permutation of 0..3).
+
+  `factors` = (brightness, contrast, saturation, hue factor), op ids
+  BRIGHTNESS, CONTRAST, SATURATION, HUE. `with_hue=False` (static) skips
+  hue, as torchvision skips an op of zero strength.
+  """
+  return _hwc(_color_ops_p(_chw(image), factors, order, with_hue))
+
+
+_JITTER_UNIFORMS = 8
+
+
+def _jitter_from_uniforms(u: jax.Array, brightness: float, contrast: float, saturation: float,
+                          hue: float) -> tuple[jax.Array, jax.Array]:
+  """ColorJitter factors and order from 8 U(0,1) draws (see _crop_from_uniforms)."""
+  lo = jnp.array([max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast),
+                  max(0.0, 1.0 - saturation), -hue], jnp.float32)
+  hi = jnp.array([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue], jnp.float32)
+  factors = lo + (hi - lo) * u[:4]
+  # Ranking i.i.d. uniforms gives a uniformly random permutation.
+  order = jnp.argsort(u[4:]).astype(jnp.int32)
+  return factors, order
+
+
+def sample_color_jitter(key: jax.Array, brightness: float, contrast: float,
+                        saturation: float, hue: float) -> tuple[jax.Array, jax.Array]:
+  """ColorJitter parameters: (factors (4,), order (4,) random permutation)."""
+  return _jitter_from_uniforms(jax.random.uniform(key, (_JITTER_UNIFORMS,)),
+                               brightness, contrast, saturation, hue)
+
+
+def color_jitter(key: jax.Array, image: jax.Array, brightness: float, contrast: float,
+                 saturation: float, hue: float) -> jax.Array:
+  """torchvision ColorJitter: factors ~ U[max(0,1-s), 1+s], hue ~ U[-h, h], random order.
+
+  A zero strength gives factor exactly 1 (or hue 0, skipped statically),
+  so zero strengths return the input exactly, like torchvision's None.
+  """
+  factors, order = sample_color_jitter(key, brightness, contrast, saturation, hue)
+  return apply_color_ops(image, factors, order, with_hue=hue > 0)
+
+
+def to_grayscale(image: jax.Array) -> jax.Array:
+  """ITU-R 601-2 luma replicated to 3 channels (RandomGrayscale)."""
+  return jnp.broadcast_to(_luma_p(_chw(image))[..., None], image.shape)
+
+
+# ----------------------------------------------------------------------------
+# Blur.
+
+
+def gaussian_kernel1d(sigma, kernel_size: int) -> jax.Array:
+  """torchvision's 1-D Gaussian: taps at -(k-1)/2 .. (k-1)/2, normalised to sum 1."""
+  x = jnp.linspace(-(kernel_size - 1) / 2.0, (kernel_size - 1) / 2.0, kernel_size)
+  pdf = jnp.exp(-0.5 * jnp.square(x / sigma))
+  return pdf / jnp.sum(pdf)
+
+
+def _blur_matrix(kernel: jax.Array, size: int) -> jax.Array:
+  """(size, size) matrix of a 1-D correlation with torch 'reflect' padding.
+
+  Row i holds the taps of output i, with taps that fall off the edge
+  reflected back inside (no edge repeat): the 1-D filter applied to the
+  identity matrix.
+  """
+  half = kernel.shape[0] // 2
+  eye = jnp.pad(jnp.eye(size, dtype=kernel.dtype), ((half, half), (0, 0)), mode="reflect")
+  return sum(kernel[t] * eye[t:t + size] for t in range(kernel.shape[0]))
+
+
+def _blur_p(x: jax.Array, sigma, kernel_size: int) -> jax.Array:
+  """Planar separable Gaussian blur as two banded matmuls.
+
+  On CPU a shifted-slice sum gets fused with the colour ops before it and
+  recomputes them once per tap, several times slower than the matmuls.
+  """
+  kernel = gaussian_kernel1d(sigma, kernel_size).astype(x.dtype)
+  rows = _blur_matrix(kernel, x.shape[1])
+  cols = rows if x.shape[2] == x.shape[1] else _blur_matrix(kernel, x.shape[2])
+  hp = jax.lax.Precision.HIGHEST
+  out = jnp.einsum("chw,xw->chx", x, cols, precision=hp)
+  rows = jnp.broadcast_to(rows, (x.shape[0],) + rows.shape)  # channel as a batch dim
+  return jnp.einsum("cyh,chx->cyx", rows, out, precision=hp)
+
+
+def gaussian_blur(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
+  """Separable Gaussian blur with torchvision's reflect padding (no edge repeat).
+
+  The kernel size is static, sigma may be traced.
+  """
+  if kernel_size % 2 != 1:
+    raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+  if kernel_size // 2 >= min(image.shape[0], image.shape[1]):
+    raise ValueError(f"kernel_size {kernel_size} too large for image {image.shape[:2]}")
+  return _hwc(_blur_p(_chw(image), sigma, kernel_size))
+
+
+# ----------------------------------------------------------------------------
+# Views.
+
+
+def _to_float(images: jax.Array) -> jax.Array:
+  images = jnp.asarray(images)
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def augment_view(key: jax.Array, image: jax.Array, aspect, cfg: ViewConfig,
+                 region=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One augmented view of one HWC image.
+
+  crop box -> crop_and_resize -> flip -> jitter (p) -> grayscale (p) -> blur (p).
+  Returns (view in [0, 1], not normalised; crop box (4,); flipped bool): the
+  box and flip let later code (BG-mixup masks) transform a mask identically.
+  """
+  image = _to_float(image)
+  # Every random number of the view in one draw (see _crop_from_uniforms).
+  u = jax.random.uniform(key, (_CROP_UNIFORMS + _JITTER_UNIFORMS + 5,))
+  u_crop, u_jit, u = u[:_CROP_UNIFORMS], u[_CROP_UNIFORMS:-5], u[-5:]
+  box, _ = _crop_from_uniforms(u_crop, aspect, cfg.scale, cfg.ratio, region)
+  flipped = u[0] < cfg.flip_prob
+  view = _crop_resize_flip_chw(image, box, cfg.crop_size, flipped)  # planar from here
+
+  if cfg.jitter_prob > 0:
+    factors, order = _jitter_from_uniforms(u_jit, cfg.brightness, cfg.contrast, cfg.saturation,
+                                           cfg.hue)
+    jittered = _color_ops_p(view, factors, order, with_hue=cfg.hue > 0)
+    view = jnp.where(u[1] < cfg.jitter_prob, jittered, view)
+  if cfg.grayscale_prob > 0:
+    gray = jnp.broadcast_to(_luma_p(view), view.shape)
+    view = jnp.where(u[2] < cfg.grayscale_prob, gray, view)
+  if cfg.blur_prob > 0:
+    lo, hi = cfg.blur_sigma
+    blurred = _blur_p(view, lo + (hi - lo) * u[4], cfg.blur_kernel_size)
+    view = jnp.where(u[3] < cfg.blur_prob, blurred, view)
+  return _hwc(jnp.clip(view, 0.0, 1.0)), box, flipped
+
+
+def augment_batch(key: jax.Array, images: jax.Array, aspects, cfg: ViewConfig,
+                  index_offset=0, regions=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Augment a (B, H, W, 3) batch (uint8 or float), one key per image.
+
+  Image i uses fold_in(key, index_offset + i), so with index_offset =
+  device_index * local_batch the result for an image does not depend on how
+  the global batch is split across devices. `aspects` (B,) are the original
+  width/height; `regions` (B, 4) optional crop regions (OA-crop).
+  Returns (views (B, S, S, 3), boxes (B, 4), flips (B,)).
+  """
+  images = _to_float(images)
+  batch = images.shape[0]
+  aspects = jnp.broadcast_to(jnp.asarray(aspects, jnp.float32), (batch,))
+  idx = jnp.asarray(index_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+  if regions is None:
+    fn = lambda k, x, a: augment_view(k, x, a, cfg)
+    return jax.vmap(fn)(keys, images, aspects)
+  fn = lambda k, x, a, r: augment_view(k, x, a, cfg, r)
+  return jax.vmap(fn)(keys, images, aspects, jnp.asarray(regions, jnp.float32))
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """ImageNet mean/std normalisation of [0, 1] images (channels last)."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return (images - mean) / std
+
+
+def denormalize(images: jax.Array) -> jax.Array:
+  """Inverse of `normalize`."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return images * std + mean

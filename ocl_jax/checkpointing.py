@@ -1,0 +1,86 @@
+"""Orbax checkpoints of the whole train state, with the model spec kept beside it.
+
+Resuming checks that the checkpoint was written for the same model and that
+every array has the shape the current config expects, so a checkpoint of
+another architecture is a clear error instead of a silently wrong restore.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ocl_jax.models import ModelSpec
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model / state the config describes."""
+
+
+def check_same_structure(restored: Any, template: Any, source: str) -> None:
+  """Raise CheckpointMismatchError naming the first path whose structure or shape differs."""
+  flat_r, tree_r = jax.tree_util.tree_flatten_with_path(restored)
+  flat_t, tree_t = jax.tree_util.tree_flatten_with_path(template)
+  paths_r = {jax.tree_util.keystr(p): np.shape(v) for p, v in flat_r}
+  paths_t = {jax.tree_util.keystr(p): np.shape(v) for p, v in flat_t}
+  missing = sorted(set(paths_t) - set(paths_r))
+  extra = sorted(set(paths_r) - set(paths_t))
+  if missing or extra:
+    raise CheckpointMismatchError(
+        f"{source} has a different structure than the config's model: "
+        f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+  for path, shape in paths_t.items():
+    if paths_r[path] != shape:
+      raise CheckpointMismatchError(
+          f"{source}: {path} has shape {paths_r[path]}, the config's model expects {shape}")
+
+
+class Checkpointer:
+  """Periodic saves of the train state into `workdir/checkpoints`, keeping the newest N."""
+
+  def __init__(self, workdir: str, spec: ModelSpec, config: ml_collections.ConfigDict):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.spec = spec
+    self.config = config
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore_or(self, template: Any) -> Any:
+    """The newest checkpoint restored into `template`'s structure, or `template` if none."""
+    step = self.manager.latest_step()
+    if step is None:
+      return template
+    source = f"checkpoint {self.directory}/{step}"
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if meta.get("model") != self.spec.to_dict() or meta.get("method") != self.config.method:
+      raise CheckpointMismatchError(
+          f"{source} was written for method={meta.get('method')!r} model={meta.get('model')}, "
+          f"but the config asks for method={self.config.method!r} model={self.spec.to_dict()}; "
+          "use another --workdir or the matching config.")
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    check_same_structure(restored, template, source)
+    logging.info("Restored %s", source)
+    return restored
+
+  def save(self, step: int, state: Any) -> None:
+    meta = {"model": self.spec.to_dict(), "method": self.config.method, "step": int(step),
+            "config": self.config.to_json_best_effort()}
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)))
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

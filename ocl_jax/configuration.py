@@ -1,0 +1,92 @@
+"""Config validation: every bad value is reported, naming its field, before anything compiles."""
+
+from __future__ import annotations
+
+from absl import logging
+import jax
+import ml_collections
+
+from ocl_jax.models import ARCHITECTURES
+from ocl_jax.objectives import OBJECTIVES
+
+MODES = ("train",)
+
+
+class ConfigError(ValueError):
+  """A configuration value is out of range or inconsistent."""
+
+
+def _check(ok: bool, field: str, message: str, errors: list[str]) -> None:
+  if not ok:
+    errors.append(f"config.{field}: {message}")
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                    num_processes: int | None = None) -> None:
+  """Raise ConfigError listing every invalid field of `config`."""
+  from ocl_jax import augment  # local: augment imports jax.numpy only, kept light
+
+  n_dev = jax.device_count() if num_devices is None else num_devices
+  n_proc = jax.process_count() if num_processes is None else num_processes
+  e: list[str] = []
+  _check(config.mode in MODES, "mode", f"{config.mode!r} is not one of {MODES}", e)
+  _check(config.method in OBJECTIVES, "method", f"{config.method!r} is not one of {OBJECTIVES}", e)
+  b = config.batch_size
+  _check(isinstance(b, int) and b > 0, "batch_size", f"must be a positive integer, got {b!r}", e)
+  if isinstance(b, int) and b > 0:
+    _check(b % n_dev == 0, "batch_size", f"{b} is not divisible by the {n_dev} devices", e)
+    _check(b % n_proc == 0, "batch_size", f"{b} is not divisible by the {n_proc} processes", e)
+    if config.method == "moco":
+      q = config.moco.queue_size
+      _check(q > 0 and q % b == 0, "moco.queue_size",
+             f"{q} must be a positive multiple of batch_size={b} (whole batches are enqueued)", e)
+  _check(config.model.arch in ARCHITECTURES, "model.arch",
+         f"{config.model.arch!r} is not one of {sorted(ARCHITECTURES)}", e)
+  _check(config.model.width > 0, "model.width", f"must be > 0, got {config.model.width}", e)
+  _check(config.model.proj_dim > 0, "model.proj_dim", f"must be > 0, got {config.model.proj_dim}", e)
+  _check(config.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", "must be >= 0", e)
+  _check(config.model.pred_hidden_dim > 0 or config.method != "byol", "model.pred_hidden_dim",
+         "BYOL needs a predictor (> 0)", e)
+  for f in ("moco.temperature", "simclr.temperature"):
+    v = config[f.split(".")[0]][f.split(".")[1]]
+    _check(v > 0, f, f"must be > 0, got {v}", e)
+  for f in ("moco.momentum", "byol.momentum"):
+    v = config[f.split(".")[0]][f.split(".")[1]]
+    _check(0.0 <= v <= 1.0, f, f"EMA momentum must be in [0, 1], got {v}", e)
+  o = config.optim
+  _check(o.name in ("sgd", "lars"), "optim.name", f"{o.name!r} is not 'sgd' or 'lars'", e)
+  _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}", e)
+  _check(o.final_lr >= 0, "optim.final_lr", f"must be >= 0, got {o.final_lr}", e)
+  _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}", e)
+  _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}", e)
+  _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}", e)
+  _check(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
+         "set num_epochs > 0 or num_train_steps > 0", e)
+  for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    _check(config[f] > 0, f, f"must be > 0, got {config[f]}", e)
+  _check(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0", e)
+  _check(config.dataset.image_size > 0, "dataset.image_size", "must be > 0", e)
+  try:
+    augment.ViewConfig.from_config(config.augment)
+  except ValueError as err:
+    e.append(f"config.augment: {err}")
+  if e:
+    raise ConfigError("Invalid configuration:\n  " + "\n  ".join(e))
+
+  stride = 8 if config.model.small_stem else 32
+  side = config.augment.crop_size // stride
+  if jax.default_backend() == "cpu" and side < 3:
+    logging.warning("layer4 is %dx%d at crop_size=%d: XLA:CPU runs 3x3 convolutions on maps "
+                    "smaller than the kernel ~40x slower (PERF_NOTES); use crop_size >= %d.",
+                    side, side, config.augment.crop_size, 3 * stride)
+
+
+def load_sibling_config(this_file: str, name: str, *args) -> ml_collections.ConfigDict:
+  """`get_config()` of config file `name` next to `this_file`, so derived configs work from any cwd."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+  spec = importlib.util.spec_from_file_location(f"ocl_jax_config_{name.removesuffix('.py')}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)

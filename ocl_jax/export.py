@@ -1,0 +1,60 @@
+"""Encoder-only export for evaluation: parameters, BatchNorm statistics and the model spec.
+
+Layout of an export directory (stable):
+  model.json   {"format": "ocl_jax.encoder/1", "model": ModelSpec, "config": training config}
+  variables/   Orbax checkpoint of {"params": ..., "batch_stats": ...} of the encoder trunk
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ocl_jax.checkpointing import CheckpointMismatchError, check_same_structure
+from ocl_jax.models import ModelSpec, ResNet, ARCHITECTURES
+
+FORMAT = "ocl_jax.encoder/1"
+
+
+def export_encoder(path: str, params: Any, batch_stats: Any, spec: ModelSpec,
+                   config: ml_collections.ConfigDict | None = None) -> str:
+  """Write the encoder trunk of a ContrastiveNet (params['encoder']) to `path`."""
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  variables = {"params": jax.device_get(params["encoder"]),
+               "batch_stats": jax.device_get(batch_stats["encoder"])}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, "variables"), variables, force=True)
+  meta = {"format": FORMAT, "model": spec.to_dict(),
+          "config": json.loads(config.to_json_best_effort()) if config is not None else None}
+  with open(os.path.join(path, "model.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  return path
+
+
+def load_encoder(path: str, expand_res: int = 1) -> tuple[ResNet, dict[str, Any], dict[str, Any]]:
+  """(encoder module, variables, metadata) of an export; `module.apply(variables, x, train=False)`
+  gives the layer4 feature map."""
+  meta_path = os.path.join(path, "model.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{path} is not an ocl_jax encoder export (no model.json)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT:
+    raise CheckpointMismatchError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+  spec = ModelSpec(**meta["model"])
+  stages, block = ARCHITECTURES[spec.arch]
+  module = ResNet(stages, block, spec.width, spec.small_stem, expand_res, axis_name=None)
+  size = 64
+  template = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3),
+                                                                               np.float32), train=False))
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(os.path.join(path, "variables"))
+  check_same_structure(variables, template, f"export {path}")
+  return module, variables, meta

@@ -1,0 +1,298 @@
+"""Contrastive pretraining: the train state, the per-device train step and the loop.
+
+The step is one pure function of (state, batch) written against the named
+device axis `parallel.AXIS`: views are augmented on device from per-image
+keys, the objective is chosen by `config.method`, gradients and BatchNorm
+statistics are averaged over every device, and `jax.pmap` drives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers, periodic_actions
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ocl_jax import augment, checkpointing, export, input_pipeline, objectives, optimizers, parallel
+from ocl_jax.configuration import validate_config
+from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue, in one pytree."""
+  step: jax.Array
+  params: Any               # online network: encoder, projector (, predictor)
+  batch_stats: Any
+  target_params: Any        # EMA target (encoder, projector); None for SimCLR
+  target_batch_stats: Any
+  opt_state: Any
+  probe_params: Any         # online linear probe on stop-gradient features
+  probe_opt_state: Any
+  queue: Any                # MoCo negatives (K, D); None otherwise
+  queue_ptr: Any
+  rng: jax.Array            # base key; per-step / per-image keys are folded from it
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """The static parts of a step: networks, optimisers and settings."""
+  net: ContrastiveNet
+  tx: optax.GradientTransformation
+  probe_tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  view: augment.ViewConfig
+  method: str
+  temperature: float
+  ema_momentum: float
+  num_classes: int
+
+
+def uses_target(method: str) -> bool:
+  return method in ("moco", "byol")
+
+
+def _target_subset(params: Any) -> Any:
+  return {k: v for k, v in params.items() if k != "predictor"}
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, ctx: StepContext) -> TrainState:
+  """A fresh state (compiled once: eager init of a ResNet is slow on CPU)."""
+  return jax.jit(functools.partial(_init_state, config=config, ctx=ctx))(rng)
+
+
+def _init_state(rng: jax.Array, config: ml_collections.ConfigDict, ctx: StepContext) -> TrainState:
+  init_key, queue_key, state_key = jax.random.split(rng, 3)
+  size = config.augment.crop_size
+  dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+  variables = ctx.net.init(init_key, dummy, train=False)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  target_params = target_stats = queue = queue_ptr = None
+  if uses_target(ctx.method):
+    target_params = jax.tree_util.tree_map(jnp.copy, _target_subset(params))
+    target_stats = jax.tree_util.tree_map(jnp.copy, _target_subset(batch_stats))
+  if ctx.method == "moco":
+    queue = l2_normalize(jax.random.normal(queue_key, (config.moco.queue_size, config.model.proj_dim)))
+    queue_ptr = jnp.zeros((), jnp.int32)
+  feat_dim = jax.eval_shape(lambda v: ctx.net.apply(v, dummy, train=False), variables)["features"].shape[-1]
+  probe_params = {"kernel": jnp.zeros((feat_dim, max(ctx.num_classes, 1))),
+                  "bias": jnp.zeros((max(ctx.num_classes, 1),))}
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      target_params=target_params, target_batch_stats=target_stats,
+      opt_state=ctx.tx.init(params), probe_params=probe_params,
+      probe_opt_state=ctx.probe_tx.init(probe_params), queue=queue, queue_ptr=queue_ptr,
+      rng=state_key)
+
+
+def _forward(net, params, batch_stats, x):
+  """Train-mode forward that threads BatchNorm running statistics."""
+  out, mutated = net.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                           mutable=["batch_stats"])
+  return out, mutated["batch_stats"]
+
+
+def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext):
+  """Two views of every image; keys depend on the step and the image's global index."""
+  step_key = jax.random.fold_in(state.rng, state.step)
+  offset = parallel.global_offset(batch["image"].shape[0])
+  views = []
+  for v in range(2):
+    images, _, _ = augment.augment_batch(jax.random.fold_in(step_key, v), batch["image"],
+                                         batch["aspect"], ctx.view, index_offset=offset)
+    views.append(augment.normalize(images))
+  return views
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimisation step on this device's slice of the global batch (inside pmap)."""
+  x1, x2 = augment_views(state, batch, ctx)
+  net, axis = ctx.net, parallel.AXIS
+  target_net = dataclasses.replace(net, pred_hidden_dim=0)
+
+  # Targets: the EMA network in train mode (its own BN statistics), no gradient.
+  target_stats = state.target_batch_stats
+  targets = []
+  if ctx.method == "moco":
+    k, target_stats = _forward(target_net, state.target_params, target_stats, x2)
+    targets = [jax.lax.stop_gradient(k["embedding"])]
+  elif ctx.method == "byol":
+    for x in (x1, x2):
+      y, target_stats = _forward(target_net, state.target_params, target_stats, x)
+      targets.append(jax.lax.stop_gradient(y["embedding"]))
+
+  def loss_fn(params):
+    out1, stats = _forward(net, params, state.batch_stats, x1)
+    aux = {"features": out1["features"]}
+    if ctx.method == "moco":
+      per_example = objectives.moco_per_example(out1["embedding"], targets[0], state.queue,
+                                                ctx.temperature)
+      aux["moco_acc"] = objectives.moco_accuracy(out1["embedding"], targets[0], state.queue)
+    else:
+      out2, stats = _forward(net, params, stats, x2)
+      if ctx.method == "byol":
+        per_example = objectives.byol_per_example(out1["prediction"], out2["prediction"], *targets)
+      else:
+        per_example = objectives.nt_xent_per_example(out1["embedding"], out2["embedding"],
+                                                      ctx.temperature, axis)
+    return objectives.weighted_mean(per_example, axis_name=axis), (stats, aux)
+
+  (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, axis)
+  updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  # Online linear probe on stop-gradient features of view 1.
+  features = jax.lax.stop_gradient(aux["features"])
+  probe_loss, probe_grads, probe_acc = _probe_loss_and_grad(state.probe_params, features,
+                                                            batch["label"], ctx.num_classes)
+  probe_grads = jax.lax.pmean(probe_grads, axis)
+  probe_updates, probe_opt_state = ctx.probe_tx.update(probe_grads, state.probe_opt_state,
+                                                       state.probe_params)
+  probe_params = optax.apply_updates(state.probe_params, probe_updates)
+
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                      opt_state=opt_state, probe_params=probe_params,
+                      probe_opt_state=probe_opt_state, target_batch_stats=target_stats)
+  if uses_target(ctx.method):
+    m = ctx.ema_momentum
+    new = new.replace(target_params=jax.tree_util.tree_map(
+        lambda t, o: m * t + (1.0 - m) * o, state.target_params, _target_subset(params)))
+  if ctx.method == "moco":
+    keys = jax.lax.all_gather(targets[0], axis, tiled=True)
+    queue, ptr = objectives.enqueue(state.queue, state.queue_ptr, keys)
+    new = new.replace(queue=queue, queue_ptr=ptr)
+
+  metrics = {"loss": loss, "learning_rate": ctx.schedule(state.step),
+             "probe_loss": probe_loss, "probe_accuracy": probe_acc}
+  if "moco_acc" in aux:
+    metrics["moco_accuracy"] = aux["moco_acc"]
+  return new, jax.lax.pmean(metrics, axis)
+
+
+def _probe_logits(probe_params, features):
+  return features @ probe_params["kernel"] + probe_params["bias"]
+
+
+def _probe_loss_and_grad(probe_params, features, labels, num_classes):
+  """Cross-entropy of the linear probe over the examples that have a label (label >= 0)."""
+  valid = (labels >= 0) & (num_classes > 0)
+  n_valid = jnp.maximum(jax.lax.psum(valid.sum(), parallel.AXIS), 1)
+
+  def loss_fn(p):
+    logits = _probe_logits(p, features)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    # Per device: local sum / global count, times devices, so pmean gives the global mean.
+    return jnp.sum(jnp.where(valid, ce, 0.0)) / n_valid * jax.lax.psum(1, parallel.AXIS), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe_params)
+  correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == labels, False))
+  acc = jax.lax.psum(correct, parallel.AXIS) / n_valid * jax.lax.psum(1, parallel.AXIS)
+  return loss, grads, acc
+
+
+def probe_eval_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext) -> dict[str, jax.Array]:
+  """Online-probe correct/count on a held-out batch: full image resized to the crop size."""
+  images = batch["image"].astype(jnp.float32) / 255.0
+  size = ctx.view.crop_size
+  images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear", antialias=True)
+  out = ctx.net.apply({"params": state.params, "batch_stats": state.batch_stats},
+                      augment.normalize(images), train=False)
+  pred = jnp.argmax(_probe_logits(state.probe_params, out["features"]), -1)
+  valid = (batch["mask"] > 0) & (batch["label"] >= 0)
+  return jax.lax.psum({"correct": jnp.sum(valid & (pred == batch["label"])),
+                       "count": jnp.sum(valid)}, parallel.AXIS)
+
+
+def make_context(config: ml_collections.ConfigDict, total_steps: int, num_classes: int) -> StepContext:
+  spec = ModelSpec.from_config(config)
+  method = config.method
+  return StepContext(
+      net=spec.build(axis_name=parallel.AXIS),
+      tx=optimizers.create_optimizer(config, total_steps),
+      probe_tx=optax.adam(config.probe.learning_rate if config.probe.enabled else 0.0),
+      schedule=optimizers.learning_rate_schedule(config, total_steps),
+      view=augment.ViewConfig.from_config(config.augment),
+      method=method,
+      temperature=float(config.moco.temperature if method == "moco" else config.simclr.temperature),
+      ema_momentum=float(config.moco.momentum if method == "moco" else config.byol.momentum),
+      num_classes=num_classes if config.probe.enabled else 0,
+  )
+
+
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def evaluate_probe(p_eval, state, config, ctx) -> float:
+  max_batches = None if config.probe.eval_batches < 0 else config.probe.eval_batches
+  correct = count = 0
+  for batch in input_pipeline.eval_batches(config, config.dataset.eval_split, max_batches=max_batches):
+    r = p_eval(state, batch)
+    correct += int(r["correct"][0])
+    count += int(r["count"][0])
+  return correct / max(count, 1)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
+  validate_config(config)
+  data = input_pipeline.create_train_data(config)
+  total_steps = total_train_steps(config, data.steps_per_epoch)
+  ctx = make_context(config, total_steps, input_pipeline.num_classes(data.builder))
+  spec = ModelSpec.from_config(config)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  ckpt = checkpointing.Checkpointer(workdir, spec, config)
+  state = create_train_state(jax.random.PRNGKey(config.seed), config, ctx)
+  state = ckpt.restore_or(state)
+  start_step = int(state.step)
+  if start_step:
+    logging.info("Resumed from step %d", start_step)
+  writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+
+  p_step = jax.pmap(functools.partial(train_step, ctx=ctx), axis_name=parallel.AXIS,
+                    donate_argnums=(0,))
+  p_eval = jax.pmap(functools.partial(probe_eval_step, ctx=ctx), axis_name=parallel.AXIS)
+  state = parallel.replicate(state)
+  batches = parallel.prefetch_to_device(data.iterate(start_step), config.prefetch_to_device)
+
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
+               config.method, total_steps, data.steps_per_epoch, config.batch_size, jax.device_count())
+  pending: list[dict[str, jax.Array]] = []
+  last_log = time.time()
+  for step in range(start_step + 1, total_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = p_step(state, next(batches))
+    pending.append(metrics)
+    report(step)
+    if step % config.log_every_steps == 0 or step == total_steps:
+      summary = {k: float(np.mean([m[k][0] for m in jax.device_get(pending)])) for k in pending[0]}
+      now = time.time()
+      summary["steps_per_second"] = len(pending) / (now - last_log)
+      last_log, pending = now, []
+      writer.write_scalars(step, summary)
+    if config.eval_every_steps and config.dataset.eval_split and config.probe.enabled and (
+        step % config.eval_every_steps == 0 or step == total_steps):
+      writer.write_scalars(step, {"eval_probe_accuracy": evaluate_probe(p_eval, state, config, ctx)})
+    if step % config.checkpoint_every_steps == 0 or step == total_steps:
+      ckpt.save(step, parallel.unreplicate(state))
+  ckpt.close()
+  final = parallel.unreplicate(state)
+  if config.export_encoder:
+    export.export_encoder(f"{workdir}/export", final.params, final.batch_stats, spec, config)
+  writer.flush()
+  return final

@@ -1,0 +1,118 @@
+"""End to end: the CLI trains, checkpoints, resumes and exports; COCO under mock data; errors."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ocl_jax import checkpointing, export, train
+from ocl_jax.configuration import ConfigError, load_sibling_config, validate_config
+from ocl_jax.models import ModelSpec
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def _cli(workdir, data_dir, steps):
+  args = [sys.executable, "-m", "ocl_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+          f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=scenes/tiny",
+          "--config.dataset.image_size=32", "--config.augment.crop_size=32",
+          "--config.model.arch=resnet10", "--config.model.width=4", "--config.model.small_stem=True",
+          "--config.model.proj_dim=8", "--config.batch_size=16", "--config.moco.queue_size=64",
+          f"--config.num_train_steps={steps}", "--config.log_every_steps=2",
+          "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
+          "--config.probe.eval_batches=1"]
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, tiny_config):
+  workdir = tmp_path / "run"
+  first = _cli(workdir, scenes_data_dir, 4)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert "loss=" in first.stderr and "eval_probe_accuracy=" in first.stderr
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  # Started again with a longer schedule, the run continues from step 4.
+  second = _cli(workdir, scenes_data_dir, 6)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Resumed from step 4" in second.stderr
+  assert "[6] " in second.stderr and "[2] learning_rate" not in second.stderr
+  assert "6" in os.listdir(workdir / "checkpoints")
+
+  # The export holds the encoder of the final state: same features as the checkpoint's.
+  module, variables, meta = export.load_encoder(str(workdir / "export"))
+  assert meta["model"]["arch"] == "resnet10" and meta["config"]["method"] == "moco"
+  tiny_config.num_train_steps = 6
+  spec = ModelSpec.from_config(tiny_config)
+  ckpt = checkpointing.Checkpointer(str(workdir), spec, tiny_config)
+  ctx = train.make_context(tiny_config, 6, 10)
+  template = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), tiny_config, ctx))
+  state = ckpt.restore_or(template)
+  assert int(state.step) == 6
+  x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  net = spec.build(axis_name=None)
+  expected = net.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
+                       method=net.feature_map)
+  np.testing.assert_allclose(module.apply(variables, x, train=False), expected, rtol=1e-6, atol=1e-6)
+
+  # A checkpoint of another model, or of another state layout, is a clear error.
+  other = tiny_config.copy_and_resolve_references()
+  other.model.width = 8
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="model="):
+    checkpointing.Checkpointer(str(workdir), ModelSpec.from_config(other), other).restore_or(template)
+  other = tiny_config.copy_and_resolve_references()
+  other.moco.queue_size = 128
+  ctx2 = train.make_context(other, 6, 10)
+  template2 = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), other, ctx2))
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="queue"):
+    checkpointing.Checkpointer(str(workdir), spec, other).restore_or(template2)
+
+
+def test_coco_config_trains_under_mock_data(tmp_path):
+  config = load_sibling_config(str(ROOT / "configs" / "coco.py"), "coco.py")
+  config.method = "simclr"
+  config.dataset.image_size = 40
+  config.augment.crop_size = 32
+  config.model.arch, config.model.width, config.model.small_stem = "resnet10", 4, True
+  config.batch_size = 8
+  config.num_train_steps = 2
+  config.log_every_steps = config.checkpoint_every_steps = config.eval_every_steps = 2
+  config.probe.eval_batches = 1
+  with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
+  assert np.all(np.isfinite(jax.tree_util.tree_leaves(state.params)[0]))
+  assert os.listdir(tmp_path / "checkpoints") == ["2"]
+  assert (tmp_path / "export" / "model.json").exists()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("method", "swav", "config.method"),
+    ("batch_size", 6, "not divisible by the 4 devices"),
+    ("moco.queue_size", 100, "config.moco.queue_size"),
+    ("optim.base_lr", -0.1, "config.optim.base_lr"),
+    ("model.arch", "vit", "config.model.arch"),
+    ("augment.flip_prob", 1.5, "flip_prob"),
+    ("augment.scale", (0.5, 0.2), "scale"),
+    ("moco.temperature", 0.0, "config.moco.temperature"),
+    ("mode", "fly", "config.mode"),
+])
+def test_invalid_config_values_are_named(field, value, message):
+  config = load_sibling_config(str(ROOT / "configs" / "demo.py"), "demo.py")
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=message):
+    validate_config(config, num_devices=4, num_processes=1)
+
+
+def test_shipped_configs_are_valid():
+  for name in ("default.py", "demo.py", "coco.py"):
+    validate_config(load_sibling_config(str(ROOT / "configs" / name), name), num_devices=4,
+                    num_processes=1)
