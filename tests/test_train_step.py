@@ -36,12 +36,20 @@ def fake_batch(n, size=32, seed=0):
           "label": rng.integers(0, 5, n).astype(np.int32)}
 
 
-def run_steps(config, num_devices, num_steps=2):
+@functools.lru_cache(maxsize=None)
+def compiled(method, num_devices):
+  """(config, initial state, pmapped step) per method and device count, compiled once per module."""
+  config = tiny_config(method)
   ctx = train.make_context(config, 10, num_classes=5)
   state = train.create_train_state(jax.random.PRNGKey(0), config, ctx)
   devices = jax.local_devices()[:num_devices]
   p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
                     devices=devices)
+  return config, state, p_step, devices
+
+
+def run_steps(method, num_devices, num_steps=2):
+  config, state, p_step, devices = compiled(method, num_devices)
   state = parallel.replicate(state, devices)
   losses = []
   for s in range(num_steps):
@@ -55,9 +63,8 @@ def run_steps(config, num_devices, num_steps=2):
 @pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
 def test_four_devices_equal_one_device(method):
   """Same global batch: identical loss, params, BN statistics, EMA target and queue."""
-  config = tiny_config(method)
-  state1, losses1, _ = run_steps(config, 1)
-  state4, losses4, _ = run_steps(config, 4)
+  state1, losses1, _ = run_steps(method, 1)
+  state4, losses4, _ = run_steps(method, 4)
   np.testing.assert_allclose(losses4, losses1, rtol=1e-4, atol=1e-5)
   for name in ("params", "batch_stats", "target_params", "target_batch_stats", "queue", "probe_params"):
     a, b = getattr(state1, name), getattr(state4, name)
@@ -69,10 +76,8 @@ def test_four_devices_equal_one_device(method):
 
 
 def test_step_updates_params_ema_and_queue():
-  config = tiny_config("moco")
-  ctx = train.make_context(config, 10, num_classes=5)
-  init = train.create_train_state(jax.random.PRNGKey(0), config, ctx)
-  state, _, metrics = run_steps(config, 1, num_steps=1)
+  config, init, _, _ = compiled("moco", 1)
+  state, _, metrics = run_steps("moco", 1, num_steps=1)
   # The online network moved; the target is exactly the EMA of the new online params.
   m = config.moco.momentum
   w0 = np.asarray(init.params["encoder"]["conv1"]["kernel"])
@@ -91,8 +96,7 @@ def test_step_updates_params_ema_and_queue():
 
 
 def test_simclr_has_no_target_and_loss_near_log_negatives_at_init():
-  config = tiny_config("simclr")
-  state, losses, _ = run_steps(config, 1, num_steps=1)
+  state, losses, _ = run_steps("simclr", 1, num_steps=1)
   assert state.target_params is None and state.queue is None
   # Near-random embeddings: NT-Xent is about log(2N - 1).
   assert abs(losses[0] - np.log(2 * 8 - 1)) < 1.0
