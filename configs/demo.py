@@ -19,7 +19,7 @@ def get_config():
   c.moco.momentum = 0.99     # short run: let the key encoder follow faster
   c.optim.base_lr = 0.12     # lr 0.03 for batch 64 after scaling; short schedule
   c.num_epochs = 0
-  c.num_train_steps = 600
+  c.num_train_steps = 400
   c.log_every_steps = 25
   c.eval_every_steps = 200
   c.checkpoint_every_steps = 200

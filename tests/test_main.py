@@ -50,7 +50,7 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   spec = ModelSpec.from_config(tiny_config)
   ckpt = checkpointing.Checkpointer(str(workdir), spec, tiny_config)
   ctx = train.make_context(tiny_config, 6, 10)
-  template = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), tiny_config, ctx))
+  template = jax.eval_shape(lambda: train.create_train_state(0, tiny_config, ctx))
   state = ckpt.restore_or(template)
   assert int(state.step) == 6
   x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
@@ -67,7 +67,7 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   other = tiny_config.copy_and_resolve_references()
   other.moco.queue_size = 128
   ctx2 = train.make_context(other, 6, 10)
-  template2 = jax.eval_shape(lambda: train.create_train_state(jax.random.PRNGKey(0), other, ctx2))
+  template2 = jax.eval_shape(lambda: train.create_train_state(0, other, ctx2))
   with pytest.raises(checkpointing.CheckpointMismatchError, match="queue"):
     checkpointing.Checkpointer(str(workdir), spec, other).restore_or(template2)
 
