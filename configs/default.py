@@ -10,7 +10,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # What ocl_jax.main does: 'train' (pretraining).
+  # What ocl_jax.main does: 'train' (pretraining); 'save_boxes' / 'save_masks' (ContraCAM
+  # boxes / masks of contracam.split into the workdir); 'eval_localization' (ContraCAM vs
+  # baselines against the true masks and boxes of contracam.eval_split).
   c.mode = "train"
   # Seed of everything random: init, data order, augmentation.
   c.seed = 0
@@ -84,6 +86,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe.enabled = True
   c.probe.learning_rate = 1e-3
   c.probe.eval_batches = 16           # batches of eval_split per probe evaluation (-1 = all)
+
+  # ---- ContraCAM (METHOD.md sections 2-3) -----------------------------------------
+  c.contracam = ml_collections.ConfigDict()
+  c.contracam.checkpoint = ""         # training workdir or encoder export; '' = --workdir
+  c.contracam.split = "train"         # split whose boxes / masks are saved
+  c.contracam.eval_split = "test"     # split with ground truth for eval_localization
+  c.contracam.iterations = 10         # T for boxes (iterative refinement)
+  c.contracam.mask_iterations = 1     # T for background masks
+  c.contracam.expand_res = 2          # 1 | 2 | 4: stride-1 layer4 (and layer3) for finer maps
+  c.contracam.official_score = False  # True: the release's score exactly (METHOD.md section 2)
+  c.contracam.batch_size = 64         # images per ContraCAM batch (they are each other's negatives)
+  c.contracam.max_images = -1         # limit on images processed (-1 = the whole split)
+  c.contracam.clean_threshold = 0.5   # binarisation of maps before connected components
+  c.contracam.box_min_obj_scale = 0.01  # components smaller than this fraction are dropped (boxes)
+  c.contracam.eval_min_obj_scale = 0.001  # ... (evaluation masks)
+  c.contracam.box_threshold = 0.5     # boxes: threshold at this fraction of the map maximum
+  c.contracam.box_min_area = 0.01     # boxes: minimum box area as a fraction of the image
+  c.contracam.box_margin = 0.2        # boxes: expanded by this fraction of (w, h) per side
+  c.contracam.largest_box_only = False
+  c.contracam.num_pictures = 8        # images in the ContraCAM picture grid
 
   # ---- Logging, checkpoints, export ----------------------------------------------------
   c.log_every_steps = 50

@@ -9,7 +9,7 @@ import ml_collections
 from ocl_jax.models import ARCHITECTURES
 from ocl_jax.objectives import OBJECTIVES
 
-MODES = ("train",)
+MODES = ("train", "save_boxes", "save_masks", "eval_localization")
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(config[f] > 0, f, f"must be > 0, got {config[f]}", e)
   _check(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0", e)
   _check(config.dataset.image_size > 0, "dataset.image_size", "must be > 0", e)
+  cc = config.contracam
+  _check(cc.iterations >= 1, "contracam.iterations", f"T must be >= 1, got {cc.iterations}", e)
+  _check(cc.mask_iterations >= 1, "contracam.mask_iterations", f"T must be >= 1, got {cc.mask_iterations}", e)
+  _check(cc.expand_res in (1, 2, 4), "contracam.expand_res", f"must be 1, 2 or 4, got {cc.expand_res}", e)
+  _check(cc.batch_size >= 2, "contracam.batch_size", "the contrastive score needs >= 2 images", e)
+  for f in ("clean_threshold", "box_min_obj_scale", "eval_min_obj_scale", "box_threshold", "box_min_area"):
+    _check(0.0 <= cc[f] <= 1.0, f"contracam.{f}", f"must be in [0, 1], got {cc[f]}", e)
+  _check(cc.box_margin >= 0, "contracam.box_margin", f"must be >= 0, got {cc.box_margin}", e)
   try:
     augment.ViewConfig.from_config(config.augment)
   except ValueError as err:

@@ -167,18 +167,68 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
 def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int | None = None,
                  max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's shard of `split`, in order; the last batch is padded and
-  every batch carries `mask` (1 for real examples), so no example is dropped or counted twice."""
+  every batch carries `valid` (1 for real examples), so no example is dropped or counted twice."""
   d = config.dataset
   builder = get_builder(d.name, d.data_dir)
   local_batch = (batch_size or config.batch_size) // jax.process_count()
   ds = open_split(builder, tfds.split_for_jax_process(split, drop_remainder=False))
   ds = ds.map(make_preprocess(builder, d.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda ex: {**ex, "mask": tf.constant(1, tf.int32)})
+  ds = ds.map(lambda ex: {**ex, "valid": tf.constant(1, tf.int32)})
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
   for i, batch in enumerate(tfds.as_numpy(ds)):
     if max_batches is not None and i >= max_batches:
       break
-    pad = local_batch - batch["mask"].shape[0]
+    pad = local_batch - batch["valid"].shape[0]
     if pad:
       batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
     yield _shard_for_devices(batch)
+
+
+MAX_GT_BOXES = 16
+
+
+def _xyxy(bbox_yxyx: tf.Tensor) -> tf.Tensor:
+  """TFDS BBoxFeature (ymin, xmin, ymax, xmax) -> METHOD.md (x1, y1, x2, y2)."""
+  return tf.stack([bbox_yxyx[..., 1], bbox_yxyx[..., 0], bbox_yxyx[..., 3], bbox_yxyx[..., 2]], -1)
+
+
+def localization_batches(config: ml_collections.ConfigDict, split: str, batch_size: int,
+                         max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This process's shard of `split` in order, with ids and whatever ground truth exists.
+
+  Yields host batches (the last one smaller): image (B,S,S,3) uint8, id (B,) str,
+  and when the dataset has them gt_mask (B,S,S) float32 in {0,1} (scenes `mask`,
+  CUB `segmentation_mask`), gt_boxes (B,K,4) x1,y1,x2,y2 with gt_box_valid (B,K).
+  """
+  d = config.dataset
+  builder = get_builder(d.name, d.data_dir)
+  feats = builder.info.features
+  size = d.image_size
+  ds = open_split(builder, tfds.split_for_jax_process(split, drop_remainder=False))
+  if max_examples is not None and max_examples >= 0:
+    ds = ds.take(max_examples)
+  mask_key = next((k for k in ("mask", "segmentation_mask") if k in feats), None)
+  base = make_preprocess(builder, size)
+
+  def preprocess(ex):
+    out = base(ex)
+    out["id"] = tf.strings.as_string(ex["image/id"]) if "image/id" in feats else ex["image/filename"]
+    if mask_key is not None:
+      m = tf.image.resize(tf.cast(ex[mask_key], tf.float32), (size, size), method="nearest")[..., 0]
+      out["gt_mask"] = tf.cast(m > 0, tf.float32)
+    if "objects" in feats and "bbox" in feats["objects"].feature:
+      boxes = _xyxy(ex["objects"]["bbox"])[:MAX_GT_BOXES]
+    elif "bbox" in feats:
+      boxes = _xyxy(ex["bbox"])[None]
+    else:
+      boxes = None
+    if boxes is not None:
+      n = tf.shape(boxes)[0]
+      out["gt_boxes"] = tf.pad(boxes, [[0, MAX_GT_BOXES - n], [0, 0]])
+      out["gt_box_valid"] = tf.range(MAX_GT_BOXES) < n
+    return out
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+  for batch in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
+    batch["id"] = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in batch["id"]])
+    yield batch

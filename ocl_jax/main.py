@@ -8,6 +8,8 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from ocl_jax.configuration import validate_config
+
 FLAGS = flags.FLAGS
 
 
@@ -31,11 +33,13 @@ def main(argv):
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   config = FLAGS.config
+  validate_config(config)
   if config.mode == "train":
     from ocl_jax import train
     train.train_and_evaluate(config, FLAGS.workdir)
   else:
-    raise app.UsageError(f"config.mode={config.mode!r} is not a known mode ('train')")
+    from ocl_jax import object_discovery
+    object_discovery.run(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def probe_eval_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepCon
   out = ctx.net.apply({"params": state.params, "batch_stats": state.batch_stats},
                       augment.normalize(images), train=False)
   pred = jnp.argmax(_probe_logits(state.probe_params, out["features"]), -1)
-  valid = (batch["mask"] > 0) & (batch["label"] >= 0)
+  valid = (batch["valid"] > 0) & (batch["label"] >= 0)
   return jax.lax.psum({"correct": jnp.sum(valid & (pred == batch["label"])),
                        "count": jnp.sum(valid)}, parallel.AXIS)
 

@@ -26,6 +26,10 @@ def scenes_data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(scenes_data_dir):
   """The demo config shrunk to scenes/tiny and a very small ResNet: seconds per run."""
+  return make_tiny_config(scenes_data_dir)
+
+
+def make_tiny_config(scenes_data_dir):
   from ocl_jax.configuration import load_sibling_config
   import pathlib
   c = load_sibling_config(str(pathlib.Path(__file__).parents[1] / "configs" / "demo.py"), "demo.py")

@@ -44,7 +44,7 @@ def test_order_is_a_function_of_seed_and_step(tiny_config):
 
 def test_eval_batches_pad_and_mask_without_dropping(tiny_config):
   batches = list(input_pipeline.eval_batches(tiny_config, "test", batch_size=24))
-  masks = np.concatenate([b["mask"].reshape(-1) for b in batches])
+  masks = np.concatenate([b["valid"].reshape(-1) for b in batches])
   assert masks.sum() == 64 and len(masks) == 3 * 24     # 64 examples, last batch padded
   labels = np.concatenate([b["label"].reshape(-1) for b in batches])[masks > 0]
   ref = [int(ex["label"]) for ex in tfds.as_numpy(

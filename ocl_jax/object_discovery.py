@@ -1,0 +1,263 @@
+"""ContraCAM over a dataset: box files, mask PNGs, localisation evaluation and pictures.
+
+The modes of `ocl_jax.main` that turn a trained model into object boxes and
+masks (METHOD.md sections 2-3), which the object-aware augmentations consume,
+and the evaluation that says how well they match the true objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterator
+
+from absl import logging
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image, ImageDraw
+import tqdm
+
+from ocl_jax import augment, checkpointing, contracam, export, input_pipeline, localization
+from ocl_jax.models import ContrastiveNet, ModelSpec
+
+MODES = ("save_boxes", "save_masks", "eval_localization")
+
+
+def load_model(source: str, expand_res: int = 1) -> tuple[ContrastiveNet, dict[str, Any], ModelSpec]:
+  """Encoder + projector from an export dir (model.json) or a training workdir (newest checkpoint)."""
+  if os.path.exists(os.path.join(source, "model.json")):
+    return export.load_contrastive_net(source, expand_res)
+  ckpt_dir = os.path.join(source, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{source} is neither an encoder export (model.json) nor a training "
+                            "workdir (checkpoints/); set --config.contracam.checkpoint")
+  with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  spec = ModelSpec(**{**meta["model"], "pred_hidden_dim": 0})
+  net = spec.build(expand_res=expand_res, axis_name=None)
+  variables = {"params": {k: state["params"][k] for k in ("encoder", "projector")},
+               "batch_stats": {k: state["batch_stats"][k] for k in ("encoder", "projector")}}
+  template = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), np.zeros((2, 64, 64, 3), np.float32),
+                                             train=False))
+  checkpointing.check_same_structure(variables, template, f"checkpoint {ckpt_dir}/{step}")
+  logging.info("ContraCAM model: %s step %d (%s)", ckpt_dir, step, spec)
+  return net, variables, spec
+
+
+def cam_settings(config: ml_collections.ConfigDict, **overrides) -> contracam.CamSettings:
+  c = config.contracam
+  fields = dict(iterations=c.iterations, expand_res=c.expand_res, official_score=c.official_score)
+  fields.update(overrides)
+  return contracam.CamSettings(**fields)
+
+
+def _to_input(images_uint8: np.ndarray) -> jax.Array:
+  return augment.normalize(jnp.asarray(images_uint8, jnp.float32) / 255.0)
+
+
+def _count(config: ml_collections.ConfigDict, split: str) -> int | None:
+  d = config.dataset
+  builder = input_pipeline.get_builder(d.name, d.data_dir)
+  n = int(input_pipeline.open_split(builder, split).cardinality())
+  limit = config.contracam.max_images
+  if n < 0:
+    return None
+  return n if limit < 0 else min(n, limit)
+
+
+def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, list[dict]]]:
+  """(host batch, [ContraCAM outputs per settings]) over `split`, with a progress bar."""
+  c = config.contracam
+  nets = {}
+  for s in settings_list:
+    if s.expand_res not in nets:
+      nets[s.expand_res] = load_model(source, s.expand_res)
+  n = _count(config, split)
+  total = None if n is None else math.ceil(n / c.batch_size)
+  batches = input_pipeline.localization_batches(config, split, c.batch_size, c.max_images)
+  previous = None
+  for batch in tqdm.tqdm(batches, total=total, desc=f"ContraCAM {split}", unit="batch",
+                         disable=jax.process_index() > 0):
+    x = _to_input(batch["image"])
+    n = x.shape[0]
+    if n < 2:  # the contrastive score needs a negative: borrow one image of the last batch
+      x = jnp.concatenate([x, previous[:1] if previous is not None else x])
+    previous = x
+    outs = []
+    for s in settings_list:
+      net, variables, _ = nets[s.expand_res]
+      out = jax.device_get(contracam.contracam(net, variables, x, s))
+      outs.append({k: v[:, :n] if k in ("cams", "scores") else v[:n] for k, v in out.items()})
+    yield batch, outs
+
+
+def _boxes(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  c = config.contracam
+  return localization.cam_to_boxes(cam, clean_threshold=c.clean_threshold,
+                                   min_obj_scale=c.box_min_obj_scale, threshold_frac=c.box_threshold,
+                                   min_area=c.box_min_area, margin=c.box_margin,
+                                   largest_only=c.largest_box_only)
+
+
+def save_boxes(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """ContraCAM (T = contracam.iterations) boxes of every image of contracam.split, release format."""
+  source = config.contracam.checkpoint or workdir
+  settings = cam_settings(config)
+  table = {}
+  for batch, (out,) in _cam_batches(config, config.contracam.split, [settings], source):
+    for image_id, cam in zip(batch["id"], out["mask"]):
+      table[image_id] = _boxes(cam, config)
+  path = os.path.join(workdir, f"boxes_{config.contracam.split}.txt")
+  os.makedirs(workdir, exist_ok=True)
+  localization.write_box_file(path, table)
+  with_box = sum(len(b) > 0 for b in table.values())
+  logging.info("Wrote %d images' boxes (%d with at least one box) to %s", len(table), with_box, path)
+  return path
+
+
+def save_masks(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Soft ContraCAM masks (T = contracam.mask_iterations) as 8-bit PNGs named by image id."""
+  source = config.contracam.checkpoint or workdir
+  settings = cam_settings(config, iterations=config.contracam.mask_iterations)
+  folder = os.path.join(workdir, f"masks_{config.contracam.split}")
+  os.makedirs(folder, exist_ok=True)
+  count = 0
+  for batch, (out,) in _cam_batches(config, config.contracam.split, [settings], source):
+    for image_id, cam in zip(batch["id"], out["mask"]):
+      tmp = os.path.join(folder, f".{image_id}.png.tmp")
+      Image.fromarray(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
+      os.replace(tmp, os.path.join(folder, f"{image_id}.png"))
+      count += 1
+  logging.info("Wrote %d masks to %s", count, folder)
+  return folder
+
+
+def _mask_for_eval(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+  return localization.clean_mask(cam, threshold=0.5,
+                                 min_obj_scale=config.contracam.eval_min_obj_scale).astype(np.float32)
+
+
+def evaluate_localization(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+  """Mask mIoU and box IoU of ContraCAM vs a centred Gaussian prior and plain Grad-CAM.
+
+  Rows: ContraCAM at T=1 and at T=contracam.iterations; one-step Grad-CAM with the
+  contrastive score but signed channel weights (no positive clamp); the centre prior.
+  """
+  c = config.contracam
+  source = c.checkpoint or workdir
+  rows = {
+      "ContraCAM (T=1)": cam_settings(config, iterations=1),
+      f"ContraCAM (T={c.iterations})": cam_settings(config),
+      "Grad-CAM, signed weights (T=1)": cam_settings(config, iterations=1, clamp_weights=False),
+  }
+  names = list(rows)
+  mask_ious = {k: [] for k in names + ["Centre Gaussian prior"]}
+  box_preds = {k: [] for k in mask_ious}
+  gt_boxes, picture = [], None
+  has_mask = has_boxes = False
+  for batch, outs in _cam_batches(config, c.eval_split, list(rows.values()), source):
+    size = batch["image"].shape[1]
+    prior = localization.centre_gaussian_prior(size, size)
+    maps = {name: out["mask"] for name, out in zip(names, outs)}
+    maps["Centre Gaussian prior"] = np.broadcast_to(prior, (len(batch["id"]), size, size))
+    has_mask = "gt_mask" in batch
+    has_boxes = "gt_boxes" in batch
+    for name, cams in maps.items():
+      for i, cam in enumerate(cams):
+        if has_mask:
+          mask_ious[name].append(float(localization.mask_iou(_mask_for_eval(cam, config), batch["gt_mask"][i])))
+        box_preds[name].append(_boxes(np.asarray(cam), config))
+    if has_boxes:
+      gt_boxes += [b[v] for b, v in zip(batch["gt_boxes"], batch["gt_box_valid"])]
+    if picture is None:
+      picture = (batch, outs[1])
+  results = {}
+  for name in mask_ious:
+    r = {}
+    if has_mask:
+      r["mask_miou"] = float(np.mean(mask_ious[name]))
+    if has_boxes:
+      r["box_iou"] = float(localization.box_iou(box_preds[name], gt_boxes))
+    results[name] = r
+  _write_results(config, workdir, results, len(box_preds[names[0]]))
+  if picture is not None:
+    write_picture(config, workdir, *picture)
+  return results
+
+
+def _write_results(config, workdir, results, num_images):
+  os.makedirs(workdir, exist_ok=True)
+  tag = f"{config.dataset.name.replace('/', '_')}_{config.contracam.eval_split}"
+  with open(os.path.join(workdir, f"localization_{tag}.json"), "w") as f:
+    json.dump({"dataset": config.dataset.name, "split": config.contracam.eval_split,
+               "num_images": num_images, "expand_res": config.contracam.expand_res,
+               "results": results}, f, indent=2)
+  cols = sorted({k for r in results.values() for k in r})
+  lines = [f"Localisation on {config.dataset.name} `{config.contracam.eval_split}` "
+           f"({num_images} images, expand_res={config.contracam.expand_res})", "",
+           "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for name, r in results.items():
+    lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in cols) + " |")
+  table = "\n".join(lines)
+  with open(os.path.join(workdir, f"localization_{tag}.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """A jet-like heat map of `cam` blended over `image` (uint8 HWC)."""
+  c = np.clip(cam, 0, 1)[..., None]
+  heat = np.concatenate([np.clip(1.5 - np.abs(4 * c - 3), 0, 1), np.clip(1.5 - np.abs(4 * c - 2), 0, 1),
+                         np.clip(1.5 - np.abs(4 * c - 1), 0, 1)], axis=-1)
+  return np.round((1 - alpha) * image + alpha * 255 * heat).astype(np.uint8)
+
+
+def picture_grid(images: np.ndarray, cams: np.ndarray, boxes: list[np.ndarray], scale: int = 2) -> np.ndarray:
+  """Rows: images; columns: the image, each refinement step's map, the union with its boxes."""
+  n, h, w, _ = images.shape
+  t_steps = cams.shape[0]
+  union = np.max(cams, axis=0)
+  cols = [images] + [np.stack([overlay(images[i], cams[t, i]) for i in range(n)]) for t in range(t_steps)]
+  cols.append(np.stack([overlay(images[i], union[i]) for i in range(n)]))
+  grid = np.concatenate([np.concatenate(list(col), axis=0) for col in cols], axis=1)
+  img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+  draw = ImageDraw.Draw(img)
+  x0 = (t_steps + 1) * w * scale
+  for i, bs in enumerate(boxes):
+    for x1, y1, x2, y2 in bs:
+      draw.rectangle([x0 + x1 * w * scale, i * h * scale + y1 * h * scale,
+                      x0 + x2 * w * scale - 1, i * h * scale + y2 * h * scale - 1], outline=(255, 255, 255), width=2)
+  return np.asarray(img)
+
+
+def write_picture(config, workdir, batch, out) -> str:
+  """PNG (and TensorBoard image) of ContraCAM per refinement step for the first images."""
+  k = min(config.contracam.num_pictures, len(batch["id"]))
+  boxes = [_boxes(cam, config) for cam in out["mask"][:k]]
+  grid = picture_grid(batch["image"][:k], np.asarray(out["cams"])[:, :k], boxes)
+  path = os.path.join(workdir, f"contracam_{config.contracam.eval_split}.png")
+  Image.fromarray(grid).save(path)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer.write_images(0, {"contracam": grid[None]})
+  writer.flush()
+  logging.info("Wrote %s", path)
+  return path
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  if config.mode == "save_boxes":
+    return save_boxes(config, workdir)
+  if config.mode == "save_masks":
+    return save_masks(config, workdir)
+  if config.mode == "eval_localization":
+    return evaluate_localization(config, workdir)
+  raise ValueError(f"config.mode={config.mode!r} is not one of {MODES}")
