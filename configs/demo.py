@@ -25,4 +25,6 @@ def get_config():
   c.checkpoint_every_steps = 200
   c.probe.eval_batches = -1
   c.probe.learning_rate = 3e-3
+  # layer4 is 3x3 at 96 px: stride-1 layer3 and layer4 give ContraCAM 12x12 maps.
+  c.contracam.expand_res = 4
   return c
