@@ -32,28 +32,12 @@ def _resnet18_spec() -> models.ModelSpec:
                           proj_dim=128, pred_hidden_dim=0)
 
 
-def random_variables(net: models.ContrastiveNet, images: jax.Array, seed: int = 0) -> dict:
-  """Parameters and BN statistics for `net`, uniform +-1/sqrt(fan_in) kernels."""
-  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), images[:1], False))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(path[-1])
-    if "kernel" in name:
-      bound = 1 / np.sqrt(np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.uniform(-bound, bound, leaf.shape), jnp.float32)
-    if "scale" in name or "var" in name:
-      return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
-    return jnp.asarray(0.1 * rng.normal(size=leaf.shape), jnp.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def bench_one(size: int, expand_res: int, batch: int, iterations: int, repeats: int) -> tuple[float, float]:
   """(compile + first run seconds, median images/s) of one configuration."""
   settings = cc.CamSettings(iterations=iterations, expand_res=expand_res)
   net = cc.cam_network(_resnet18_spec(), settings)
   images = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, 3), jnp.float32)
-  variables = random_variables(net, images)
+  variables = models.random_variables(net, images)
   start = time.perf_counter()
   jax.block_until_ready(cc.contracam(net, variables, images, settings))
   first = time.perf_counter() - start

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 # PyTorch's default conv / linear init (uniform +-1/sqrt(fan_in)); the release
 # resets every conv and linear layer to it, so we do the same.
@@ -218,3 +219,27 @@ class ModelSpec:
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+def random_variables(net: nn.Module, example: jax.Array, seed: int = 0, shift_std: float = 0.1) -> Any:
+  """Variables of `net` drawn in NumPy, for benchmarks and tests (no compiled init).
+
+  Kernels uniform +-1/sqrt(fan_in) (the torch default); BN scales and running
+  variances in [0.5, 1.5], shifts, running means and biases ~ N(0, shift_std):
+  away from a fresh init, whose zero residual gammas make maps too regular.
+  """
+  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), example[:1], False))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = str(path[-1])
+    if "kernel" in name:
+      bound = 1 / np.sqrt(np.prod(leaf.shape[:-1]))
+      value = rng.uniform(-bound, bound, leaf.shape)
+    elif "scale" in name or "var" in name:
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    else:
+      value = shift_std * rng.normal(size=leaf.shape)
+    return jnp.asarray(value, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -188,19 +188,20 @@ def evaluate_localization(config: ml_collections.ConfigDict, workdir: str) -> di
     if has_boxes:
       r["box_iou"] = float(localization.box_iou(box_preds[name], gt_boxes))
     results[name] = r
-  _write_results(config, workdir, results, len(box_preds[names[0]]))
+  per_image = {name: v for name, v in mask_ious.items() if v}
+  _write_results(config, workdir, results, len(box_preds[names[0]]), per_image)
   if picture is not None:
     write_picture(config, workdir, *picture)
   return results
 
 
-def _write_results(config, workdir, results, num_images):
+def _write_results(config, workdir, results, num_images, per_image):
   os.makedirs(workdir, exist_ok=True)
   tag = f"{config.dataset.name.replace('/', '_')}_{config.contracam.eval_split}"
   with open(os.path.join(workdir, f"localization_{tag}.json"), "w") as f:
     json.dump({"dataset": config.dataset.name, "split": config.contracam.eval_split,
                "num_images": num_images, "expand_res": config.contracam.expand_res,
-               "results": results}, f, indent=2)
+               "results": results, "per_image_mask_iou": per_image}, f)
   cols = sorted({k for r in results.values() for k in r})
   lines = [f"Localisation on {config.dataset.name} `{config.contracam.eval_split}` "
            f"({num_images} images, expand_res={config.contracam.expand_res})", "",

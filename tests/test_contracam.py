@@ -137,35 +137,11 @@ def np_contracam(fmap_fn, variables, images, iterations, official=False, clamp=T
 # Fixtures: one tiny network, compiled functions shared across tests.
 
 
-def random_variables(net, x, seed=1):
-  """Random parameters drawn in NumPy for the shapes of `net.init`.
-
-  Kernels uniform +-1/sqrt(fan_in) (the torch default init), BN affine
-  parameters and running statistics away from (1, 0, 0, 1): a fresh init's
-  zero residual gammas and identity BN would make the maps too regular to
-  discriminate formulas. (Initialising under jit compiles for ~15 s here.)
-  """
-  shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), x[:1], False))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = str(path[-1])
-    if "kernel" in name:
-      bound = 1 / np.sqrt(np.prod(leaf.shape[:-1]))
-      value = rng.uniform(-bound, bound, leaf.shape)
-    elif "scale" in name or "var" in name:
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    else:  # BN shifts, running means, dense biases
-      value = 0.2 * rng.normal(size=leaf.shape)
-    return jnp.asarray(value, jnp.float32)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @pytest.fixture(scope="module")
 def tiny():
   images = jax.random.normal(jax.random.PRNGKey(0), (BATCH, SIZE, SIZE, 3), jnp.float32)
   net = cc.cam_network(SPEC, cc.CamSettings())
-  variables = random_variables(net, images)
+  variables = models.random_variables(net, images, seed=1, shift_std=0.2)
   fmap_fn = jax.jit(lambda x: net.apply(variables, x, False, method="feature_map"))
   return net, variables, images, fmap_fn
 
