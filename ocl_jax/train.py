@@ -238,6 +238,17 @@ def make_context(config: ml_collections.ConfigDict, total_steps: int, num_classe
   )
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'optim': {'base_lr': 0.03}} -> {'optim.base_lr': 0.03}, for the hyperparameter log."""
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      flat.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return flat
+
+
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -269,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   start_step = int(state.step)
   if start_step:
     logging.info("Resumed from step %d", start_step)
-  writer.write_hparams({k: str(v) for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  writer.write_hparams(_flatten(config.to_dict()))
 
   p_step = jax.pmap(functools.partial(train_step, ctx=ctx), axis_name=parallel.AXIS,
                     donate_argnums=(0,))
