@@ -49,6 +49,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.blur_sigma = (0.1, 2.0)   # blur sigma range (pixels)
   c.augment.blur_kernel_frac = 0.1    # blur kernel side as a fraction of crop_size (made odd)
 
+  # ---- Object-aware random crop, OA-crop (METHOD.md section 4) -----------------
+  # Each image carries up to max_boxes boxes; per step one is chosen uniformly and
+  # both views take their RandomResizedCrop inside it (scale/ratio relative to the
+  # box). Images with no box use the whole image.
+  c.object_aware = ml_collections.ConfigDict()
+  c.object_aware.crop = False         # True: OA-crop on
+  # 'gt': the dataset's objects/bbox (scenes, coco/2017); otherwise the path of a box
+  # file in the release format (`IMAGE_ID x1,y1,x2,y2 ...`), e.g. the ContraCAM boxes
+  # written by --config.mode=save_boxes (WORKDIR/boxes_train.txt).
+  c.object_aware.boxes = "gt"
+  c.object_aware.max_boxes = 16       # K: boxes kept per image (the first K)
+  c.object_aware.gt_min_area = 0.01   # 'gt': keep instances whose box area is > this fraction
+  c.object_aware.gt_margin = 0.2      # 'gt': expand each box by this fraction of (w, h) per side
+  # Box file: False = malformed lines and training images missing from the file are
+  # errors; True = they are counted and logged, and those images use the whole image.
+  c.object_aware.tolerate_box_errors = False
+
   # ---- Model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet18"           # resnet10 | resnet18 | resnet34 | resnet50

@@ -545,6 +545,33 @@ def augment_batch(key: jax.Array, images: jax.Array, aspects, cfg: ViewConfig,
   return jax.vmap(fn)(keys, images, aspects, jnp.asarray(regions, jnp.float32))
 
 
+FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)
+
+
+def choose_regions(key: jax.Array, boxes: jax.Array, box_valid: jax.Array,
+                   index_offset=0) -> jax.Array:
+  """OA-crop regions (METHOD.md section 4): one valid box per image, uniformly.
+
+  `boxes` (B, K, 4) x1, y1, x2, y2 with `box_valid` (B, K). Image i draws from
+  fold_in(key, index_offset + i), as augment_batch does, so the choice does not
+  depend on how the global batch is split over devices. An image with no
+  valid box gets the whole image. Returns (B, 4) regions for augment_batch;
+  the caller passes the same regions to both views so they share the object.
+  """
+  boxes = jnp.asarray(boxes, jnp.float32)
+  box_valid = jnp.asarray(box_valid, bool)
+  idx = jnp.asarray(index_offset, jnp.int32) + jnp.arange(boxes.shape[0], dtype=jnp.int32)
+
+  def one(i, b, valid):
+    count = jnp.sum(valid.astype(jnp.int32))
+    # j-th valid box, j ~ U{0..count-1}: the valid slot whose running count is j + 1.
+    j = jax.random.randint(jax.random.fold_in(key, i), (), 0, jnp.maximum(count, 1))
+    slot = jnp.argmax(valid & (jnp.cumsum(valid.astype(jnp.int32)) == j + 1))
+    return jnp.where(count > 0, b[slot], jnp.asarray(FULL_IMAGE, jnp.float32))
+
+  return jax.vmap(one)(idx, boxes, box_valid)
+
+
 def normalize(images: jax.Array) -> jax.Array:
   """ImageNet mean/std normalisation of [0, 1] images (channels last)."""
   mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)

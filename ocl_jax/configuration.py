@@ -74,6 +74,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   for f in ("clean_threshold", "box_min_obj_scale", "eval_min_obj_scale", "box_threshold", "box_min_area"):
     _check(0.0 <= cc[f] <= 1.0, f"contracam.{f}", f"must be in [0, 1], got {cc[f]}", e)
   _check(cc.box_margin >= 0, "contracam.box_margin", f"must be >= 0, got {cc.box_margin}", e)
+  _validate_object_aware(config, e)
   try:
     augment.ViewConfig.from_config(config.augment)
   except ValueError as err:
@@ -87,6 +88,27 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     logging.warning("layer4 is %dx%d at crop_size=%d: XLA:CPU runs 3x3 convolutions on maps "
                     "smaller than the kernel ~40x slower (PERF_NOTES); use crop_size >= %d.",
                     side, side, config.augment.crop_size, 3 * stride)
+
+
+def _validate_object_aware(config: ml_collections.ConfigDict, e: list[str]) -> None:
+  """OA-crop fields; the box file is checked for existence only (it is parsed at data setup)."""
+  import os
+  oa = config.get("object_aware")
+  if oa is None:
+    return
+  _check(isinstance(oa.crop, bool), "object_aware.crop", f"must be True or False, got {oa.crop!r}", e)
+  k = oa.max_boxes
+  _check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, "object_aware.max_boxes",
+         f"must be an integer >= 1, got {k!r}", e)
+  _check(0.0 <= oa.gt_min_area < 1.0, "object_aware.gt_min_area", f"must be in [0, 1), got {oa.gt_min_area}", e)
+  _check(oa.gt_margin >= 0, "object_aware.gt_margin", f"must be >= 0, got {oa.gt_margin}", e)
+  _check(isinstance(oa.tolerate_box_errors, bool), "object_aware.tolerate_box_errors",
+         f"must be True or False, got {oa.tolerate_box_errors!r}", e)
+  ok = isinstance(oa.boxes, str) and oa.boxes != ""
+  _check(ok, "object_aware.boxes", f"must be 'gt' or the path of a box file, got {oa.boxes!r}", e)
+  if ok and oa.crop and oa.boxes != "gt":
+    _check(os.path.isfile(oa.boxes), "object_aware.boxes",
+           f"box file {oa.boxes!r} does not exist (write one with --config.mode=save_boxes)", e)
 
 
 def load_sibling_config(this_file: str, name: str, *args) -> ml_collections.ConfigDict:

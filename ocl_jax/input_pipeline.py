@@ -15,11 +15,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from ocl_jax import localization
 
 # Datasets generated locally by their builder (no download): prepared on first use.
 LOCALLY_GENERATED = ("scenes",)
@@ -91,8 +94,13 @@ def _image_label(example: dict[str, Any], has_label: bool, has_objects: bool) ->
   return tf.constant(-1, tf.int32)
 
 
-def make_preprocess(builder: tfds.core.DatasetBuilder, image_size: int):
-  """Decode-side preprocessing: fixed-size uint8 image, aspect, label."""
+def make_preprocess(builder: tfds.core.DatasetBuilder, image_size: int,
+                    region_boxes: "RegionBoxes | None" = None):
+  """Decode-side preprocessing: fixed-size uint8 image, aspect, label.
+
+  With `region_boxes` (OA-crop) each example also carries its candidate crop
+  regions: boxes (K, 4), box_valid (K,) and, for box files, box_missing.
+  """
   feats = builder.info.features
   has_label = "label" in feats and isinstance(feats["label"], tfds.features.ClassLabel)
   has_objects = "objects" in feats and "bbox" in feats["objects"].feature
@@ -105,8 +113,11 @@ def make_preprocess(builder: tfds.core.DatasetBuilder, image_size: int):
     aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
     resized = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
     image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-    return {"image": image, "aspect": aspect,
-            "label": _image_label(example, has_label, has_objects)}
+    out = {"image": image, "aspect": aspect,
+           "label": _image_label(example, has_label, has_objects)}
+    if region_boxes is not None:
+      out.update(region_boxes(example))
+    return out
 
   return preprocess
 
@@ -127,6 +138,8 @@ class TrainData:
   image_size: int
   shuffle_buffer: int
   seed: int
+  region_boxes: "RegionBoxes | None" = None  # OA-crop boxes (config.object_aware)
+  missing_box_count: int = 0  # examples streamed so far that the box file lacks (tolerant mode)
 
   def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
     seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] % (2**31))
@@ -134,7 +147,7 @@ class TrainData:
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.take(self.steps_per_epoch * self.local_batch)
     ds = ds.skip(skip_batches * self.local_batch)
-    ds = ds.map(make_preprocess(self.builder, self.image_size),
+    ds = ds.map(make_preprocess(self.builder, self.image_size, self.region_boxes),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -143,8 +156,16 @@ class TrainData:
     """Batches from global step `start_step` on, forever, shaped (local_devices, per_device, ...)."""
     epoch, skip = divmod(start_step, self.steps_per_epoch)
     while True:
-      for batch in tfds.as_numpy(self.epoch(epoch, skip)):
+      missing = 0
+      for batch in _raise_box_lookup_errors(tfds.as_numpy(self.epoch(epoch, skip))):
+        if "box_missing" in batch:  # host-side bookkeeping only, not sent to the devices
+          missing += int(batch.pop("box_missing").sum())
         yield _shard_for_devices(batch)
+      if missing:
+        self.missing_box_count += missing
+        logging.warning("Epoch %d: %d training images are not in box file %s; they were "
+                        "cropped from the whole image (object_aware.tolerate_box_errors)",
+                        epoch, missing, self.region_boxes.path)
       epoch, skip = epoch + 1, 0
 
 
@@ -161,7 +182,8 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
                      f"{d.name} split {d.train_split!r} available to this process")
   return TrainData(builder=builder, split=split, local_batch=local_batch, num_examples=n,
                    steps_per_epoch=n // local_batch, image_size=d.image_size,
-                   shuffle_buffer=d.shuffle_buffer, seed=config.seed)
+                   shuffle_buffer=d.shuffle_buffer, seed=config.seed,
+                   region_boxes=create_region_boxes(config, builder))
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int | None = None,
@@ -212,7 +234,7 @@ def localization_batches(config: ml_collections.ConfigDict, split: str, batch_si
 
   def preprocess(ex):
     out = base(ex)
-    out["id"] = tf.strings.as_string(ex["image/id"]) if "image/id" in feats else ex["image/filename"]
+    out["id"] = _example_id(ex, feats)
     if mask_key is not None:
       m = tf.image.resize(tf.cast(ex[mask_key], tf.float32), (size, size), method="nearest")[..., 0]
       out["gt_mask"] = tf.cast(m > 0, tf.float32)
@@ -232,3 +254,139 @@ def localization_batches(config: ml_collections.ConfigDict, split: str, batch_si
   for batch in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
     batch["id"] = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in batch["id"]])
     yield batch
+
+
+# ----------------------------------------------------------------------------
+# OA-crop boxes (METHOD.md section 4).
+
+_MISSING_ID_MARK = "is not in box file"
+
+
+class BoxLookupError(KeyError):
+  """A training image has no line in the OA-crop box file (and errors are not tolerated)."""
+
+  def __str__(self) -> str:
+    return str(self.args[0])
+
+
+def _example_id(example: dict[str, Any], feats: Any) -> tf.Tensor:
+  """The id box files use: `image/id` as a decimal string, else `image/filename`."""
+  if "image/id" in feats:
+    return tf.strings.as_string(example["image/id"])
+  return example["image/filename"]
+
+
+def gt_region_boxes(bbox_yxyx: tf.Tensor, max_boxes: int, min_area: float, margin: float
+                    ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Ground-truth OA-crop regions: boxes of area > min_area, expanded by margin*(w, h) per side.
+
+  Returns the first `max_boxes` of them, clipped to the image, as (K, 4)
+  x1, y1, x2, y2 zero-padded, and (K,) validity.
+  """
+  b = _xyxy(tf.cast(tf.reshape(bbox_yxyx, [-1, 4]), tf.float32))
+  w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+  keep = w * h > min_area
+  b, w, h = tf.boolean_mask(b, keep), tf.boolean_mask(w, keep), tf.boolean_mask(h, keep)
+  grow = margin * tf.stack([-w, -h, w, h], -1)
+  b = tf.clip_by_value(b + grow, 0.0, 1.0)[:max_boxes]
+  n = tf.shape(b)[0]
+  return tf.pad(b, [[0, max_boxes - n], [0, 0]]), tf.range(max_boxes) < n
+
+
+@dataclasses.dataclass
+class RegionBoxes:
+  """Where each training image's OA-crop boxes come from: 'gt' or a box file.
+
+  A box file is read once on the host and turned into a padded (N+1, K, 4)
+  constant plus counts, indexed through a string -> row hash table, so the
+  lookup runs inside tf.data. Row N is "no boxes" (the whole image), used for
+  ids the file lacks when errors are tolerated.
+  """
+  max_boxes: int
+  min_area: float = 0.0
+  margin: float = 0.0
+  path: str | None = None             # None: ground truth
+  tolerate_errors: bool = False
+  feats: Any = None
+  _table: Any = None
+  _boxes: Any = None
+  _counts: Any = None
+
+  @classmethod
+  def from_box_file(cls, path: str, max_boxes: int, tolerate_errors: bool, feats: Any
+                    ) -> "RegionBoxes":
+    table = localization.read_box_file(path, tolerate_errors=tolerate_errors)
+    if table.errors:
+      logging.warning("Box file %s: %d malformed lines skipped (their images use the whole "
+                      "image); first: %s", path, len(table.errors), table.errors[0])
+    ids = list(table)
+    boxes = np.zeros((len(ids) + 1, max_boxes, 4), np.float32)
+    counts = np.zeros((len(ids) + 1,), np.int32)
+    truncated = 0
+    for row, image_id in enumerate(ids):
+      b = np.asarray(table[image_id], np.float32).reshape(-1, 4)
+      truncated += len(b) > max_boxes
+      b = b[:max_boxes]
+      boxes[row, :len(b)] = b
+      counts[row] = len(b)
+    if truncated:
+      logging.info("Box file %s: %d images have more than max_boxes=%d boxes; the first %d are used",
+                   path, truncated, max_boxes, max_boxes)
+    logging.info("OA-crop boxes of %d images from %s", len(ids), path)
+    lookup = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ids, tf.string) if ids else
+                                            tf.zeros((0,), tf.string),
+                                            tf.range(len(ids), dtype=tf.int64)),
+        default_value=-1)
+    return cls(max_boxes=max_boxes, path=path, tolerate_errors=tolerate_errors, feats=feats,
+               _table=lookup, _boxes=tf.constant(boxes), _counts=tf.constant(counts))
+
+  def __call__(self, example: dict[str, Any]) -> dict[str, tf.Tensor]:
+    if self.path is None:
+      boxes, valid = gt_region_boxes(example["objects"]["bbox"], self.max_boxes, self.min_area,
+                                     self.margin)
+      return {"boxes": boxes, "box_valid": valid}
+    image_id = _example_id(example, self.feats)
+    row = self._table.lookup(image_id)
+    missing = row < 0
+    if not self.tolerate_errors:
+      message = tf.strings.join(["image id ", image_id, f" {_MISSING_ID_MARK} {self.path} (set "
+                                 "--config.object_aware.tolerate_box_errors=True to crop such "
+                                 "images from the whole image)"])
+      check = tf.debugging.Assert(tf.logical_not(missing), [message])
+      with tf.control_dependencies([check]):
+        row = tf.identity(row)
+    row = tf.where(missing, tf.cast(tf.shape(self._counts)[0] - 1, tf.int64), row)
+    count = tf.gather(self._counts, row)
+    return {"boxes": tf.gather(self._boxes, row), "box_valid": tf.range(self.max_boxes) < count,
+            "box_missing": missing}
+
+
+def create_region_boxes(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
+                        ) -> RegionBoxes | None:
+  """The OA-crop box source of `config.object_aware`, or None when OA-crop is off."""
+  oa = config.get("object_aware")
+  if oa is None or not oa.crop:
+    return None
+  feats = builder.info.features
+  if oa.boxes == "gt":
+    if not ("objects" in feats and "bbox" in feats["objects"].feature):
+      raise ValueError(f"config.object_aware.boxes='gt' needs objects/bbox, which dataset "
+                       f"{builder.info.full_name} does not have; give a box file instead")
+    return RegionBoxes(max_boxes=oa.max_boxes, min_area=oa.gt_min_area, margin=oa.gt_margin)
+  if "image/id" not in feats and "image/filename" not in feats:
+    raise ValueError(f"config.object_aware.boxes is a box file, but dataset "
+                     f"{builder.info.full_name} has neither image/id nor image/filename to match")
+  return RegionBoxes.from_box_file(oa.boxes, oa.max_boxes, oa.tolerate_box_errors, feats)
+
+
+def _raise_box_lookup_errors(batches: Iterator[dict[str, np.ndarray]]
+                             ) -> Iterator[dict[str, np.ndarray]]:
+  """Turn the tf.data assertion of a missing box-file id into a BoxLookupError."""
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError as e:
+    if _MISSING_ID_MARK not in e.message:
+      raise
+    text = e.message.split("[", 1)[-1].split("]")[0] if "[" in e.message else e.message
+    raise BoxLookupError(text) from e

@@ -110,13 +110,23 @@ def _forward(net, params, batch_stats, x):
 
 
 def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext):
-  """Two views of every image; keys depend on the step and the image's global index."""
+  """Two views of every image; keys depend on the step and the image's global index.
+
+  With OA-crop the batch carries `boxes` / `box_valid`: one box per image is
+  chosen per step (key stream 2, apart from the views' 0 and 1) and both
+  views crop inside it (METHOD.md section 4).
+  """
   step_key = jax.random.fold_in(state.rng, state.step)
   offset = parallel.global_offset(batch["image"].shape[0])
+  regions = None
+  if "boxes" in batch:
+    regions = augment.choose_regions(jax.random.fold_in(step_key, 2), batch["boxes"],
+                                     batch["box_valid"], index_offset=offset)
   views = []
   for v in range(2):
     images, _, _ = augment.augment_batch(jax.random.fold_in(step_key, v), batch["image"],
-                                         batch["aspect"], ctx.view, index_offset=offset)
+                                         batch["aspect"], ctx.view, index_offset=offset,
+                                         regions=regions)
     views.append(augment.normalize(images))
   return views
 
