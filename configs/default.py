@@ -66,6 +66,15 @@ def get_config() -> ml_collections.ConfigDict:
   # errors; True = they are counted and logged, and those images use the whole image.
   c.object_aware.tolerate_box_errors = False
 
+  # ---- Background mixup (METHOD.md section 4), on view 1 after colour augmentation ----
+  c.bg_mixup = ml_collections.ConfigDict()
+  c.bg_mixup.enabled = False
+  c.bg_mixup.masks = "gt"             # 'gt' (the dataset's `mask`) or a folder of mask PNGs
+                                      # named <image id>.png (written by --config.mode=save_masks)
+  c.bg_mixup.prob = 0.4               # probability per image
+  c.bg_mixup.threshold = 0.2          # hard foreground = mask >= threshold
+  c.bg_mixup.fifo_size = 50           # backgrounds kept for images whose donor has none
+
   # ---- Model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet18"           # resnet10 | resnet18 | resnet34 | resnet50

@@ -545,6 +545,17 @@ def augment_batch(key: jax.Array, images: jax.Array, aspects, cfg: ViewConfig,
   return jax.vmap(fn)(keys, images, aspects, jnp.asarray(regions, jnp.float32))
 
 
+def transform_masks(masks: jax.Array, boxes: jax.Array, flips: jax.Array, size: int) -> jax.Array:
+  """Crop, resize and flip (B, H, W) masks exactly as augment_batch did their images.
+
+  `boxes` and `flips` are augment_batch's outputs, so BG-mixup's foreground
+  masks stay aligned with view 1. uint8 masks are read as 0..255 -> [0, 1].
+  """
+  def one(mask, box, flip):
+    return flip_left_right(crop_and_resize(mask[..., None], box, size), flip)[..., 0]
+  return jax.vmap(one)(_to_float(masks), boxes, flips)
+
+
 FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import logging
 import jax
 import ml_collections
@@ -66,6 +68,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(config[f] > 0, f, f"must be > 0, got {config[f]}", e)
   _check(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0", e)
   _check(config.dataset.image_size > 0, "dataset.image_size", "must be > 0", e)
+  bg = config.bg_mixup
+  if bg.enabled:
+    _check(0.0 <= bg.prob <= 1.0, "bg_mixup.prob", f"must be in [0, 1], got {bg.prob}", e)
+    _check(0.0 < bg.threshold <= 1.0, "bg_mixup.threshold", f"must be in (0, 1], got {bg.threshold}", e)
+    _check(bg.fifo_size >= 1, "bg_mixup.fifo_size", f"must be >= 1, got {bg.fifo_size}", e)
+    _check(bg.masks == "gt" or os.path.isdir(bg.masks), "bg_mixup.masks",
+           f"{bg.masks!r} is neither 'gt' nor an existing folder of mask PNGs "
+           "(write one with --config.mode=save_masks)", e)
   cc = config.contracam
   _check(cc.iterations >= 1, "contracam.iterations", f"T must be >= 1, got {cc.iterations}", e)
   _check(cc.mask_iterations >= 1, "contracam.mask_iterations", f"T must be >= 1, got {cc.mask_iterations}", e)

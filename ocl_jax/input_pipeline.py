@@ -95,11 +95,13 @@ def _image_label(example: dict[str, Any], has_label: bool, has_objects: bool) ->
 
 
 def make_preprocess(builder: tfds.core.DatasetBuilder, image_size: int,
-                    region_boxes: "RegionBoxes | None" = None):
+                    region_boxes: "RegionBoxes | None" = None, fg_masks: str | None = None):
   """Decode-side preprocessing: fixed-size uint8 image, aspect, label.
 
   With `region_boxes` (OA-crop) each example also carries its candidate crop
   regions: boxes (K, 4), box_valid (K,) and, for box files, box_missing.
+  With `fg_masks` (BG-mixup: 'gt' or a folder of <id>.png) it carries fg_mask
+  (S, S) uint8 0..255, the soft foreground mask resized like the image.
   """
   feats = builder.info.features
   has_label = "label" in feats and isinstance(feats["label"], tfds.features.ClassLabel)
@@ -117,9 +119,25 @@ def make_preprocess(builder: tfds.core.DatasetBuilder, image_size: int,
            "label": _image_label(example, has_label, has_objects)}
     if region_boxes is not None:
       out.update(region_boxes(example))
+    if fg_masks is not None:
+      out["fg_mask"] = _foreground_mask(example, feats, fg_masks, image_size)
     return out
 
   return preprocess
+
+
+def _foreground_mask(example: dict[str, Any], feats: Any, source: str, size: int) -> tf.Tensor:
+  """BG-mixup's soft mask: the dataset's 0/1 `mask`, or <source>/<image id>.png (save_masks)."""
+  if source == "gt":
+    if "mask" not in feats:
+      raise ValueError("config.bg_mixup.masks='gt' needs a `mask` feature (scenes); give a folder "
+                       "of ContraCAM masks written by --config.mode=save_masks instead")
+    mask = tf.cast(example["mask"], tf.float32) * 255.0
+  else:
+    path = tf.strings.join([source.rstrip("/"), "/", _example_id(example, feats), ".png"])
+    mask = tf.cast(tf.io.decode_png(tf.io.read_file(path), channels=1), tf.float32)
+  mask = tf.image.resize(mask, (size, size), method="bilinear")[..., 0]
+  return tf.cast(tf.clip_by_value(tf.round(mask), 0, 255), tf.uint8)
 
 
 def _shard_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,6 +157,7 @@ class TrainData:
   shuffle_buffer: int
   seed: int
   region_boxes: "RegionBoxes | None" = None  # OA-crop boxes (config.object_aware)
+  fg_masks: str | None = None  # BG-mixup masks: 'gt' or a folder (config.bg_mixup.masks)
   missing_box_count: int = 0  # examples streamed so far that the box file lacks (tolerant mode)
 
   def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
@@ -147,7 +166,7 @@ class TrainData:
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.take(self.steps_per_epoch * self.local_batch)
     ds = ds.skip(skip_batches * self.local_batch)
-    ds = ds.map(make_preprocess(self.builder, self.image_size, self.region_boxes),
+    ds = ds.map(make_preprocess(self.builder, self.image_size, self.region_boxes, self.fg_masks),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -183,7 +202,8 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
   return TrainData(builder=builder, split=split, local_batch=local_batch, num_examples=n,
                    steps_per_epoch=n // local_batch, image_size=d.image_size,
                    shuffle_buffer=d.shuffle_buffer, seed=config.seed,
-                   region_boxes=create_region_boxes(config, builder))
+                   region_boxes=create_region_boxes(config, builder),
+                   fg_masks=config.bg_mixup.masks if config.bg_mixup.enabled else None)
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int | None = None,

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from ocl_jax import augment, checkpointing, export, input_pipeline, objectives, optimizers, parallel
+from ocl_jax import (augment, background_mixup, checkpointing, export, input_pipeline, objectives,
+                     optimizers, parallel)
 from ocl_jax.configuration import validate_config
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 
@@ -41,6 +42,7 @@ class TrainState:
   queue: Any                # MoCo negatives (K, D); None otherwise
   queue_ptr: Any
   rng: jax.Array            # base key; per-step / per-image keys are folded from it
+  bg_fifo: Any = None       # BG-mixup's recent backgrounds (per device); None when off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class StepContext:
   temperature: float
   ema_momentum: float
   num_classes: int
+  bg_mixup: tuple[float, float] | None = None  # (prob, threshold) when BG-mixup is on
 
 
 def uses_target(method: str) -> bool:
@@ -99,7 +102,9 @@ def _init_state(init_rng: jax.Array, train_rng: jax.Array, config: ml_collection
       target_params=target_params, target_batch_stats=target_stats,
       opt_state=ctx.tx.init(params), probe_params=probe_params,
       probe_opt_state=ctx.probe_tx.init(probe_params), queue=queue, queue_ptr=queue_ptr,
-      rng=train_rng)
+      rng=train_rng,
+      bg_fifo=background_mixup.fifo_init(size, size, config.bg_mixup.fifo_size)
+      if config.bg_mixup.enabled else None)
 
 
 def _forward(net, params, batch_stats, x):
@@ -110,11 +115,14 @@ def _forward(net, params, batch_stats, x):
 
 
 def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext):
-  """Two views of every image; keys depend on the step and the image's global index.
+  """Two normalised views of every image, the new BG-mixup FIFO and its statistics.
 
-  With OA-crop the batch carries `boxes` / `box_valid`: one box per image is
-  chosen per step (key stream 2, apart from the views' 0 and 1) and both
-  views crop inside it (METHOD.md section 4).
+  Keys depend on the step and the image's global index. With OA-crop the
+  batch carries `boxes` / `box_valid`: one box per image is chosen per step
+  (key stream 2, apart from the views' 0 and 1) and both views crop inside it.
+  With BG-mixup the batch carries `fg_mask`, cropped and flipped like view 1,
+  which is mixed with other images' backgrounds after its colour
+  augmentation (key stream 3; METHOD.md section 4).
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   offset = parallel.global_offset(batch["image"].shape[0])
@@ -122,19 +130,24 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   if "boxes" in batch:
     regions = augment.choose_regions(jax.random.fold_in(step_key, 2), batch["boxes"],
                                      batch["box_valid"], index_offset=offset)
-  views = []
+  views, fifo, stats = [], state.bg_fifo, {}
   for v in range(2):
-    images, _, _ = augment.augment_batch(jax.random.fold_in(step_key, v), batch["image"],
-                                         batch["aspect"], ctx.view, index_offset=offset,
-                                         regions=regions)
+    images, boxes, flips = augment.augment_batch(jax.random.fold_in(step_key, v), batch["image"],
+                                                 batch["aspect"], ctx.view, index_offset=offset,
+                                                 regions=regions)
+    if v == 0 and ctx.bg_mixup is not None:
+      masks = augment.transform_masks(batch["fg_mask"], boxes, flips, ctx.view.crop_size)
+      prob, threshold = ctx.bg_mixup
+      images, fifo, stats = background_mixup.background_mixup(
+          jax.random.fold_in(step_key, 3), images, masks, offset, fifo, prob, threshold)
     views.append(augment.normalize(images))
-  return views
+  return views, fifo, stats
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch (inside pmap)."""
-  x1, x2 = augment_views(state, batch, ctx)
+  (x1, x2), bg_fifo, bg_stats = augment_views(state, batch, ctx)
   net, axis = ctx.net, parallel.AXIS
   target_net = dataclasses.replace(net, pred_hidden_dim=0)
 
@@ -181,7 +194,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
 
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                       opt_state=opt_state, probe_params=probe_params,
-                      probe_opt_state=probe_opt_state, target_batch_stats=target_stats)
+                      probe_opt_state=probe_opt_state, target_batch_stats=target_stats,
+                      bg_fifo=bg_fifo)
   if uses_target(ctx.method):
     m = ctx.ema_momentum
     new = new.replace(target_params=jax.tree_util.tree_map(
@@ -195,6 +209,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
              "probe_loss": probe_loss, "probe_accuracy": probe_acc}
   if "moco_acc" in aux:
     metrics["moco_accuracy"] = aux["moco_acc"]
+  metrics.update({k: v.astype(jnp.float32) / batch["image"].shape[0] for k, v in bg_stats.items()})
   return new, jax.lax.pmean(metrics, axis)
 
 
@@ -245,6 +260,8 @@ def make_context(config: ml_collections.ConfigDict, total_steps: int, num_classe
       temperature=float(config.moco.temperature if method == "moco" else config.simclr.temperature),
       ema_momentum=float(config.moco.momentum if method == "moco" else config.byol.momentum),
       num_classes=num_classes if config.probe.enabled else 0,
+      bg_mixup=(float(config.bg_mixup.prob), float(config.bg_mixup.threshold))
+      if config.bg_mixup.enabled else None,
   )
 
 

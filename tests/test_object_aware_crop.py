@@ -74,9 +74,9 @@ def test_crops_lie_inside_chosen_regions():
 @functools.lru_cache(maxsize=None)
 def _pmapped_views(with_boxes: bool):
   """augment_views of train.py on one device, with constant step and key."""
-  ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8))
-  state = types.SimpleNamespace(rng=jax.random.PRNGKey(5), step=jnp.int32(3))
-  return jax.pmap(lambda b: train.augment_views(state, b, ctx), axis_name=parallel.AXIS,
+  ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8), bg_mixup=None)
+  state = types.SimpleNamespace(rng=jax.random.PRNGKey(5), step=jnp.int32(3), bg_fifo=None)
+  return jax.pmap(lambda b: train.augment_views(state, b, ctx)[0], axis_name=parallel.AXIS,
                   devices=jax.local_devices()[:1])
 
 
