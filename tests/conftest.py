@@ -50,3 +50,22 @@ def make_tiny_config(scenes_data_dir):
   c.checkpoint_every_steps = 2
   c.probe.eval_batches = 2
   return c
+
+
+def train_two_steps(config, workdir, caplog):
+  """Train `config` for 2 steps (log and checkpoint at 2, no eval/export): (state, log text).
+
+  Checks what every such run must satisfy: the step count and finite parameters.
+  """
+  import logging
+  import numpy as np
+  from ocl_jax import train
+  config.num_train_steps = 2
+  config.log_every_steps = config.checkpoint_every_steps = 2
+  config.eval_every_steps = 0
+  config.export_encoder = False
+  with caplog.at_level(logging.INFO):
+    state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
+  return state, caplog.text

@@ -1,6 +1,5 @@
 """BG-mixup wired into training: aligned masks, masks from the data, a short run."""
 
-import logging
 import re
 
 import jax
@@ -9,8 +8,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax import augment, input_pipeline, train
+from ocl_jax import augment, input_pipeline
 from ocl_jax.configuration import ConfigError, validate_config
+from tests.conftest import train_two_steps
 
 
 def test_transformed_masks_stay_aligned_with_view():
@@ -68,15 +68,7 @@ def test_missing_mask_folder_is_a_config_error(tiny_config, tmp_path):
 
 
 def test_tiny_training_with_bg_mixup(tiny_config, tmp_path, caplog):
-  c = _bg_config(tiny_config)
-  c.num_train_steps = 2
-  c.log_every_steps = c.checkpoint_every_steps = 2
-  c.eval_every_steps = 0
-  c.export_encoder = False
-  with caplog.at_level(logging.INFO):
-    state = train.train_and_evaluate(c, str(tmp_path))
-  assert int(state.step) == 2
-  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
-  mixed = [float(m) for m in re.findall(r"bg_mixup/mixed=([0-9.eE+-]+)", caplog.text)]
+  state, log = train_two_steps(_bg_config(tiny_config), tmp_path, caplog)
+  mixed = [float(m) for m in re.findall(r"bg_mixup/mixed=([0-9.eE+-]+)", log)]
   assert mixed and 0 < mixed[-1] <= 1          # prob 1: images with a background are mixed
   assert int(state.bg_fifo.count) > 0          # their backgrounds entered the FIFO

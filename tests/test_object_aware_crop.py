@@ -1,7 +1,6 @@
 """Object-aware random crop (OA-crop, METHOD.md section 4): region choice, pipeline, training."""
 
 import functools
-import logging
 import math
 import pathlib
 import re
@@ -15,7 +14,7 @@ import tensorflow as tf
 
 from ocl_jax import augment, input_pipeline, localization, parallel, train
 from ocl_jax.configuration import ConfigError, load_sibling_config, validate_config
-from tests.conftest import make_tiny_config
+from tests.conftest import make_tiny_config, train_two_steps
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -230,14 +229,6 @@ def test_config_validation(tmp_path):
 
 
 def test_tiny_training_with_gt_oa_crop(scenes_data_dir, tmp_path, caplog):
-  c = _oa_config(scenes_data_dir)
-  c.num_train_steps = 2
-  c.log_every_steps = c.checkpoint_every_steps = 2
-  c.eval_every_steps = 0
-  c.export_encoder = False
-  with caplog.at_level(logging.INFO):
-    state = train.train_and_evaluate(c, str(tmp_path))
-  assert int(state.step) == 2
-  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
-  losses = [float(m) for m in re.findall(r"\bloss=([-+0-9.eE]+|nan|inf)", caplog.text)]
+  _, log = train_two_steps(_oa_config(scenes_data_dir), tmp_path, caplog)
+  losses = [float(m) for m in re.findall(r"\bloss=([-+0-9.eE]+|nan|inf)", log)]
   assert losses and all(np.isfinite(losses))
