@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ocl_jax import contracam as cc
 from ocl_jax import models

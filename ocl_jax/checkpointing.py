@@ -42,6 +42,13 @@ def check_same_structure(restored: Any, template: Any, source: str) -> None:
           f"{source}: {path} has shape {paths_r[path]}, the config's model expects {shape}")
 
 
+def check_variables(module: Any, variables: Any, source: str) -> None:
+  """check_same_structure against the variables `module.init` would create (shapes only)."""
+  template = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
+                                                np.zeros((2, 64, 64, 3), np.float32), train=False))
+  check_same_structure(variables, template, source)
+
+
 class Checkpointer:
   """Periodic saves of the train state into `workdir/checkpoints`, keeping the newest N."""
 

@@ -15,10 +15,9 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
-from ocl_jax.checkpointing import CheckpointMismatchError, check_same_structure
+from ocl_jax.checkpointing import CheckpointMismatchError, check_variables
 from ocl_jax.models import ARCHITECTURES, ContrastiveNet, ModelSpec, ResNet
 
 FORMAT = "ocl_jax.encoder/1"
@@ -61,12 +60,9 @@ def load_encoder(path: str, expand_res: int = 1) -> tuple[ResNet, dict[str, Any]
   spec = ModelSpec(**meta["model"])
   stages, block = ARCHITECTURES[spec.arch]
   module = ResNet(stages, block, spec.width, spec.small_stem, expand_res, axis_name=None)
-  size = 64
-  template = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3),
-                                                                               np.float32), train=False))
   with ocp.StandardCheckpointer() as ckptr:
     variables = ckptr.restore(os.path.join(path, "variables"))
-  check_same_structure(variables, template, f"export {path}")
+  check_variables(module, variables, f"export {path}")
   return module, variables, meta
 
 
@@ -83,7 +79,5 @@ def load_contrastive_net(path: str, expand_res: int = 1) -> tuple[ContrastiveNet
     head = ckptr.restore(head_path)
   variables = {"params": {"encoder": trunk["params"], "projector": head["params"]},
                "batch_stats": {"encoder": trunk["batch_stats"], "projector": head["batch_stats"]}}
-  template = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), np.zeros((2, 64, 64, 3), np.float32),
-                                             train=False))
-  check_same_structure(variables, template, f"export {path}")
+  check_variables(net, variables, f"export {path}")
   return net, variables, spec

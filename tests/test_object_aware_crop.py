@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from ocl_jax import augment, input_pipeline, localization, parallel, train
 from ocl_jax.configuration import ConfigError, load_sibling_config, validate_config
