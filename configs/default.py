@@ -75,6 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.bg_mixup.threshold = 0.2          # hard foreground = mask >= threshold
   c.bg_mixup.fifo_size = 50           # backgrounds kept for images whose donor has none
 
+  # ---- Mixup / CutMix contrastive baselines (METHOD.md section 1; MoCo only) ----
+  # View 1 is mixed with a permuted batch; the loss credits both sources' keys.
+  c.mix = ml_collections.ConfigDict()
+  c.mix.kind = "none"                 # 'none' | 'mixup' (lambda per image) | 'cutmix' (per batch)
+  c.mix.alpha = 1.0                   # lambda ~ Beta(alpha, alpha), then max(lambda, 1 - lambda)
+
   # ---- Model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet18"           # resnet10 | resnet18 | resnet34 | resnet50

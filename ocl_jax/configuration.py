@@ -26,7 +26,7 @@ def _check(ok: bool, field: str, message: str, errors: list[str]) -> None:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                     num_processes: int | None = None) -> None:
   """Raise ConfigError listing every invalid field of `config`."""
-  from ocl_jax import augment  # local: augment imports jax.numpy only, kept light
+  from ocl_jax import augment, image_mixing  # local: they import jax.numpy only, kept light
 
   n_dev = jax.device_count() if num_devices is None else num_devices
   n_proc = jax.process_count() if num_processes is None else num_processes
@@ -76,6 +76,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(bg.masks == "gt" or os.path.isdir(bg.masks), "bg_mixup.masks",
            f"{bg.masks!r} is neither 'gt' nor an existing folder of mask PNGs "
            "(write one with --config.mode=save_masks)", e)
+  mix = config.mix
+  _check(mix.kind in image_mixing.KINDS, "mix.kind", f"{mix.kind!r} is not one of {image_mixing.KINDS}", e)
+  if mix.kind != "none":
+    _check(config.method == "moco", "mix.kind", f"{mix.kind} is a MoCo baseline; method is {config.method!r}", e)
+    _check(mix.alpha > 0, "mix.alpha", f"must be > 0, got {mix.alpha}", e)
   cc = config.contracam
   _check(cc.iterations >= 1, "contracam.iterations", f"T must be >= 1, got {cc.iterations}", e)
   _check(cc.mask_iterations >= 1, "contracam.mask_iterations", f"T must be >= 1, got {cc.mask_iterations}", e)

@@ -98,3 +98,19 @@ def weighted_mean(per_example: jax.Array, weights: jax.Array | None = None,
     den = jax.lax.psum(jax.lax.stop_gradient(den), axis_name)
     num = num * jax.lax.psum(1, axis_name)
   return num / den
+
+
+def moco_mix_per_example(q: jax.Array, batch_keys: jax.Array, queue: jax.Array,
+                         own: jax.Array, donor: jax.Array, lam: jax.Array,
+                         temperature: float) -> jax.Array:
+  """The Mixup / CutMix MoCo loss (METHOD.md section 1) of mixed queries.
+
+  logits = [q . keys of the batch ; q . queue] / temperature, and
+  loss_i = lam_i CE(logits_i, own_i) + (1 - lam_i) CE(logits_i, donor_i), where
+  own_i / donor_i index `batch_keys` (the global batch's keys on every device).
+  """
+  batch_keys = jax.lax.stop_gradient(batch_keys)
+  queue = jax.lax.stop_gradient(queue)
+  logits = jnp.concatenate([q @ batch_keys.T, q @ queue.T], axis=1) / temperature
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  return lam * ce(logits, own) + (1.0 - lam) * ce(logits, donor)

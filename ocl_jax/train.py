@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from ocl_jax import (augment, background_mixup, checkpointing, export, input_pipeline, objectives,
-                     optimizers, parallel)
+from ocl_jax import (augment, background_mixup, checkpointing, export, image_mixing, input_pipeline,
+                     objectives, optimizers, parallel)
 from ocl_jax.configuration import validate_config
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 
@@ -58,6 +58,7 @@ class StepContext:
   ema_momentum: float
   num_classes: int
   bg_mixup: tuple[float, float] | None = None  # (prob, threshold) when BG-mixup is on
+  mix: tuple[str, float] | None = None         # (kind, alpha) of the Mixup / CutMix baseline
 
 
 def uses_target(method: str) -> bool:
@@ -122,7 +123,9 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   (key stream 2, apart from the views' 0 and 1) and both views crop inside it.
   With BG-mixup the batch carries `fg_mask`, cropped and flipped like view 1,
   which is mixed with other images' backgrounds after its colour
-  augmentation (key stream 3; METHOD.md section 4).
+  augmentation (key stream 3; METHOD.md section 4). With Mixup / CutMix,
+  view 1 is then mixed with a permuted batch (key stream 4) and `mix` is
+  (lambda, perm) for the loss; otherwise None.
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   offset = parallel.global_offset(batch["image"].shape[0])
@@ -130,7 +133,7 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   if "boxes" in batch:
     regions = augment.choose_regions(jax.random.fold_in(step_key, 2), batch["boxes"],
                                      batch["box_valid"], index_offset=offset)
-  views, fifo, stats = [], state.bg_fifo, {}
+  views, fifo, stats, mix = [], state.bg_fifo, {}, None
   for v in range(2):
     images, boxes, flips = augment.augment_batch(jax.random.fold_in(step_key, v), batch["image"],
                                                  batch["aspect"], ctx.view, index_offset=offset,
@@ -140,14 +143,19 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
       prob, threshold = ctx.bg_mixup
       images, fifo, stats = background_mixup.background_mixup(
           jax.random.fold_in(step_key, 3), images, masks, offset, fifo, prob, threshold)
+    if v == 0 and ctx.mix is not None:
+      kind, alpha = ctx.mix
+      images, lam, perm = image_mixing.mix_images(kind, jax.random.fold_in(step_key, 4), images,
+                                                  offset, alpha)
+      mix = (lam, perm)
     views.append(augment.normalize(images))
-  return views, fifo, stats
+  return views, fifo, stats, mix
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch (inside pmap)."""
-  (x1, x2), bg_fifo, bg_stats = augment_views(state, batch, ctx)
+  (x1, x2), bg_fifo, bg_stats, mix = augment_views(state, batch, ctx)
   net, axis = ctx.net, parallel.AXIS
   target_net = dataclasses.replace(net, pred_hidden_dim=0)
 
@@ -165,7 +173,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
   def loss_fn(params):
     out1, stats = _forward(net, params, state.batch_stats, x1)
     aux = {"features": out1["features"]}
-    if ctx.method == "moco":
+    if ctx.method == "moco" and mix is not None:
+      lam, perm = mix
+      offset = parallel.global_offset(x1.shape[0])  # keys are indexed in the global batch
+      per_example = objectives.moco_mix_per_example(
+          out1["embedding"], jax.lax.all_gather(targets[0], axis, tiled=True), state.queue,
+          offset + jnp.arange(x1.shape[0]), offset + perm, lam, ctx.temperature)
+      aux["moco_acc"] = objectives.moco_accuracy(out1["embedding"], targets[0], state.queue)
+    elif ctx.method == "moco":
       per_example = objectives.moco_per_example(out1["embedding"], targets[0], state.queue,
                                                 ctx.temperature)
       aux["moco_acc"] = objectives.moco_accuracy(out1["embedding"], targets[0], state.queue)
@@ -262,6 +277,7 @@ def make_context(config: ml_collections.ConfigDict, total_steps: int, num_classe
       num_classes=num_classes if config.probe.enabled else 0,
       bg_mixup=(float(config.bg_mixup.prob), float(config.bg_mixup.threshold))
       if config.bg_mixup.enabled else None,
+      mix=(config.mix.kind, float(config.mix.alpha)) if config.mix.kind != "none" else None,
   )
 
 

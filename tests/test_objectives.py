@@ -123,3 +123,17 @@ def test_weighted_mean_over_devices(use_weights):
                  axis_name="d", devices=jax.local_devices()[:4])(losses.reshape(4, 2), weights.reshape(4, 2))
   np.testing.assert_allclose(out[0], expected, rtol=1e-5)
   np.testing.assert_allclose(objectives.weighted_mean(losses, weights), expected, rtol=1e-5)
+
+
+def test_moco_mix_matches_numpy_and_reduces_to_one_target():
+  rng = np.random.default_rng(5)
+  q, keys, queue = _normalized(rng, 4, 8), _normalized(rng, 8, 8), _normalized(rng, 16, 8)
+  own, donor = np.array([4, 5, 6, 7]), np.array([6, 4, 7, 5])  # this device holds keys 4..7
+  lam = np.array([1.0, 0.5, 0.75, 0.9], np.float32)
+  got = objectives.moco_mix_per_example(jnp.array(q), jnp.array(keys), jnp.array(queue),
+                                        jnp.array(own), jnp.array(donor), jnp.array(lam), 0.2)
+  logits = np.concatenate([q @ keys.T, q @ queue.T], 1) / 0.2
+  want = lam * _np_ce(logits, own) + (1 - lam) * _np_ce(logits, donor)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # lam = 1: plain InfoNCE with the other batch keys as extra negatives.
+  assert np.isclose(float(got[0]), _np_ce(logits, own)[0], atol=1e-5)
