@@ -12,7 +12,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # What ocl_jax.main does: 'train' (pretraining); 'save_boxes' / 'save_masks' (ContraCAM
   # boxes / masks of contracam.split into the workdir); 'eval_localization' (ContraCAM vs
-  # baselines against the true masks and boxes of contracam.eval_split).
+  # baselines against the true masks and boxes of contracam.eval_split); 'eval' (frozen-encoder
+  # evaluations of `evaluation`, one results table); 'pipeline' (pretrain -> ContraCAM ->
+  # retrain with OA-crop and BG-mixup -> evaluate, the stages of `pipeline`, resumable).
   c.mode = "train"
   # Seed of everything random: init, data order, augmentation.
   c.seed = 0
@@ -139,11 +141,46 @@ def get_config() -> ml_collections.ConfigDict:
   c.contracam.largest_box_only = False
   c.contracam.num_pictures = 8        # images in the ContraCAM picture grid
 
+  # ---- Frozen-encoder evaluation (METHOD.md section 6): --config.mode=eval and the pipeline ----
+  c.evaluation = ml_collections.ConfigDict()
+  # Encoder exports or training workdirs to evaluate ('' entries / empty = --workdir).
+  c.evaluation.checkpoints = ()
+  # Datasets by name: scenes (all its test splits; the scenes config of dataset.name),
+  # coco_crop, caltech_birds2011, oxford_flowers102, food101, oxford_iiit_pet, cifar10,
+  # cifar100 (TFDS), imagenet9, objectnet9, si_score (image folders below), folder:<path>.
+  c.evaluation.datasets = ("scenes",)
+  c.evaluation.protocols = ("linear", "knn")  # L-BFGS linear probe with an L2 sweep; weighted kNN
+  c.evaluation.image_size = 96        # side of the centre crop fed to the encoder
+  c.evaluation.crop_fraction = 1.0    # resize the shorter side to image_size / crop_fraction first
+                                      # (0.875 is the usual ImageNet protocol; 1.0 keeps scenes whole)
+  c.evaluation.batch_size = 256       # global feature-extraction batch
+  c.evaluation.max_examples = -1      # cap on examples per split (-1 = all)
+  c.evaluation.num_l2_values = 45     # L2 weights log-spaced over 1e-6 .. 1e5, chosen on val
+  c.evaluation.lbfgs_max_iters = 1000
+  c.evaluation.knn_k = 20
+  c.evaluation.knn_temperature = 0.07
+  c.evaluation.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS dir; None = dataset.data_dir
+  c.evaluation.folders = ml_collections.ConfigDict()
+  c.evaluation.folders.imagenet9 = ""   # the bg_challenge folder (original/, mixed_rand/, ...)
+  c.evaluation.folders.objectnet9 = ""  # <root>/<class>/*, the 9 ImageNet-9 classes
+  c.evaluation.folders.si_score = ""    # <root>/<factor>/<class>/*
+
+  # ---- The debiasing pipeline (--config.mode=pipeline; ocl_jax/pipeline.py) ----
+  c.pipeline = ml_collections.ConfigDict()
+  # In order: vanilla pretraining, ContraCAM boxes + masks of the vanilla model, OA-crop and
+  # BG-mixup retraining (same steps), evaluation of every trained model.
+  c.pipeline.stages = ("vanilla", "contracam", "oacrop", "bgmix", "eval")
+  c.pipeline.oacrop_boxes = "contracam"   # 'contracam' (the contracam stage) or 'gt'
+  c.pipeline.bgmix_masks = "contracam"    # 'contracam' or 'gt'
+  c.pipeline.localization = True          # eval: ContraCAM (T=1) mIoU of every model
+  c.pipeline.localization_images = 500    # ... on this many images of contracam.eval_split
+
   # ---- Logging, checkpoints, export ----------------------------------------------------
   c.log_every_steps = 50
   c.eval_every_steps = 500            # online-probe evaluation on dataset.eval_split (0 = off)
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3              # newest N checkpoints kept in workdir/checkpoints
   c.export_encoder = True             # write workdir/export (encoder only) at the end
+  c.view_pictures = 8                 # images of the first batch drawn to WORKDIR/views.png (0 = off)
   c.prefetch_to_device = 2            # batches staged on device ahead of the step
   return c

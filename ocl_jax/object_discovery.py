@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 import tqdm
 
 from ocl_jax import augment, checkpointing, contracam, export, input_pipeline, localization
+from ocl_jax.pictures import overlay
 from ocl_jax.models import ContrastiveNet, ModelSpec
 
 MODES = ("save_boxes", "save_masks", "eval_localization")
@@ -73,10 +74,14 @@ def _count(config: ml_collections.ConfigDict, split: str) -> int | None:
 
 
 def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, list[dict]]]:
-  """(host batch, [ContraCAM outputs per settings]) over `split`, with a progress bar."""
+  """(host batch, [ContraCAM outputs per settings]) over `split`, with a progress bar.
+
+  Equal settings in the list are computed once.
+  """
   c = config.contracam
+  unique = list(dict.fromkeys(settings_list))
   nets = {}
-  for s in settings_list:
+  for s in unique:
     if s.expand_res not in nets:
       nets[s.expand_res] = load_model(source, s.expand_res)
   n = _count(config, split)
@@ -90,12 +95,12 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
     if n < 2:  # the contrastive score needs a negative: borrow one image of the last batch
       x = jnp.concatenate([x, previous[:1] if previous is not None else x])
     previous = x
-    outs = []
-    for s in settings_list:
+    outs = {}
+    for s in unique:
       net, variables, _ = nets[s.expand_res]
       out = jax.device_get(contracam.contracam(net, variables, x, s))
-      outs.append({k: v[:, :n] if k in ("cams", "scores") else v[:n] for k, v in out.items()})
-    yield batch, outs
+      outs[s] = {k: v[:, :n] if k in ("cams", "scores") else v[:n] for k, v in out.items()}
+    yield batch, [outs[s] for s in settings_list]
 
 
 def _boxes(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -108,35 +113,52 @@ def _boxes(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
 
 def save_boxes(config: ml_collections.ConfigDict, workdir: str) -> str:
   """ContraCAM (T = contracam.iterations) boxes of every image of contracam.split, release format."""
-  source = config.contracam.checkpoint or workdir
-  settings = cam_settings(config)
-  table = {}
-  for batch, (out,) in _cam_batches(config, config.contracam.split, [settings], source):
-    for image_id, cam in zip(batch["id"], out["mask"]):
-      table[image_id] = _boxes(cam, config)
-  path = os.path.join(workdir, f"boxes_{config.contracam.split}.txt")
-  os.makedirs(workdir, exist_ok=True)
-  localization.write_box_file(path, table)
-  with_box = sum(len(b) > 0 for b in table.values())
-  logging.info("Wrote %d images' boxes (%d with at least one box) to %s", len(table), with_box, path)
-  return path
+  return save_boxes_and_masks(config, workdir, masks=False)["boxes"]
 
 
 def save_masks(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Soft ContraCAM masks (T = contracam.mask_iterations) as 8-bit PNGs named by image id."""
-  source = config.contracam.checkpoint or workdir
-  settings = cam_settings(config, iterations=config.contracam.mask_iterations)
-  folder = os.path.join(workdir, f"masks_{config.contracam.split}")
-  os.makedirs(folder, exist_ok=True)
-  count = 0
-  for batch, (out,) in _cam_batches(config, config.contracam.split, [settings], source):
-    for image_id, cam in zip(batch["id"], out["mask"]):
-      tmp = os.path.join(folder, f".{image_id}.png.tmp")
-      Image.fromarray(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
-      os.replace(tmp, os.path.join(folder, f"{image_id}.png"))
-      count += 1
-  logging.info("Wrote %d masks to %s", count, folder)
-  return folder
+  return save_boxes_and_masks(config, workdir, boxes=False)["masks"]
+
+
+def save_boxes_and_masks(config: ml_collections.ConfigDict, workdir: str, boxes: bool = True,
+                         masks: bool = True) -> dict[str, str]:
+  """Boxes (WORKDIR/boxes_<split>.txt) and/or masks (WORKDIR/masks_<split>/<id>.png) in one pass.
+
+  With contracam.iterations == contracam.mask_iterations both come from the
+  same maps, computed once. Every file is written atomically.
+  """
+  c = config.contracam
+  source = c.checkpoint or workdir
+  settings = []
+  if boxes:
+    settings.append(cam_settings(config))
+  if masks:
+    settings.append(cam_settings(config, iterations=c.mask_iterations))
+  folder = os.path.join(workdir, f"masks_{c.split}")
+  os.makedirs(folder if masks else workdir, exist_ok=True)
+  table, count = {}, 0
+  for batch, outs in _cam_batches(config, c.split, settings, source):
+    if boxes:
+      for image_id, cam in zip(batch["id"], outs[0]["mask"]):
+        table[image_id] = _boxes(cam, config)
+    if masks:
+      for image_id, cam in zip(batch["id"], outs[-1]["mask"]):
+        tmp = os.path.join(folder, f".{image_id}.png.tmp")
+        Image.fromarray(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, os.path.join(folder, f"{image_id}.png"))
+        count += 1
+  written = {}
+  if boxes:
+    written["boxes"] = os.path.join(workdir, f"boxes_{c.split}.txt")
+    localization.write_box_file(written["boxes"], table)
+    with_box = sum(len(b) > 0 for b in table.values())
+    logging.info("Wrote %d images' boxes (%d with at least one box) to %s", len(table), with_box,
+                 written["boxes"])
+  if masks:
+    written["masks"] = folder
+    logging.info("Wrote %d masks to %s", count, folder)
+  return written
 
 
 def _mask_for_eval(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -210,14 +232,6 @@ def _write_results(config, workdir, results, num_images, per_image):
   with open(os.path.join(workdir, f"localization_{tag}.md"), "w") as f:
     f.write(table + "\n")
   print(table)
-
-
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-  """A jet-like heat map of `cam` blended over `image` (uint8 HWC)."""
-  c = np.clip(cam, 0, 1)[..., None]
-  heat = np.concatenate([np.clip(1.5 - np.abs(4 * c - 3), 0, 1), np.clip(1.5 - np.abs(4 * c - 2), 0, 1),
-                         np.clip(1.5 - np.abs(4 * c - 1), 0, 1)], axis=-1)
-  return np.round((1 - alpha) * image + alpha * 255 * heat).astype(np.uint8)
 
 
 def picture_grid(images: np.ndarray, cams: np.ndarray, boxes: list[np.ndarray], scale: int = 2) -> np.ndarray:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from clu import metric_writers, periodic_actions
@@ -21,9 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from PIL import Image
 
 from ocl_jax import (augment, background_mixup, checkpointing, export, image_mixing, input_pipeline,
-                     objectives, optimizers, parallel)
+                     objectives, optimizers, parallel, pictures)
 from ocl_jax.configuration import validate_config
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 
@@ -115,8 +118,20 @@ def _forward(net, params, batch_stats, x):
   return out, mutated["batch_stats"]
 
 
-def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext):
-  """Two normalised views of every image, the new BG-mixup FIFO and its statistics.
+class AugmentedViews(NamedTuple):
+  """The two normalised views of a batch and what produced them (for the loss and pictures)."""
+  x1: jax.Array
+  x2: jax.Array
+  bg_fifo: Any                    # the new BG-mixup FIFO (None when off)
+  bg_stats: dict[str, jax.Array]  # BG-mixup counts
+  mix: tuple[jax.Array, jax.Array] | None  # Mixup / CutMix (lambda, perm)
+  regions: jax.Array | None       # OA-crop region of each image (B, 4)
+  crop_boxes: tuple[jax.Array, jax.Array]  # each view's crop box (B, 4), x1 y1 x2 y2
+  fg_masks: jax.Array | None      # BG-mixup masks aligned with view 1
+
+
+def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext) -> AugmentedViews:
+  """Two normalised views of every image, plus the BG-mixup FIFO and mixing information.
 
   Keys depend on the step and the image's global index. With OA-crop the
   batch carries `boxes` / `box_valid`: one box per image is chosen per step
@@ -124,8 +139,7 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   With BG-mixup the batch carries `fg_mask`, cropped and flipped like view 1,
   which is mixed with other images' backgrounds after its colour
   augmentation (key stream 3; METHOD.md section 4). With Mixup / CutMix,
-  view 1 is then mixed with a permuted batch (key stream 4) and `mix` is
-  (lambda, perm) for the loss; otherwise None.
+  view 1 is then mixed with a permuted batch (key stream 4).
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   offset = parallel.global_offset(batch["image"].shape[0])
@@ -133,7 +147,7 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   if "boxes" in batch:
     regions = augment.choose_regions(jax.random.fold_in(step_key, 2), batch["boxes"],
                                      batch["box_valid"], index_offset=offset)
-  views, fifo, stats, mix = [], state.bg_fifo, {}, None
+  views, crop_boxes, fifo, stats, mix, masks = [], [], state.bg_fifo, {}, None, None
   for v in range(2):
     images, boxes, flips = augment.augment_batch(jax.random.fold_in(step_key, v), batch["image"],
                                                  batch["aspect"], ctx.view, index_offset=offset,
@@ -149,13 +163,15 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
                                                   offset, alpha)
       mix = (lam, perm)
     views.append(augment.normalize(images))
-  return views, fifo, stats, mix
+    crop_boxes.append(boxes)
+  return AugmentedViews(views[0], views[1], fifo, stats, mix, regions, tuple(crop_boxes), masks)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch (inside pmap)."""
-  (x1, x2), bg_fifo, bg_stats, mix = augment_views(state, batch, ctx)
+  aug = augment_views(state, batch, ctx)
+  x1, x2, bg_fifo, bg_stats, mix = aug.x1, aug.x2, aug.bg_fifo, aug.bg_stats, aug.mix
   net, axis = ctx.net, parallel.AXIS
   target_net = dataclasses.replace(net, pred_hidden_dim=0)
 
@@ -308,6 +324,36 @@ def evaluate_probe(p_eval, state, config, ctx) -> float:
   return correct / max(count, 1)
 
 
+def write_view_pictures(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
+                        count: int, workdir: str, writer: metric_writers.MetricWriter, step: int) -> str:
+  """The first `count` images of a (device-sharded) batch as the step sees them: source with
+  the OA-crop region and both crops drawn, view 1 (after BG-mixup / Mixup), view 2, mask.
+
+  Written to WORKDIR/views.png and to TensorBoard as `views`.
+  """
+  def payload(st, b):
+    a = augment_views(st, b, ctx)
+    out = {"x1": augment.denormalize(a.x1), "x2": augment.denormalize(a.x2),
+           "box1": a.crop_boxes[0], "box2": a.crop_boxes[1]}
+    if a.regions is not None:
+      out["regions"] = a.regions
+    if a.fg_masks is not None:
+      out["masks"] = a.fg_masks
+    return out
+  out = jax.device_get(jax.pmap(payload, axis_name=parallel.AXIS)(state, batch))
+  flat = lambda x: np.asarray(x).reshape((-1,) + np.asarray(x).shape[2:])[:count]
+  out = {k: flat(v) for k, v in out.items()}
+  grid = pictures.views_grid(flat(batch["image"]), pictures.to_uint8(out["x1"]),
+                             pictures.to_uint8(out["x2"]), (out["box1"], out["box2"]),
+                             out.get("regions"), out.get("masks"))
+  path = os.path.join(workdir, "views.png")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    writer.write_images(step, {"views": grid[None]})
+  return path
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
   validate_config(config)
@@ -330,6 +376,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   p_eval = jax.pmap(functools.partial(probe_eval_step, ctx=ctx), axis_name=parallel.AXIS)
   state = parallel.replicate(state)
   batches = parallel.prefetch_to_device(data.iterate(start_step), config.prefetch_to_device)
+  if config.view_pictures > 0 and start_step == 0:
+    first = next(batches)
+    path = write_view_pictures(state, first, ctx, config.view_pictures, workdir, writer, 0)
+    logging.info("Wrote the first batch's views to %s", path)
+    batches = itertools.chain([first], batches)
 
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",

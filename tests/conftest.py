@@ -49,6 +49,7 @@ def make_tiny_config(scenes_data_dir):
   c.eval_every_steps = 4
   c.checkpoint_every_steps = 2
   c.probe.eval_batches = 2
+  c.view_pictures = 0
   return c
 
 

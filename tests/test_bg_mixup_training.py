@@ -72,3 +72,17 @@ def test_tiny_training_with_bg_mixup(tiny_config, tmp_path, caplog):
   mixed = [float(m) for m in re.findall(r"bg_mixup/mixed=([0-9.eE+-]+)", log)]
   assert mixed and 0 < mixed[-1] <= 1          # prob 1: images with a background are mixed
   assert int(state.bg_fifo.count) > 0          # their backgrounds entered the FIFO
+
+
+def test_view_pictures_of_oacrop_and_bg_mixup(tiny_config, tmp_path, caplog):
+  """views.png: one row per image, columns source | view 1 | view 2 | mask; OA-crop regions
+  (yellow) and both crops (red, blue) are drawn on the source."""
+  c = _bg_config(tiny_config)
+  c.object_aware.crop = True
+  c.view_pictures = 3
+  train_two_steps(c, tmp_path, caplog)
+  grid = np.asarray(Image.open(tmp_path / "views.png"))
+  assert grid.shape == (3 * 32 * 2, 4 * 32 * 2, 3)
+  source = grid[:, :64]
+  for colour in ((255, 220, 0), (255, 60, 60), (60, 140, 255)):
+    assert np.any(np.all(source == colour, axis=-1)), colour

@@ -72,10 +72,12 @@ def test_crops_lie_inside_chosen_regions():
 @functools.lru_cache(maxsize=None)
 def _pmapped_views(with_boxes: bool):
   """augment_views of train.py on one device, with constant step and key."""
-  ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8), bg_mixup=None)
+  ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8), bg_mixup=None, mix=None)
   state = types.SimpleNamespace(rng=jax.random.PRNGKey(5), step=jnp.int32(3), bg_fifo=None)
-  return jax.pmap(lambda b: train.augment_views(state, b, ctx)[0], axis_name=parallel.AXIS,
-                  devices=jax.local_devices()[:1])
+  def views(b):
+    a = train.augment_views(state, b, ctx)
+    return a.x1, a.x2
+  return jax.pmap(views, axis_name=parallel.AXIS, devices=jax.local_devices()[:1])
 
 
 def test_full_image_boxes_equal_plain_views():

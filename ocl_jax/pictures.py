@@ -1,0 +1,56 @@
+"""Pictures for people: heat-map overlays and the grid of augmented training views.
+
+A researcher checks an augmentation by looking at it: OA-crop views must sit
+on objects, BG-mixup views must keep the object and swap the background.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Outline colours: OA-crop region, view 1's crop, view 2's crop.
+REGION, CROP1, CROP2 = (255, 220, 0), (255, 60, 60), (60, 140, 255)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """A jet-like heat map of `cam` blended over `image` (uint8 HWC)."""
+  c = np.clip(cam, 0, 1)[..., None]
+  heat = np.concatenate([np.clip(1.5 - np.abs(4 * c - 3), 0, 1), np.clip(1.5 - np.abs(4 * c - 2), 0, 1),
+                         np.clip(1.5 - np.abs(4 * c - 1), 0, 1)], axis=-1)
+  return np.round((1 - alpha) * image + alpha * 255 * heat).astype(np.uint8)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[0, 1] floats -> uint8, clipped."""
+  return np.round(np.clip(np.asarray(images, np.float32), 0, 1) * 255).astype(np.uint8)
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+
+
+def views_grid(images: np.ndarray, view1: np.ndarray, view2: np.ndarray,
+               crop_boxes: tuple[np.ndarray, np.ndarray], regions: np.ndarray | None = None,
+               masks: np.ndarray | None = None, scale: int = 2) -> np.ndarray:
+  """One row per image: the source with its crops drawn, view 1, view 2 (and view 1's mask).
+
+  images (N, H, W, 3) uint8; views (N, S, S, 3) uint8; crop_boxes two (N, 4)
+  normalised x1 y1 x2 y2 arrays; regions (N, 4) the OA-crop region (yellow);
+  masks (N, S, S) in [0, 1], shown as a heat map over view 1.
+  """
+  n, h, w, _ = images.shape
+  side = view1.shape[1]
+  cols = [_resize(images, side) if (h, w) != (side, side) else images, view1, view2]
+  if masks is not None:
+    cols.append(np.stack([overlay(view1[i], masks[i]) for i in range(n)]))
+  grid = np.concatenate([np.concatenate(list(col), axis=0) for col in cols], axis=1)
+  img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+  draw = ImageDraw.Draw(img)
+  s = side * scale
+  outlines = [(regions, REGION)] if regions is not None else []
+  outlines += [(crop_boxes[0], CROP1), (crop_boxes[1], CROP2)]
+  for boxes, colour in outlines:
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes)):
+      draw.rectangle([x1 * s, i * s + y1 * s, x2 * s - 1, i * s + y2 * s - 1], outline=colour, width=2)
+  return np.asarray(img)
