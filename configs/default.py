@@ -23,7 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- Data ---------------------------------------------------------------
   c.dataset = ml_collections.ConfigDict()
-  # TFDS name (with builder config / version), e.g. 'scenes/default', 'coco/2017'.
+  # TFDS name (with builder config / version), e.g. 'scenes/default', 'coco/2017'; or
+  # 'folder:<root>', a local folder of <class>/<image files> (labels: sorted class folders),
+  # e.g. 'folder:/data/bg_challenge/original/train'. A folder trains on all of <root>
+  # (train_split must be 'train'); any other split (eval_split, contracam.split / eval_split)
+  # is the sibling folder of that name, e.g. 'val' -> /data/bg_challenge/original/val.
+  # Folder images are keyed by their path below the split folder without extension, '/' ->
+  # '__' and spaces -> '_' (ContraCAM box files and <id>.png masks); unreadable files are
+  # skipped (training: replaced by other images of the folder), counted and logged.
   c.dataset.name = "scenes/default"
   # TFDS data dir; None = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)
@@ -181,6 +188,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3              # newest N checkpoints kept in workdir/checkpoints
   c.export_encoder = True             # write workdir/export (encoder only) at the end
+  # A step whose loss or gradients are NaN/inf is never applied. 'stop': the run stops with
+  # an error naming the step (the last good checkpoint is kept); 'skip': it goes on, counting
+  # skipped steps (logged as skipped_steps).
+  c.nonfinite = "stop"
   c.view_pictures = 8                 # images of the first batch drawn to WORKDIR/views.png (0 = off)
   c.prefetch_to_device = 2            # batches staged on device ahead of the step
   return c

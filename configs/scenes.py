@@ -1,4 +1,6 @@
-"""The embedded default: MoCo v2 on `scenes` with a small ResNet, a few minutes on 2 CPU cores.
+"""MoCo v2 on `scenes/small` with a small ResNet: one pretraining run, minutes on 2 CPU cores.
+
+The settings every scenes config (and the demo pipeline) starts from.
 
 Layer4 stays 3x3 at 96 px (standard stem), which keeps XLA:CPU off its slow
 path for maps smaller than the kernel (PERF_NOTES).

@@ -1,10 +1,10 @@
-"""The demo (MoCo v2 on scenes/small) with OA-crop from ground-truth boxes (METHOD.md section 4)."""
+"""MoCo v2 on scenes/small (configs/scenes.py) with OA-crop from ground-truth boxes (METHOD.md section 4)."""
 
 from ocl_jax.configuration import load_sibling_config
 
 
 def get_config():
-  c = load_sibling_config(__file__, "demo.py")
+  c = load_sibling_config(__file__, "scenes.py")
   c.object_aware.crop = True
   c.object_aware.boxes = "gt"
   return c

@@ -11,7 +11,7 @@ import ml_collections
 from ocl_jax.models import ARCHITECTURES
 from ocl_jax.objectives import OBJECTIVES
 
-MODES = ("train", "save_boxes", "save_masks", "eval_localization")
+MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline")
 
 
 class ConfigError(ValueError):
@@ -66,8 +66,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
          "set num_epochs > 0 or num_train_steps > 0", e)
   for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _check(config[f] > 0, f, f"must be > 0, got {config[f]}", e)
+  _check(config.nonfinite in ("stop", "skip"), "nonfinite", f"{config.nonfinite!r} is not 'stop' or 'skip'", e)
   _check(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0", e)
   _check(config.dataset.image_size > 0, "dataset.image_size", "must be > 0", e)
+  _validate_dataset_name(config, e)
   bg = config.bg_mixup
   if bg.enabled:
     _check(0.0 <= bg.prob <= 1.0, "bg_mixup.prob", f"must be in [0, 1], got {bg.prob}", e)
@@ -90,6 +92,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(0.0 <= cc[f] <= 1.0, f"contracam.{f}", f"must be in [0, 1], got {cc[f]}", e)
   _check(cc.box_margin >= 0, "contracam.box_margin", f"must be >= 0, got {cc.box_margin}", e)
   _validate_object_aware(config, e)
+  _validate_evaluation(config, e)
   try:
     augment.ViewConfig.from_config(config.augment)
   except ValueError as err:
@@ -103,6 +106,46 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     logging.warning("layer4 is %dx%d at crop_size=%d: XLA:CPU runs 3x3 convolutions on maps "
                     "smaller than the kernel ~40x slower (PERF_NOTES); use crop_size >= %d.",
                     side, side, config.augment.crop_size, 3 * stride)
+
+
+def _validate_evaluation(config: ml_collections.ConfigDict, e: list[str]) -> None:
+  ev = config.get("evaluation")
+  if ev is None:
+    return
+  from ocl_jax import evaluation
+  bad = [p for p in ev.protocols if p not in evaluation.PROTOCOLS]
+  _check(not bad, "evaluation.protocols", f"{bad} not in {evaluation.PROTOCOLS}", e)
+  _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluation.datasets", "is empty", e)
+  _check(ev.image_size > 0, "evaluation.image_size", f"must be > 0, got {ev.image_size}", e)
+  _check(0 < ev.crop_fraction <= 1, "evaluation.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
+  _check(ev.batch_size > 0, "evaluation.batch_size", f"must be > 0, got {ev.batch_size}", e)
+  _check(ev.num_l2_values >= 1, "evaluation.num_l2_values", "must be >= 1", e)
+  _check(ev.lbfgs_max_iters >= 1, "evaluation.lbfgs_max_iters", "must be >= 1", e)
+  _check(ev.knn_k >= 1, "evaluation.knn_k", f"must be >= 1, got {ev.knn_k}", e)
+  _check(ev.knn_temperature > 0, "evaluation.knn_temperature", "must be > 0", e)
+
+
+def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> None:
+  """dataset.name: a TFDS name or folder:<existing folder> (not needed by --config.mode=eval);
+  and no evaluation folder may still hold its 'REQUIRED: ...' placeholder (configs/in9*.py)."""
+  d = config.dataset
+  if config.mode != "eval":
+    name = d.name
+    if isinstance(name, str) and name.startswith("folder:"):
+      root = os.path.expanduser(name[len("folder:"):])
+      _check(bool(root) and os.path.isdir(root), "dataset.name",
+             f"{name!r}: {root!r} is not an existing folder of <class>/<image> folders", e)
+      _check(d.train_split == "train", "dataset.train_split",
+             f"must be 'train' for a folder dataset (it trains on the whole folder), got "
+             f"{d.train_split!r}", e)
+    else:
+      _check(isinstance(name, str) and bool(name) and not any(c.isspace() for c in name),
+             "dataset.name", f"{name!r} is neither a TFDS name nor folder:<path>", e)
+  ev = config.get("evaluation")
+  folders = ev.get("folders") if ev is not None else None
+  for key, value in (folders.items() if folders is not None else ()):
+    _check(not (isinstance(value, str) and value.startswith("REQUIRED:")),
+           f"evaluation.folders.{key}", f"must be set on the command line: {value}", e)
 
 
 def _validate_object_aware(config: ml_collections.ConfigDict, e: list[str]) -> None:

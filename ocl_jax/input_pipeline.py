@@ -8,11 +8,18 @@ its ratio in real pixel units as torchvision does.
 The training stream is a pure function of (seed, step): epoch e is shuffled
 with a seed derived from (seed, e), and a run resumed at step s starts at
 batch s exactly (the examples before it are skipped before decoding).
+
+Besides TFDS names, config.dataset.name may be `folder:<root>`, a local folder
+of <class>/<image files> (e.g. ImageNet-9's bg_challenge/original/train); see
+FolderSource. Its images are keyed by an id derived from their path
+(`folder_image_id`), which ContraCAM's box files and mask PNGs use too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from typing import Any, Iterator
 
 from absl import logging
@@ -41,8 +48,13 @@ def _prepare_hint(name: str, data_dir: str) -> str:
   return f"Prepare it with `tfds build {name} --data_dir={data_dir}` or copy a prepared copy there."
 
 
-def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The TFDS builder; locally generated datasets (scenes) are generated on first use."""
+def get_builder(name: str, data_dir: str | None) -> "tfds.core.DatasetBuilder | FolderSource":
+  """The TFDS builder; locally generated datasets (scenes) are generated on first use.
+
+  `folder:<root>` gives a FolderSource instead (data_dir is not used).
+  """
+  if is_folder_dataset(name):
+    return FolderSource.open(name)
   import ocl_jax.datasets  # noqa: F401  (registers the scenes builder)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -53,9 +65,16 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def open_split(builder: tfds.core.DatasetBuilder, split: Any, *, shuffle_seed: int | None = None
-               ) -> tf.data.Dataset:
-  """builder.as_dataset with a clear error when the data is not where the config says."""
+def open_split(builder: "tfds.core.DatasetBuilder | FolderSource", split: Any, *,
+               shuffle_seed: int | None = None) -> tf.data.Dataset:
+  """builder.as_dataset with a clear error when the data is not where the config says.
+
+  For a FolderSource: the file records of `split` (image/filename, label,
+  image/id), listed order, not decoded; its cardinality is the listed count.
+  """
+  if isinstance(builder, FolderSource):
+    del shuffle_seed  # folder streams are ordered by TrainData
+    return builder.records(split)
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
                                 skip_prefetch=True)
   try:
@@ -69,8 +88,10 @@ def open_split(builder: tfds.core.DatasetBuilder, split: Any, *, shuffle_seed: i
     ) from e
 
 
-def num_classes(builder: tfds.core.DatasetBuilder) -> int:
+def num_classes(builder: "tfds.core.DatasetBuilder | FolderSource") -> int:
   """Classes of the per-image label used by the online probe (0 if none)."""
+  if isinstance(builder, FolderSource):
+    return len(builder.class_names)
   feats = builder.info.features
   if "label" in feats and isinstance(feats["label"], tfds.features.ClassLabel):
     return feats["label"].num_classes
@@ -94,18 +115,24 @@ def _image_label(example: dict[str, Any], has_label: bool, has_objects: bool) ->
   return tf.constant(-1, tf.int32)
 
 
-def make_preprocess(builder: tfds.core.DatasetBuilder, image_size: int,
-                    region_boxes: "RegionBoxes | None" = None, fg_masks: str | None = None):
+def make_preprocess(builder: "tfds.core.DatasetBuilder | FolderSource", image_size: int,
+                    region_boxes: "RegionBoxes | None" = None, fg_masks: str | None = None,
+                    mask_ids: "MaskIds | None" = None):
   """Decode-side preprocessing: fixed-size uint8 image, aspect, label.
 
   With `region_boxes` (OA-crop) each example also carries its candidate crop
   regions: boxes (K, 4), box_valid (K,) and, for box files, box_missing.
   With `fg_masks` (BG-mixup: 'gt' or a folder of <id>.png) it carries fg_mask
-  (S, S) uint8 0..255, the soft foreground mask resized like the image.
+  (S, S) uint8 0..255, the soft foreground mask resized like the image;
+  `mask_ids` (the ids that folder has) turns a missing mask into a clear error.
+  For a FolderSource the examples are its decoded records (see FolderSource).
   """
-  feats = builder.info.features
-  has_label = "label" in feats and isinstance(feats["label"], tfds.features.ClassLabel)
-  has_objects = "objects" in feats and "bbox" in feats["objects"].feature
+  feats = _features(builder)
+  if isinstance(builder, FolderSource):
+    has_label, has_objects = True, False
+  else:
+    has_label = "label" in feats and isinstance(feats["label"], tfds.features.ClassLabel)
+    has_objects = "objects" in feats and "bbox" in feats["objects"].feature
 
   def preprocess(example: dict[str, Any]) -> dict[str, tf.Tensor]:
     image = example["image"]
@@ -120,13 +147,56 @@ def make_preprocess(builder: tfds.core.DatasetBuilder, image_size: int,
     if region_boxes is not None:
       out.update(region_boxes(example))
     if fg_masks is not None:
-      out["fg_mask"] = _foreground_mask(example, feats, fg_masks, image_size)
+      out["fg_mask"] = _foreground_mask(example, feats, fg_masks, image_size, mask_ids)
     return out
 
   return preprocess
 
 
-def _foreground_mask(example: dict[str, Any], feats: Any, source: str, size: int) -> tf.Tensor:
+def _features(builder: "tfds.core.DatasetBuilder | FolderSource") -> Any:
+  """The feature dict (TFDS) or the feature names (folders) that the preprocessing keys on."""
+  if isinstance(builder, FolderSource):
+    return FolderSource.FEATURES
+  return builder.info.features
+
+
+_MISSING_MASK_MARK = "has no BG-mixup mask"
+
+
+class MaskLookupError(FileNotFoundError):
+  """A training image has no <image id>.png in the BG-mixup mask folder."""
+
+
+@dataclasses.dataclass
+class MaskIds:
+  """The image ids a BG-mixup mask folder has a <id>.png for, as an in-graph lookup table."""
+  folder: str
+  count: int
+  _table: Any = None
+
+  @classmethod
+  def from_folder(cls, folder: str) -> "MaskIds":
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"config.bg_mixup.masks={folder!r} is not a folder of <image id>.png "
+                              "masks (write one with --config.mode=save_masks)")
+    ids = sorted(e.name[:-len(".png")] for e in os.scandir(folder)
+                 if e.is_file() and e.name.endswith(".png") and not e.name.startswith("."))
+    keys = tf.constant(ids, tf.string) if ids else tf.zeros((0,), tf.string)
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(keys, tf.range(len(ids), dtype=tf.int64)),
+        default_value=-1)
+    return cls(folder=folder, count=len(ids), _table=table)
+
+  def check(self, image_id: tf.Tensor) -> tf.Operation:
+    message = tf.strings.join(["image id ", image_id, f" {_MISSING_MASK_MARK} ", image_id,
+                               f".png in {self.folder} (config.bg_mixup.masks, {self.count} "
+                               "masks); write the masks of this dataset's training images with "
+                               "--config.mode=save_masks"])
+    return tf.debugging.Assert(self._table.lookup(image_id) >= 0, [message])
+
+
+def _foreground_mask(example: dict[str, Any], feats: Any, source: str, size: int,
+                     mask_ids: MaskIds | None = None) -> tf.Tensor:
   """BG-mixup's soft mask: the dataset's 0/1 `mask`, or <source>/<image id>.png (save_masks)."""
   if source == "gt":
     if "mask" not in feats:
@@ -134,7 +204,11 @@ def _foreground_mask(example: dict[str, Any], feats: Any, source: str, size: int
                        "of ContraCAM masks written by --config.mode=save_masks instead")
     mask = tf.cast(example["mask"], tf.float32) * 255.0
   else:
-    path = tf.strings.join([source.rstrip("/"), "/", _example_id(example, feats), ".png"])
+    image_id = _example_id(example, feats)
+    path = tf.strings.join([source.rstrip("/"), "/", image_id, ".png"])
+    checks = [mask_ids.check(image_id)] if mask_ids is not None else []
+    with tf.control_dependencies(checks):
+      path = tf.identity(path)
     mask = tf.cast(tf.io.decode_png(tf.io.read_file(path), channels=1), tf.float32)
   mask = tf.image.resize(mask, (size, size), method="bilinear")[..., 0]
   return tf.cast(tf.clip_by_value(tf.round(mask), 0, 255), tf.uint8)
@@ -145,10 +219,27 @@ def _shard_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
 
 
+def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch, *extra]).generate_state(1)[0] % (2**31))
+
+
 @dataclasses.dataclass
 class TrainData:
-  """The training stream of this process, its size and how its epochs are cut."""
-  builder: tfds.core.DatasetBuilder
+  """The training stream of this process, its size and how its epochs are cut.
+
+  Folder datasets (`files` set): epoch e visits this process's files in a
+  permutation seeded by (seed, e); slot j of the epoch (j < steps_per_epoch *
+  local_batch, the rest is dropped) holds file order[j]. A file that cannot be
+  read or decoded is replaced in its slot by the first readable file of a
+  second seeded permutation (alt[j], alt[j+1], ...), so every epoch has
+  exactly steps_per_epoch full batches (computed from the listed count), a
+  batch depends only on (seed, epoch, its slots) and resuming skips slots
+  before decoding. Replaced files are counted (unreadable_count, per slot
+  streamed; unreadable_files, distinct) and logged at the end of each epoch.
+  epoch() batches then also carry the host-only `id`, `slot` and `file_index`,
+  which iterate() drops.
+  """
+  builder: "tfds.core.DatasetBuilder | FolderSource"
   split: Any
   local_batch: int
   num_examples: int  # in this process's shard
@@ -159,40 +250,115 @@ class TrainData:
   region_boxes: "RegionBoxes | None" = None  # OA-crop boxes (config.object_aware)
   fg_masks: str | None = None  # BG-mixup masks: 'gt' or a folder (config.bg_mixup.masks)
   missing_box_count: int = 0  # examples streamed so far that the box file lacks (tolerant mode)
+  mask_ids: MaskIds | None = None  # the ids the BG-mixup mask folder has
+  files: "FolderFiles | None" = None  # folder datasets: this process's files
+  unreadable_count: int = 0  # folder datasets: slots streamed so far whose file was unreadable
+  unreadable_files: set[str] = dataclasses.field(default_factory=set)  # ... those files
+
+  def folder_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Folder datasets: (order, alt), the permutations of this process's files in `epoch`."""
+    n = len(self.files)
+    return (np.random.default_rng(_epoch_seed(self.seed, epoch)).permutation(n),
+            np.random.default_rng(_epoch_seed(self.seed, epoch, 1)).permutation(n))
 
   def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
-    seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] % (2**31))
+    if self.files is not None:
+      return self._folder_epoch(epoch, skip_batches)
+    seed = _epoch_seed(self.seed, epoch)
     ds = open_split(self.builder, self.split, shuffle_seed=seed)
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.take(self.steps_per_epoch * self.local_batch)
     ds = ds.skip(skip_batches * self.local_batch)
-    ds = ds.map(make_preprocess(self.builder, self.image_size, self.region_boxes, self.fg_masks),
+    ds = ds.map(self._preprocess(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(self.local_batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  def _preprocess(self):
+    return make_preprocess(self.builder, self.image_size, self.region_boxes, self.fg_masks,
+                           self.mask_ids)
+
+  def _folder_epoch(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
+    n, k = len(self.files), FALLBACK_CANDIDATES
+    order, alt = (tf.constant(x, tf.int64) for x in self.folder_order(epoch))
+    load = self.files.loader()
+
+    def slot_example(slot):
+      fallbacks = tf.gather(alt, (slot + tf.range(k, dtype=tf.int64)) % n)
+      candidates = tf.concat([order[slot][None], fallbacks], 0)
+      ds = tf.data.Dataset.from_tensor_slices(candidates).map(load).ignore_errors().take(1)
+      return ds.map(lambda ex: {**ex, "slot": slot})
+
+    ds = tf.data.Dataset.range(self.steps_per_epoch * self.local_batch)
+    ds = ds.skip(skip_batches * self.local_batch)  # before decoding
+    ds = ds.interleave(slot_example, cycle_length=tf.data.AUTOTUNE, block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    preprocess = self._preprocess()
+    ds = ds.map(lambda ex: {**preprocess(ex), "id": ex["image/id"], "slot": ex["slot"],
+                            "file_index": ex["file_index"]},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+  def _folder_bookkeeping(self, batch: dict[str, np.ndarray], order: np.ndarray, step_in_epoch: int,
+                          unreadable: list[str]) -> None:
+    """Drop the host-only keys of a folder batch; record the files that were replaced."""
+    del batch["id"]
+    slots, used = batch.pop("slot"), batch.pop("file_index")
+    expected = np.arange(step_in_epoch * self.local_batch, (step_in_epoch + 1) * self.local_batch)
+    if not np.array_equal(slots, expected):
+      lost = sorted(set(expected.tolist()) - set(slots.tolist()))
+      raise RuntimeError(
+          f"{self.builder.name}: none of the {FALLBACK_CANDIDATES + 1} candidate files of epoch "
+          f"slot(s) {lost[:5]} could be read and decoded (first: "
+          f"{self.files.paths[order[lost[0]]] if lost else '?'}); is the folder mostly "
+          f"unreadable?")
+    for slot, index in zip(slots, used):
+      if order[slot] != index:
+        unreadable.append(self.files.paths[order[slot]])
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches from global step `start_step` on, forever, shaped (local_devices, per_device, ...)."""
     epoch, skip = divmod(start_step, self.steps_per_epoch)
     while True:
       missing = 0
-      for batch in _raise_box_lookup_errors(tfds.as_numpy(self.epoch(epoch, skip))):
+      unreadable: list[str] = []
+      order = self.folder_order(epoch)[0] if self.files is not None else None
+      batches = _raise_lookup_errors(tfds.as_numpy(self.epoch(epoch, skip)))
+      for i, batch in enumerate(batches, start=skip):
         if "box_missing" in batch:  # host-side bookkeeping only, not sent to the devices
           missing += int(batch.pop("box_missing").sum())
+        if order is not None:
+          seen = len(unreadable)
+          self._folder_bookkeeping(batch, order, i, unreadable)
+          if len(unreadable) > seen and not self.unreadable_files:
+            logging.warning("%s: image file %s cannot be read or decoded; it is replaced by "
+                            "another image of the folder (counted and logged per epoch)",
+                            self.builder.name, unreadable[seen])
+          self.unreadable_count += len(unreadable) - seen
+          self.unreadable_files.update(unreadable[seen:])
         yield _shard_for_devices(batch)
       if missing:
         self.missing_box_count += missing
         logging.warning("Epoch %d: %d training images are not in box file %s; they were "
                         "cropped from the whole image (object_aware.tolerate_box_errors)",
                         epoch, missing, self.region_boxes.path)
+      if unreadable:
+        logging.warning("Epoch %d: %d image files of %s could not be read or decoded and were "
+                        "replaced by other images of the folder (%d distinct so far); first: %s",
+                        epoch, len(unreadable), self.builder.name, len(self.unreadable_files),
+                        ", ".join(sorted(set(unreadable))[:5]))
       epoch, skip = epoch + 1, 0
 
 
 def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
   d = config.dataset
   builder = get_builder(d.name, d.data_dir)
-  split = tfds.split_for_jax_process(d.train_split, drop_remainder=True)
   local_batch = config.batch_size // jax.process_count()
+  fg_masks = config.bg_mixup.masks if config.bg_mixup.enabled else None
+  mask_ids = MaskIds.from_folder(fg_masks) if fg_masks not in (None, "gt") else None
+  if isinstance(builder, FolderSource):
+    return _create_folder_train_data(config, builder, local_batch, fg_masks, mask_ids)
+  split = tfds.split_for_jax_process(d.train_split, drop_remainder=True)
   n = int(open_split(builder, split).cardinality())
   if n < 0:
     raise ValueError(f"Cannot count the examples of {d.name} split {d.train_split!r}")
@@ -203,7 +369,32 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
                    steps_per_epoch=n // local_batch, image_size=d.image_size,
                    shuffle_buffer=d.shuffle_buffer, seed=config.seed,
                    region_boxes=create_region_boxes(config, builder),
-                   fg_masks=config.bg_mixup.masks if config.bg_mixup.enabled else None)
+                   fg_masks=fg_masks, mask_ids=mask_ids)
+
+
+def _create_folder_train_data(config: ml_collections.ConfigDict, source: "FolderSource",
+                              local_batch: int, fg_masks: str | None, mask_ids: MaskIds | None
+                              ) -> TrainData:
+  """The whole folder is the training set; each process takes every process_count-th file,
+  all processes the same number (the remainder is dropped, as split_for_jax_process does)."""
+  d = config.dataset
+  if d.train_split != "train":
+    raise ValueError(f"config.dataset.train_split={d.train_split!r}: a folder dataset "
+                     f"({d.name}) trains on its whole folder; set it to 'train'")
+  files = source.files("train")
+  per_process = len(files) // jax.process_count()
+  files = files.shard(jax.process_index(), jax.process_count(), per_process)
+  n = len(files)
+  if n < local_batch:
+    raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} images of "
+                     f"{d.name} available to this process")
+  logging.info("%s: %d image files in %d classes (%d for this process)", d.name,
+               per_process * jax.process_count(), len(source.class_names), n)
+  return TrainData(builder=source, split="train", local_batch=local_batch, num_examples=n,
+                   steps_per_epoch=n // local_batch, image_size=d.image_size,
+                   shuffle_buffer=d.shuffle_buffer, seed=config.seed,
+                   region_boxes=create_region_boxes(config, source), fg_masks=fg_masks,
+                   mask_ids=mask_ids, files=files)
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int | None = None,
@@ -213,11 +404,21 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int 
   d = config.dataset
   builder = get_builder(d.name, d.data_dir)
   local_batch = (batch_size or config.batch_size) // jax.process_count()
-  ds = open_split(builder, tfds.split_for_jax_process(split, drop_remainder=False))
-  ds = ds.map(make_preprocess(builder, d.image_size), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda ex: {**ex, "valid": tf.constant(1, tf.int32)})
+  files = None
+  if isinstance(builder, FolderSource):
+    files = builder.files(split).shard(jax.process_index(), jax.process_count())
+    ds = files.decoded()
+  else:
+    ds = open_split(builder, tfds.split_for_jax_process(split, drop_remainder=False))
+  pre = make_preprocess(builder, d.image_size)
+  keep = ("file_index",) if files is not None else ()
+  ds = ds.map(lambda ex: {**pre(ex), **{k: ex[k] for k in keep}, "valid": tf.constant(1, tf.int32)},
+              num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
-  for i, batch in enumerate(tfds.as_numpy(ds)):
+  batches = tfds.as_numpy(ds)
+  if files is not None:
+    batches = files.track_unreadable(batches, f"{d.name} split {split!r}")
+  for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
     pad = local_batch - batch["valid"].shape[0]
@@ -244,6 +445,9 @@ def localization_batches(config: ml_collections.ConfigDict, split: str, batch_si
   """
   d = config.dataset
   builder = get_builder(d.name, d.data_dir)
+  if isinstance(builder, FolderSource):
+    yield from _folder_localization_batches(builder, split, d.image_size, batch_size, max_examples)
+    return
   feats = builder.info.features
   size = d.image_size
   ds = open_split(builder, tfds.split_for_jax_process(split, drop_remainder=False))
@@ -272,7 +476,28 @@ def localization_batches(config: ml_collections.ConfigDict, split: str, batch_si
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
   for batch in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
-    batch["id"] = np.array([i.decode() if isinstance(i, bytes) else str(i) for i in batch["id"]])
+    batch["id"] = _decode_ids(batch["id"])
+    yield batch
+
+
+def _decode_ids(ids: np.ndarray) -> np.ndarray:
+  return np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids])
+
+
+def _folder_localization_batches(source: "FolderSource", split: str, size: int, batch_size: int,
+                                 max_examples: int | None) -> Iterator[dict[str, np.ndarray]]:
+  """localization_batches of a folder: image, aspect, label and id (folders have no ground
+  truth masks or boxes); unreadable files are skipped, counted and logged after the pass."""
+  files = source.files(split).shard(jax.process_index(), jax.process_count())
+  if max_examples is not None and max_examples >= 0:
+    files = files.shard(0, 1, max_examples)
+  pre = make_preprocess(source, size)
+  ds = files.decoded().map(lambda ex: {**pre(ex), "id": ex["image/id"],
+                                       "file_index": ex["file_index"]},
+                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  for batch in files.track_unreadable(tfds.as_numpy(ds), f"{source.name} split {split!r}"):
+    batch["id"] = _decode_ids(batch["id"])
     yield batch
 
 
@@ -290,9 +515,11 @@ class BoxLookupError(KeyError):
 
 
 def _example_id(example: dict[str, Any], feats: Any) -> tf.Tensor:
-  """The id box files use: `image/id` as a decimal string, else `image/filename`."""
+  """The id box files use: `image/id` as a decimal string (folders: their string id, see
+  folder_image_id), else `image/filename`."""
   if "image/id" in feats:
-    return tf.strings.as_string(example["image/id"])
+    image_id = example["image/id"]
+    return image_id if image_id.dtype == tf.string else tf.strings.as_string(image_id)
   return example["image/filename"]
 
 
@@ -382,12 +609,18 @@ class RegionBoxes:
             "box_missing": missing}
 
 
-def create_region_boxes(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder
-                        ) -> RegionBoxes | None:
+def create_region_boxes(config: ml_collections.ConfigDict,
+                        builder: "tfds.core.DatasetBuilder | FolderSource") -> RegionBoxes | None:
   """The OA-crop box source of `config.object_aware`, or None when OA-crop is off."""
   oa = config.get("object_aware")
   if oa is None or not oa.crop:
     return None
+  if isinstance(builder, FolderSource):
+    if oa.boxes == "gt":
+      raise ValueError(f"config.object_aware.boxes='gt' needs objects/bbox; folder dataset "
+                       f"{builder.name} has none: give a box file (--config.mode=save_boxes)")
+    return RegionBoxes.from_box_file(oa.boxes, oa.max_boxes, oa.tolerate_box_errors,
+                                     FolderSource.FEATURES)
   feats = builder.info.features
   if oa.boxes == "gt":
     if not ("objects" in feats and "bbox" in feats["objects"].feature):
@@ -400,13 +633,170 @@ def create_region_boxes(config: ml_collections.ConfigDict, builder: tfds.core.Da
   return RegionBoxes.from_box_file(oa.boxes, oa.max_boxes, oa.tolerate_box_errors, feats)
 
 
-def _raise_box_lookup_errors(batches: Iterator[dict[str, np.ndarray]]
-                             ) -> Iterator[dict[str, np.ndarray]]:
-  """Turn the tf.data assertion of a missing box-file id into a BoxLookupError."""
+def _raise_lookup_errors(batches: Iterator[dict[str, np.ndarray]]
+                         ) -> Iterator[dict[str, np.ndarray]]:
+  """Turn the tf.data assertion of a missing box-file id into a BoxLookupError, and that of
+  a missing BG-mixup mask into a MaskLookupError."""
   try:
     yield from batches
   except tf.errors.InvalidArgumentError as e:
-    if _MISSING_ID_MARK not in e.message:
+    error = next((cls for mark, cls in ((_MISSING_ID_MARK, BoxLookupError),
+                                        (_MISSING_MASK_MARK, MaskLookupError))
+                  if mark in e.message), None)
+    if error is None:
       raise
     text = e.message.split("[", 1)[-1].split("]")[0] if "[" in e.message else e.message
-    raise BoxLookupError(text) from e
+    raise error(text) from e
+
+
+# ----------------------------------------------------------------------------
+# Local image folders: config.dataset.name = 'folder:<root>'.
+
+FOLDER_PREFIX = "folder:"
+# Training: an unreadable file's slot takes the first readable of this many other files.
+FALLBACK_CANDIDATES = 16
+
+
+def is_folder_dataset(name: str) -> bool:
+  return isinstance(name, str) and name.startswith(FOLDER_PREFIX)
+
+
+def folder_image_id(relative_path: str) -> str:
+  """The id of a folder image: its path relative to the split folder, without extension,
+  '/' replaced by '__' and whitespace by '_' (ids name mask PNGs in one flat folder and
+  must be single tokens in box files). E.g. '02_wheeled vehicle/n0402_77.JPEG' ->
+  '02_wheeled_vehicle__n0402_77'."""
+  stem = os.path.splitext(relative_path.replace(os.sep, "/"))[0]
+  return re.sub(r"\s", "_", stem.replace("/", "__"))
+
+
+def _decode_image_file(path: tf.Tensor) -> tf.Tensor:
+  """uint8 (H, W, 3): grayscale becomes RGB, alpha is dropped, an animation gives its first
+  frame; fails on unreadable or undecodable files (the callers skip those)."""
+  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderFiles:
+  """Image files of a folder split in a fixed order, with labels and ids."""
+  paths: tuple[str, ...]
+  labels: tuple[int, ...]
+  ids: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def shard(self, index: int, count: int, limit: int | None = None) -> "FolderFiles":
+    """Every count-th file from `index` (this process's share), at most `limit` of them."""
+    end = None if limit is None or limit < 0 else limit
+    return FolderFiles(self.paths[index::count][:end], self.labels[index::count][:end],
+                       self.ids[index::count][:end])
+
+  def records(self) -> tf.data.Dataset:
+    """Undecoded records (image/filename, label, image/id, file_index), in order."""
+    return tf.data.Dataset.from_tensor_slices({
+        "image/filename": tf.constant(self.paths, tf.string, shape=(len(self),)),
+        "label": tf.constant(self.labels, tf.int32, shape=(len(self),)),
+        "image/id": tf.constant(self.ids, tf.string, shape=(len(self),)),
+        "file_index": tf.range(len(self), dtype=tf.int64)})
+
+  def loader(self):
+    """file index -> decoded example (image, label, image/id, file_index); fails on files
+    that cannot be read or decoded."""
+    paths = tf.constant(self.paths, tf.string, shape=(len(self),))
+    labels = tf.constant(self.labels, tf.int32, shape=(len(self),))
+    ids = tf.constant(self.ids, tf.string, shape=(len(self),))
+
+    def load(index):
+      return {"image": _decode_image_file(tf.gather(paths, index)),
+              "label": tf.gather(labels, index), "image/id": tf.gather(ids, index),
+              "file_index": tf.cast(index, tf.int64)}
+    return load
+
+  def decoded(self) -> tf.data.Dataset:
+    """Decoded examples in order; files that cannot be read or decoded are left out (their
+    file_index is then missing from the stream, see track_unreadable)."""
+    ds = tf.data.Dataset.range(len(self))
+    return ds.map(self.loader(), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True).ignore_errors()
+
+  def track_unreadable(self, batches: Iterator[dict[str, np.ndarray]], what: str
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """Pass `batches` on without their file_index; after a complete pass, log the files that
+    were skipped (count and first names)."""
+    seen = []
+    for batch in batches:
+      seen.append(batch.pop("file_index"))
+      yield batch
+    used = np.concatenate(seen) if seen else np.zeros((0,), np.int64)
+    skipped = [self.paths[i] for i in np.setdiff1d(np.arange(len(self)), used)]
+    if skipped:
+      logging.warning("%s: skipped %d of %d image files that could not be read or decoded; "
+                      "first: %s", what, len(skipped), len(self), ", ".join(skipped[:5]))
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSource:
+  """A local image folder as a dataset: config.dataset.name = 'folder:<root>'.
+
+  <root>/<class>/<image files> (below a class folder, sub-folders are read
+  too; hidden files are not): labels index the sorted class folder names.
+  Splits: 'train' (and the root's own name) is the whole root; any other name
+  is the sibling folder of that name, with the same class folders, e.g. root
+  .../bg_challenge/original/train, split 'val' -> .../original/val. Each image
+  has an id (folder_image_id) unique within its split; ContraCAM writes its
+  boxes and masks under it and OA-crop / BG-mixup look them up by it. Files
+  that cannot be read or decoded are skipped (evaluation, ContraCAM) or
+  replaced (training, see TrainData), and logged with their count.
+  """
+  FEATURES = ("image", "label", "image/id")  # what make_preprocess and _example_id key on
+
+  name: str                        # 'folder:<root>', as in config.dataset.name
+  root: str
+  class_names: tuple[str, ...]
+
+  @classmethod
+  def open(cls, name: str) -> "FolderSource":
+    root = os.path.expanduser(name[len(FOLDER_PREFIX):])
+    root = os.path.normpath(root) if root else ""
+    if not root or not os.path.isdir(root):
+      raise DatasetNotFoundError(f"config.dataset.name={name!r}: {root!r} is not a folder of "
+                                 f"<class>/<image> folders")
+    from ocl_jax import eval_datasets
+    source = cls(name=name, root=root, class_names=tuple(eval_datasets._subfolders(root)))
+    source.files("train")  # an empty folder fails here, when the dataset is chosen
+    return source
+
+  def split_dir(self, split: str) -> str:
+    if not isinstance(split, str) or not split:
+      raise ValueError(f"config.dataset.name={self.name!r}: folder splits are folder names, "
+                       f"got {split!r}")
+    if split in ("train", os.path.basename(self.root)):
+      return self.root
+    path = os.path.join(os.path.dirname(self.root), split)
+    if os.sep in split or "/" in split or not os.path.isdir(path):
+      raise DatasetNotFoundError(
+          f"config.dataset.name={self.name!r} has no split {split!r}: a folder dataset's split "
+          f"is 'train' (the folder itself) or the name of a sibling folder of {self.root} "
+          f"({path} does not exist)")
+    return path
+
+  def files(self, split: str) -> FolderFiles:
+    """Every image file of `split`, sorted by class then path (a fresh listing)."""
+    from ocl_jax import eval_datasets
+    path = self.split_dir(split)
+    what = f"config.dataset.name={self.name!r}" + ("" if path == self.root else f" split {split!r}")
+    pairs = eval_datasets._class_folder_files(path, self.class_names, what)
+    ids = tuple(folder_image_id(os.path.relpath(p, path)) for p, _ in pairs)
+    if len(set(ids)) < len(ids):
+      seen, dups = set(), []
+      for p, i in zip(pairs, ids):
+        if i in seen:
+          dups.append(f"{p[0]} ({i})")
+        seen.add(i)
+      raise ValueError(f"{what}: {len(dups)} image files have the id of another file (same path "
+                       f"up to extension or whitespace), e.g. {', '.join(dups[:3])}; rename them")
+    return FolderFiles(tuple(p for p, _ in pairs), tuple(int(label) for _, label in pairs), ids)
+
+  def records(self, split: str) -> tf.data.Dataset:
+    return self.files(split).records()

@@ -3,6 +3,8 @@
 Thin on purpose: flags, logging of the platform, then the mode's function.
 """
 
+import sys
+
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
@@ -34,9 +36,25 @@ def main(argv):
                jax.local_devices())
   config = FLAGS.config
   validate_config(config)
+  from ocl_jax import preemption
+  try:
+    _run_mode(config)
+  except preemption.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(preemption.EXIT_STATUS)
+
+
+def _run_mode(config) -> None:
   if config.mode == "train":
     from ocl_jax import train
     train.train_and_evaluate(config, FLAGS.workdir)
+  elif config.mode == "eval":
+    from ocl_jax import evaluation
+    evaluation.run(config, FLAGS.workdir)
+  elif config.mode == "pipeline":
+    from ocl_jax import pipeline
+    pipeline.validate_pipeline(config)
+    pipeline.run(config, FLAGS.workdir)
   else:
     from ocl_jax import object_discovery
     object_discovery.run(config, FLAGS.workdir)

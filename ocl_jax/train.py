@@ -26,7 +26,7 @@ import optax
 from PIL import Image
 
 from ocl_jax import (augment, background_mixup, checkpointing, export, image_mixing, input_pipeline,
-                     objectives, optimizers, parallel, pictures)
+                     objectives, optimizers, parallel, pictures, preemption)
 from ocl_jax.configuration import validate_config
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 
@@ -236,8 +236,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
     queue, ptr = objectives.enqueue(state.queue, state.queue_ptr, keys)
     new = new.replace(queue=queue, queue_ptr=ptr)
 
+  # A non-finite loss or gradient (identical on every device after the pmean) leaves the
+  # state as it was; only the step (and with it the data) moves on.
+  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+  finite = jax.lax.pmin(finite.astype(jnp.int32), axis) > 0
+  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=new.step))
+
   metrics = {"loss": loss, "learning_rate": ctx.schedule(state.step),
-             "probe_loss": probe_loss, "probe_accuracy": probe_acc}
+             "probe_loss": probe_loss, "probe_accuracy": probe_acc,
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   if "moco_acc" in aux:
     metrics["moco_accuracy"] = aux["moco_acc"]
   metrics.update({k: v.astype(jnp.float32) / batch["image"].shape[0] for k, v in bg_stats.items()})
@@ -354,6 +362,27 @@ def write_view_pictures(state: TrainState, batch: dict[str, jax.Array], ctx: Ste
   return path
 
 
+class NonFiniteError(FloatingPointError):
+  """A step's loss or gradients were NaN/inf and config.nonfinite is 'stop'."""
+
+
+def check_finite(host_metrics: list[dict[str, Any]], first_step: int, policy: str,
+                 ckpt: checkpointing.Checkpointer) -> int:
+  """Count the non-finite steps among `host_metrics` (steps first_step, ...); with policy
+  'stop' raise NonFiniteError naming the first (no checkpoint after it is written)."""
+  bad = [first_step + i for i, m in enumerate(host_metrics) if float(m["nonfinite"][0]) > 0]
+  if bad and policy == "stop":
+    ckpt.close()
+    raise NonFiniteError(
+        f"non-finite loss or gradients at step {bad[0]} (steps {bad[:5]}...); the update was not "
+        f"applied and the run stopped, keeping the last good checkpoint (step "
+        f"{ckpt.latest_step()}) in {ckpt.directory}. Lower optim.base_lr, or set "
+        "--config.nonfinite=skip to skip such steps.")
+  for s in bad:
+    logging.warning("Step %d: non-finite loss or gradients; update skipped", s)
+  return len(bad)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
   validate_config(config)
@@ -387,22 +416,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                config.method, total_steps, data.steps_per_epoch, config.batch_size, jax.device_count())
   pending: list[dict[str, jax.Array]] = []
   last_log = time.time()
-  for step in range(start_step + 1, total_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = p_step(state, next(batches))
-    pending.append(metrics)
-    report(step)
-    if step % config.log_every_steps == 0 or step == total_steps:
-      summary = {k: float(np.mean([m[k][0] for m in jax.device_get(pending)])) for k in pending[0]}
-      now = time.time()
-      summary["steps_per_second"] = len(pending) / (now - last_log)
-      last_log, pending = now, []
-      writer.write_scalars(step, summary)
-    if config.eval_every_steps and config.dataset.eval_split and config.probe.enabled and (
-        step % config.eval_every_steps == 0 or step == total_steps):
-      writer.write_scalars(step, {"eval_probe_accuracy": evaluate_probe(p_eval, state, config, ctx)})
-    if step % config.checkpoint_every_steps == 0 or step == total_steps:
-      ckpt.save(step, parallel.unreplicate(state))
+  skipped = 0
+  with preemption.PreemptionWatcher() as watcher:
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = p_step(state, next(batches))
+      pending.append(metrics)
+      report(step)
+      log_now = step % config.log_every_steps == 0 or step == total_steps
+      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+      stop_now = watcher.should_stop(sync=log_now)
+      if log_now or save_now or stop_now:
+        # Before anything is saved: were any of these steps non-finite?
+        host = jax.device_get(pending)
+        skipped += check_finite(host, step - len(host) + 1, config.nonfinite, ckpt)
+      if log_now:
+        summary = {k: float(np.mean([m[k][0] for m in host])) for k in pending[0] if k != "nonfinite"}
+        now = time.time()
+        summary["steps_per_second"] = len(pending) / (now - last_log)
+        summary["skipped_steps"] = skipped
+        last_log = now
+        writer.write_scalars(step, summary)
+      if log_now or save_now or stop_now:
+        pending = []
+      if config.eval_every_steps and config.dataset.eval_split and config.probe.enabled and (
+          step % config.eval_every_steps == 0 or step == total_steps):
+        writer.write_scalars(step, {"eval_probe_accuracy": evaluate_probe(p_eval, state, config, ctx)})
+      if save_now or stop_now:
+        ckpt.save(step, parallel.unreplicate(state))
+      if stop_now and step < total_steps:
+        ckpt.close()
+        writer.flush()
+        logging.warning("Termination requested: saved step %d to %s", step, ckpt.directory)
+        raise preemption.Preempted(step, ckpt.directory)
   ckpt.close()
   final = parallel.unreplicate(state)
   if config.export_encoder:

@@ -25,14 +25,14 @@ def scenes_data_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_config(scenes_data_dir):
-  """The demo config shrunk to scenes/tiny and a very small ResNet: seconds per run."""
+  """configs/scenes.py shrunk to scenes/tiny and a very small ResNet: seconds per run."""
   return make_tiny_config(scenes_data_dir)
 
 
 def make_tiny_config(scenes_data_dir):
   from ocl_jax.configuration import load_sibling_config
   import pathlib
-  c = load_sibling_config(str(pathlib.Path(__file__).parents[1] / "configs" / "demo.py"), "demo.py")
+  c = load_sibling_config(str(pathlib.Path(__file__).parents[1] / "configs" / "scenes.py"), "scenes.py")
   c.dataset.name = "scenes/tiny"
   c.dataset.data_dir = scenes_data_dir
   c.dataset.image_size = 32

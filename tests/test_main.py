@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 
 def _cli(workdir, data_dir, steps):
-  args = [sys.executable, "-m", "ocl_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+  args = [sys.executable, "-m", "ocl_jax.main", "--config=configs/scenes.py", f"--workdir={workdir}",
           f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=scenes/tiny",
           "--config.dataset.image_size=32", "--config.augment.crop_size=32",
           "--config.model.arch=resnet10", "--config.model.width=4", "--config.model.small_stem=True",
@@ -121,4 +121,13 @@ def test_shipped_configs_are_valid(tmp_path):
       with pytest.raises(ConfigError, match="object_aware.boxes"):
         validate_config(config, num_devices=4, num_processes=1)
       config.object_aware.boxes = str(box_file)
+    if path.name.startswith("in9"):  # ImageNet-9 folders (and masks) are required values
+      with pytest.raises(ConfigError) as err:
+        validate_config(config, num_devices=4, num_processes=1)
+      required = ["dataset.name", "evaluation.folders.imagenet9"]
+      required += ["bg_mixup.masks"] if config.bg_mixup.enabled else []
+      for field in required:
+        assert f"config.{field}:" in str(err.value), (path.name, field)
+      config.dataset.name = f"folder:{tmp_path}"
+      config.evaluation.folders.imagenet9 = config.bg_mixup.masks = str(tmp_path)
     validate_config(config, num_devices=4, num_processes=1)

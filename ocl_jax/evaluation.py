@@ -1,0 +1,242 @@
+"""Frozen-encoder evaluation (METHOD.md section 6): features, probes, one results table.
+
+`--config.mode=eval` evaluates every encoder of `config.evaluation.checkpoints`
+on every dataset of `config.evaluation.datasets` with every protocol of
+`config.evaluation.protocols`, and writes WORKDIR/eval_results.{json,md}: one
+row per checkpoint, one column per (dataset, protocol, test split). The
+pipeline (`ocl_jax.pipeline`) calls the same functions for its final table.
+
+Features are the global-average-pooled layer4 map of the encoder in inference
+mode, extracted by a pmapped forward over the local devices; each process
+reads its own shard and the per-process features are gathered (uneven shards
+padded and masked), so no example is dropped or counted twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from ocl_jax import augment, eval_datasets, export, linear_eval, parallel
+
+PROTOCOLS = ("linear", "knn")
+RESULTS_NAME = "eval_results"
+
+
+@functools.lru_cache(maxsize=8)
+def _pmapped_features(module):
+  def features(variables, images):
+    x = augment.normalize(images.astype(jnp.float32) / 255.0)
+    return module.apply(variables, x, train=False).mean(axis=(1, 2))
+  return jax.pmap(features, axis_name=parallel.AXIS, in_axes=(None, 0))
+
+
+def extract_features(module: Any, variables: Any, batches: Iterator[dict[str, np.ndarray]],
+                     total: int | None = None, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+  """(features (N, D) float32, labels (N,)) of every valid example, over all processes.
+
+  `batches` are this process's host batches (image uint8, label, valid) of a
+  size divisible by the local device count.
+  """
+  n_dev = jax.local_device_count()
+  forward = _pmapped_features(module)
+  feats, labels = [], []
+  for batch in tqdm.tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                         disable=jax.process_index() > 0):
+    b = batch["image"].shape[0]
+    if b % n_dev:
+      raise ValueError(f"evaluation batch {b} is not divisible by the {n_dev} local devices")
+    out = forward(variables, batch["image"].reshape((n_dev, b // n_dev) + batch["image"].shape[1:]))
+    out = np.asarray(out).reshape(b, -1)
+    keep = batch["valid"] > 0
+    feats.append(out[keep])
+    labels.append(batch["label"][keep])
+  if not feats:
+    raise ValueError(f"{desc}: no examples")
+  return gather_over_processes(np.concatenate(feats).astype(np.float32),
+                               np.concatenate(labels).astype(np.int32))
+
+
+def gather_over_processes(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Concatenate every process's (features, labels), however many each holds."""
+  if jax.process_count() == 1:
+    return features, labels
+  counts = multihost_utils.process_allgather(np.array([len(labels)], np.int32))
+  most = int(np.max(counts))
+  pad = most - len(labels)
+  f = np.concatenate([features, np.zeros((pad,) + features.shape[1:], features.dtype)])
+  l = np.concatenate([labels, np.full((pad,), -1, labels.dtype)])
+  all_f = multihost_utils.process_allgather(f)
+  all_l = multihost_utils.process_allgather(l)
+  counts = np.asarray(counts).reshape(-1)
+  return (np.concatenate([all_f[p, :c] for p, c in enumerate(counts)]),
+          np.concatenate([all_l[p, :c] for p, c in enumerate(counts)]))
+
+
+def load_frozen_encoder(source: str) -> tuple[Any, Any, str]:
+  """(module, variables, name) from an export dir or a training workdir (its export/)."""
+  path = source
+  if not os.path.exists(os.path.join(path, "model.json")) and os.path.exists(
+      os.path.join(path, "export", "model.json")):
+    path = os.path.join(path, "export")
+  module, variables, _ = export.load_encoder(path)
+  name = os.path.basename(os.path.normpath(source if path == source else os.path.dirname(path)))
+  return module, variables, name
+
+
+def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  n = jax.local_device_count()
+  b = max(config.evaluation.batch_size // jax.process_count(), n)
+  return b - b % n
+
+
+def _dataset(config: ml_collections.ConfigDict, name: str) -> eval_datasets.EvalDataset:
+  e = config.evaluation
+  scenes = config.dataset.name if config.dataset.name.startswith("scenes") else "scenes/default"
+  return eval_datasets.get_eval_dataset(name, scenes_name=scenes, folders=dict(e.folders),
+                                        data_dir=_data_dir(config))
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str | None:
+  return config.evaluation.data_dir or config.dataset.data_dir
+
+
+def _split_features(config, module, variables, ds, split) -> tuple[np.ndarray, np.ndarray]:
+  e = config.evaluation
+  bs = _eval_batch_size(config)
+  limit = e.max_examples if e.max_examples > 0 else None
+  batches = eval_datasets.split_batches(ds, split, image_size=e.image_size,
+                                        crop_fraction=e.crop_fraction, batch_size=bs,
+                                        data_dir=_data_dir(config), max_examples=limit)
+  out = extract_features(module, variables, batches, desc=f"{ds.name} {split}")
+  skipped = eval_datasets.last_skipped(ds, split)
+  if skipped:
+    logging.warning("%s %s: %d unreadable images skipped (not counted in the accuracy)", ds.name,
+                    split, len(skipped))
+  return out
+
+
+def _head_labels(labels: np.ndarray, ds: eval_datasets.EvalDataset,
+                 head: eval_datasets.EvalDataset) -> np.ndarray:
+  """Relabel a test-only set in the class indices of the dataset whose probe is applied."""
+  index = {n: i for i, n in enumerate(head.class_names)}
+  missing = [n for n in ds.class_names if n not in index]
+  if missing:
+    raise ValueError(f"{ds.name}: classes {missing} are not classes of {head.name} "
+                     f"({list(head.class_names)}), whose probe it is evaluated with")
+  mapping = np.array([index[n] for n in ds.class_names])
+  return np.where(labels >= 0, mapping[np.maximum(labels, 0)], -1)
+
+
+def evaluate_encoder(config: ml_collections.ConfigDict, module: Any, variables: Any
+                     ) -> dict[str, float]:
+  """Every configured (dataset, protocol, test split) of one encoder: {column: accuracy}."""
+  e = config.evaluation
+  results: dict[str, float] = {}
+  fitted: dict[str, tuple[eval_datasets.EvalDataset, Any, tuple]] = {}
+  datasets = {n: _dataset(config, n) for n in e.datasets}
+  for name in sorted(e.datasets, key=lambda n: datasets[n].head_from is not None):
+    ds = datasets[name]
+    start = time.time()
+    if ds.head_from is not None:
+      if ds.head_from not in fitted:
+        raise ValueError(f"config.evaluation.datasets: {name} is evaluated with the probe of "
+                         f"{ds.head_from}; add {ds.head_from!r} to the list")
+      head, classifier, train = fitted[ds.head_from]
+      for test_name, split in ds.tests.items():
+        f, l = _split_features(config, module, variables, ds, split)
+        l = _head_labels(l, ds, head)
+        if "linear" in e.protocols:
+          results[f"{name}/linear/{test_name}"] = linear_eval.accuracy(classifier, f, l)
+        if "knn" in e.protocols:
+          results[f"{name}/knn/{test_name}"] = linear_eval.knn_accuracy(
+              *train, f, l, head.num_classes, k=e.knn_k, temperature=e.knn_temperature)
+      continue
+    train = _split_features(config, module, variables, ds, ds.train)
+    val = _split_features(config, module, variables, ds, ds.val)
+    tests = {t: _split_features(config, module, variables, ds, s) for t, s in ds.tests.items()}
+    classifier = None
+    if "linear" in e.protocols:
+      l2_values = np.logspace(-6, 5, e.num_l2_values)
+      probe = linear_eval.linear_probe(train, val, tests, ds.num_classes, l2_values=l2_values,
+                                       max_iters=e.lbfgs_max_iters)
+      classifier = probe.classifier
+      results[f"{name}/linear/val"] = probe.val_accuracy
+      for t, acc in probe.test_accuracy.items():
+        results[f"{name}/linear/{t}"] = acc
+      logging.info("%s linear probe: best l2 %.3g, val %.4f", name, probe.best_l2, probe.val_accuracy)
+    if "knn" in e.protocols:
+      for t, (f, l) in tests.items():
+        results[f"{name}/knn/{t}"] = linear_eval.knn_accuracy(
+            *train, f, l, ds.num_classes, k=e.knn_k, temperature=e.knn_temperature)
+    fitted[name] = (ds, classifier, train)
+    logging.info("Evaluated %s in %.1f s", name, time.time() - start)
+  for name in e.datasets:  # background gap (ImageNet-9 style): original - mixed_rand
+    for proto in e.protocols:
+      first = f"{name}/{proto}/test" if f"{name}/{proto}/test" in results else f"{name}/{proto}/original"
+      if first in results and f"{name}/{proto}/mixed_rand" in results:
+        results[f"{name}/{proto}/bg_gap"] = results[first] - results[f"{name}/{proto}/mixed_rand"]
+  return results
+
+
+def results_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
+  """Markdown: one row per checkpoint, one column per metric (accuracies in %)."""
+  cols: list[str] = []
+  for r in rows.values():
+    cols += [c for c in r if c not in cols]
+  lines = ([title, ""] if title else []) + [
+      "| checkpoint | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for name, r in rows.items():
+    cells = [_fmt(c, r[c]) if c in r else "–" for c in cols]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _fmt(column: str, value: float) -> str:
+  if column.startswith("loc/") or not math.isfinite(value):
+    return f"{value:.3f}"
+  return f"{100 * value:.1f}"
+
+
+def write_results(workdir: str, rows: dict[str, dict[str, float]], meta: dict[str, Any],
+                  name: str = RESULTS_NAME, title: str = "") -> str:
+  """WORKDIR/<name>.json (rows and meta) and <name>.md, written atomically; returns the table."""
+  table = results_table(rows, title)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    for ext, text in (("json", json.dumps({"rows": rows, **meta}, indent=2)), ("md", table + "\n")):
+      path = os.path.join(workdir, f"{name}.{ext}")
+      with open(path + ".tmp", "w") as f:
+        f.write(text)
+      os.replace(path + ".tmp", path)
+  return table
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+  """--config.mode=eval: evaluate the configured checkpoints (default: the workdir's export)."""
+  sources = list(config.evaluation.checkpoints) or [workdir]
+  path = os.path.join(workdir, f"{RESULTS_NAME}.json")
+  rows: dict[str, dict[str, float]] = {}
+  if os.path.exists(path):  # rows of earlier evaluations in this workdir are kept
+    with open(path) as f:
+      rows = json.load(f).get("rows", {})
+  for source in sources:
+    module, variables, name = load_frozen_encoder(source)
+    logging.info("Evaluating %s (%s)", name, source)
+    rows[name] = evaluate_encoder(config, module, variables)
+    table = write_results(workdir, rows, {"datasets": list(config.evaluation.datasets),
+                                          "protocols": list(config.evaluation.protocols)})
+  print(table)
+  return rows

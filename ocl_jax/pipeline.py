@@ -1,0 +1,213 @@
+"""The three-stage debiasing pipeline in one work dir, resumable stage by stage.
+
+`--config.mode=pipeline` runs `config.pipeline.stages` in order:
+
+  vanilla    pretrain with the config as given (no OA-crop / BG-mixup)   WORKDIR/vanilla
+  contracam  ContraCAM boxes (T = contracam.iterations) and soft masks
+             (T = contracam.mask_iterations) of the vanilla model on
+             contracam.split                                              WORKDIR/contracam
+  oacrop     pretrain again from scratch with OA-crop on those boxes      WORKDIR/oacrop
+  bgmix      pretrain again from scratch with BG-mixup on those masks     WORKDIR/bgmix
+  eval       every trained model: the frozen-feature evaluations of
+             config.evaluation and ContraCAM localisation on
+             contracam.eval_split; the table WORKDIR/results.{md,json}
+
+Each retraining has the vanilla run's steps (equal compute). A finished
+stage leaves WORKDIR/<stage>/stage_done.json and is skipped when the command
+is run again; an interrupted training stage resumes from its newest
+checkpoint, an interrupted ContraCAM stage starts over (its files are written
+atomically).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import ml_collections
+
+from ocl_jax.configuration import ConfigError, validate_config
+
+TRAINING_STAGES = ("vanilla", "oacrop", "bgmix")
+STAGES = TRAINING_STAGES + ("contracam", "eval")
+DONE_FILE = "stage_done.json"
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage)
+
+
+def is_done(workdir: str, stage: str) -> bool:
+  return os.path.exists(os.path.join(stage_dir(workdir, stage), DONE_FILE))
+
+
+def _mark_done(workdir: str, stage: str, info: dict[str, Any]) -> None:
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(stage_dir(workdir, stage), DONE_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"stage": stage, **info}, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def contracam_outputs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+  d = stage_dir(workdir, "contracam")
+  split = config.contracam.split
+  return {"boxes": os.path.join(d, f"boxes_{split}.txt"), "masks": os.path.join(d, f"masks_{split}")}
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str, workdir: str) -> ml_collections.ConfigDict:
+  """The config a stage runs with: the pipeline's config plus the stage's switches."""
+  c = copy.deepcopy(config)
+  p = config.pipeline
+  outputs = contracam_outputs(config, workdir)
+  with c.unlocked():
+    c.mode = "train"
+    c.export_encoder = True
+    c.object_aware.crop = stage == "oacrop"
+    c.bg_mixup.enabled = stage == "bgmix"
+    if stage == "oacrop":
+      c.object_aware.boxes = outputs["boxes"] if p.oacrop_boxes == "contracam" else "gt"
+    if stage == "bgmix":
+      c.bg_mixup.masks = outputs["masks"] if p.bgmix_masks == "contracam" else "gt"
+    if stage == "contracam":
+      c.contracam.checkpoint = stage_dir(workdir, "vanilla")
+  return c
+
+
+def validate_pipeline(config: ml_collections.ConfigDict) -> None:
+  """Stage names and order, before anything runs."""
+  stages = list(config.pipeline.stages)
+  errors = [f"unknown stage {s!r} (known: {STAGES})" for s in stages if s not in STAGES]
+  needs_cam = [s for s in stages if (s == "oacrop" and config.pipeline.oacrop_boxes == "contracam")
+               or (s == "bgmix" and config.pipeline.bgmix_masks == "contracam")]
+  for s in needs_cam:
+    if "contracam" not in stages or stages.index("contracam") > stages.index(s):
+      errors.append(f"stage {s!r} uses ContraCAM outputs: 'contracam' must come before it")
+  if "contracam" in stages and ("vanilla" not in stages or stages.index("vanilla") > stages.index("contracam")):
+    errors.append("stage 'contracam' uses the vanilla model: 'vanilla' must come before it")
+  for field in ("oacrop_boxes", "bgmix_masks"):
+    if config.pipeline[field] not in ("contracam", "gt"):
+      errors.append(f"{field}={config.pipeline[field]!r} is not 'contracam' or 'gt'")
+  if errors:
+    raise ConfigError("Invalid configuration:\n  " + "\n  ".join(f"config.pipeline.{e}" if not e.startswith(
+        "config.") else e for e in errors))
+
+
+def _format_seconds(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+  """Stage banners with elapsed time and an ETA from the stages measured so far."""
+
+  def __init__(self, stages: list[str]):
+    self.stages, self.start, self.seconds = stages, time.time(), {}
+
+  def _estimate(self, stage: str) -> float | None:
+    trained = [v for k, v in self.seconds.items() if k in TRAINING_STAGES]
+    if stage in TRAINING_STAGES and trained:
+      return sum(trained) / len(trained)
+    if trained:  # ContraCAM and evaluation: a fraction of a training stage, from experience
+      return {"contracam": 0.15, "eval": 0.5}.get(stage, 0.2) * trained[0]
+    return None
+
+  def begin(self, stage: str) -> None:
+    i = self.stages.index(stage)
+    remaining = [self._estimate(s) for s in self.stages[i:] if s not in self.seconds]
+    eta = ("ETA " + _format_seconds(sum(remaining))) if remaining and None not in remaining else \
+        "ETA after the first training stage"
+    msg = (f"==> Stage {i + 1}/{len(self.stages)}: {stage}  (elapsed "
+           f"{_format_seconds(time.time() - self.start)}, {eta})")
+    logging.info(msg)
+    if jax.process_index() == 0:
+      print(msg, flush=True)
+
+  def end(self, stage: str, seconds: float) -> None:
+    self.seconds[stage] = seconds
+
+
+def _run_training(config, workdir, stage) -> dict[str, Any]:
+  from ocl_jax import train
+  c = stage_config(config, stage, workdir)
+  validate_config(c)
+  state = train.train_and_evaluate(c, stage_dir(workdir, stage))
+  return {"steps": int(state.step), "export": os.path.join(stage_dir(workdir, stage), "export")}
+
+
+def _run_contracam(config, workdir, stage) -> dict[str, Any]:
+  from ocl_jax import object_discovery
+  c = stage_config(config, "contracam", workdir)
+  return object_discovery.save_boxes_and_masks(c, stage_dir(workdir, "contracam"))
+
+
+def trained_stages(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  return [s for s in config.pipeline.stages if s in TRAINING_STAGES and is_done(workdir, s)]
+
+
+def _run_eval(config, workdir, stage) -> dict[str, Any]:
+  from ocl_jax import evaluation, object_discovery
+  rows = {}
+  for s in trained_stages(config, workdir):
+    module, variables, _ = evaluation.load_frozen_encoder(stage_dir(workdir, s))
+    row = evaluation.evaluate_encoder(config, module, variables)
+    if config.pipeline.localization:
+      c = stage_config(config, "contracam", workdir)
+      with c.unlocked():
+        c.contracam.checkpoint = os.path.join(stage_dir(workdir, s), "export")
+        c.contracam.iterations = 1
+        c.contracam.max_images = config.pipeline.localization_images
+      loc = object_discovery.evaluate_localization(c, stage_dir(workdir, s))["ContraCAM (T=1)"]
+      row.update({f"loc/{k}": v for k, v in loc.items()})
+    rows[s] = row
+  title = (f"Results of `{config.dataset.name}` pretraining ({config.method}, seed {config.seed}): "
+           "accuracy in %, localisation as IoU")
+  table = evaluation.write_results(workdir, rows, {"seed": config.seed, "method": config.method},
+                                   name="results", title=title)
+  if jax.process_index() == 0:
+    print(table, flush=True)
+  return {"rows": rows}
+
+
+RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
+    **{s: _run_training for s in TRAINING_STAGES},
+    "contracam": _run_contracam,
+    "eval": _run_eval,
+}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Run the pending stages of config.pipeline.stages into `workdir`; returns the eval rows."""
+  validate_pipeline(config)
+  stages = list(config.pipeline.stages)
+  progress = Progress(stages)
+  result: dict[str, Any] = {}
+  for stage in stages:
+    marker = os.path.join(stage_dir(workdir, stage), DONE_FILE)
+    if os.path.exists(marker):
+      with open(marker) as f:
+        info = json.load(f)
+      progress.end(stage, info.get("seconds", 0.0))
+      logging.info("Stage %s already done (%s); skipping", stage, marker)
+      result = info if stage == "eval" else result
+      continue
+    progress.begin(stage)
+    start = time.time()
+    info = RUNNERS[stage](config, workdir, stage)
+    seconds = time.time() - start
+    progress.end(stage, seconds)
+    _mark_done(workdir, stage, {"seconds": seconds, **info})
+    result = info if stage == "eval" else result
+  total = time.time() - progress.start
+  msg = f"Pipeline done in {_format_seconds(total)} ({workdir})"
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+  return result.get("rows", {})

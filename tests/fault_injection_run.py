@@ -1,0 +1,32 @@
+"""`python -m ocl_jax.main` with a fault injected: SIGKILL in the middle of saving one step.
+
+OCL_KILL_DURING_SAVE=<step> kills the process after that step's checkpoint
+files are written but before Orbax's atomic rename commits them, the worst
+moment for a crash. Used by tests/test_reliability.py only.
+"""
+
+import os
+import signal
+import sys
+
+from absl import app
+from orbax.checkpoint._src.path import atomicity
+
+from ocl_jax import main
+
+_step = os.environ.get("OCL_KILL_DURING_SAVE")
+_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+
+async def _finalize_or_die(self, *args, **kwargs):
+  if _step is not None and self.get_final().name == _step:
+    sys.stderr.write(f"FAULT: killed while saving step {_step}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await _finalize(self, *args, **kwargs)
+
+
+atomicity.AtomicRenameTemporaryPath.finalize = _finalize_or_die
+
+if __name__ == "__main__":
+  app.run(main.main)

@@ -1,0 +1,119 @@
+"""Frozen-encoder evaluation: features against a direct forward, the results table, mode=eval,
+near-chance accuracy where labels carry no signal, and every named TFDS dataset under mock data."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from ocl_jax import eval_datasets, evaluation, export, train
+from ocl_jax.models import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory, scenes_data_dir):
+  """A random-init tiny encoder exported like a finished run: (config, workdir)."""
+  from tests.conftest import make_tiny_config
+  config = make_tiny_config(scenes_data_dir)
+  ctx = train.make_context(config, 4, 10)
+  state = jax.device_get(train.create_train_state(0, config, ctx))
+  workdir = str(tmp_path_factory.mktemp("run"))
+  export.export_encoder(os.path.join(workdir, "export"), state.params, state.batch_stats,
+                        ModelSpec.from_config(config), config)
+  config.evaluation.image_size = 32
+  config.evaluation.batch_size = 24          # 6 per device; splits of 64 end with a padded batch
+  config.evaluation.num_l2_values = 5
+  config.evaluation.lbfgs_max_iters = 50
+  config.evaluation.knn_k = 5
+  return config, workdir
+
+
+def test_features_match_a_direct_forward_in_order(tiny_export):
+  config, workdir = tiny_export
+  module, variables, name = evaluation.load_frozen_encoder(workdir)
+  assert name == os.path.basename(workdir)
+  ds = eval_datasets.get_eval_dataset("scenes", scenes_name="scenes/tiny",
+                                      data_dir=config.dataset.data_dir)
+  batches = eval_datasets.split_batches(ds, "test", image_size=32, crop_fraction=1.0,
+                                        batch_size=24, data_dir=config.dataset.data_dir)
+  feats, labels = evaluation.extract_features(module, variables, batches)
+  ref = list(tfds.as_numpy(tfds.load("scenes/tiny", split="test", data_dir=config.dataset.data_dir)))
+  assert feats.shape[0] == len(ref) == 64
+  np.testing.assert_array_equal(labels, [r["label"] for r in ref])
+  x = np.stack([r["image"] for r in ref]).astype(np.float32) / 255.0
+  x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  want = np.asarray(module.apply(variables, x.astype(np.float32), train=False)).mean(axis=(1, 2))
+  np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+
+
+def test_results_table_hand_case():
+  rows = {"vanilla": {"scenes/linear/test": 0.8123, "loc/mask_miou": 0.4567},
+          "oacrop": {"scenes/linear/test": 0.85, "scenes/knn/test": 0.5}}
+  table = evaluation.results_table(rows, "T")
+  assert table.splitlines() == [
+      "T", "",
+      "| checkpoint | scenes/linear/test | loc/mask_miou | scenes/knn/test |",
+      "|---|---|---|---|",
+      "| vanilla | 81.2 | 0.457 | – |",
+      "| oacrop | 85.0 | – | 50.0 |"]
+
+
+def test_eval_mode_writes_json_and_markdown_rows(tiny_export, tmp_path):
+  config, workdir = tiny_export
+  c = config.copy_and_resolve_references()
+  c.mode = "eval"
+  c.evaluation.checkpoints = (workdir, os.path.join(workdir, "export"))
+  rows = evaluation.run(c, str(tmp_path))
+  assert set(rows) == {os.path.basename(workdir), "export"}
+  row = rows["export"]
+  for split in ("val", "test", "mixed_same", "mixed_rand", "only_fg", "single"):
+    assert 0.0 <= row[f"scenes/linear/{split}"] <= 1.0
+  for split in ("test", "mixed_rand"):
+    assert 0.0 <= row[f"scenes/knn/{split}"] <= 1.0
+  assert np.isclose(row["scenes/linear/bg_gap"], row["scenes/linear/test"] - row["scenes/linear/mixed_rand"])
+  # The same encoder twice: the same numbers.
+  assert rows["export"] == rows[os.path.basename(workdir)]
+  saved = json.load(open(tmp_path / "eval_results.json"))
+  assert saved["rows"] == json.loads(json.dumps(rows))
+  md = (tmp_path / "eval_results.md").read_text()
+  assert "| export |" in md and "scenes/linear/mixed_rand" in md
+
+
+def test_labels_without_signal_give_chance_accuracy(tiny_export, tmp_path):
+  """Noise images in random class folders (train / val / test disjoint): the probe and kNN
+  must be at chance (1/4), which fails if features or labels leak between splits."""
+  from PIL import Image
+  config, workdir = tiny_export
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 240), ("val", 80), ("test", 240)):
+    for i in range(n):
+      d = tmp_path / "noise" / split / f"class{rng.integers(4)}"
+      d.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+  for split in ("train", "val", "test"):  # every class present in every split
+    for k in range(4):
+      (tmp_path / "noise" / split / f"class{k}").mkdir(exist_ok=True)
+  c = config.copy_and_resolve_references()
+  c.evaluation.datasets = (f"folder:{tmp_path / 'noise'}",)
+  module, variables, _ = evaluation.load_frozen_encoder(workdir)
+  row = evaluation.evaluate_encoder(c, module, variables)
+  name = c.evaluation.datasets[0]
+  assert abs(row[f"{name}/linear/test"] - 0.25) < 0.1, row
+  assert abs(row[f"{name}/knn/test"] - 0.25) < 0.1, row
+
+
+@pytest.mark.parametrize("name", ["coco_crop", "caltech_birds2011", "oxford_flowers102", "food101",
+                                  "oxford_iiit_pet", "cifar100"])
+def test_every_tfds_dataset_evaluates_under_mock_data(tiny_export, name):
+  config, workdir = tiny_export
+  c = config.copy_and_resolve_references()
+  c.evaluation.datasets = (name,)
+  c.evaluation.protocols = ("linear", "knn")
+  module, variables, _ = evaluation.load_frozen_encoder(workdir)
+  with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=12):
+    row = evaluation.evaluate_encoder(c, module, variables)
+  assert f"{name}/linear/test" in row and f"{name}/knn/test" in row
+  assert all(0.0 <= v <= 1.0 for k, v in row.items() if not k.endswith("bg_gap"))

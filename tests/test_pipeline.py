@@ -1,0 +1,87 @@
+"""The three-stage pipeline on scenes/tiny: every stage, its outputs, the table, resuming."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from ocl_jax import pipeline
+from ocl_jax.configuration import ConfigError
+
+
+def _pipeline_config(tiny_config):
+  c = tiny_config
+  c.mode = "pipeline"
+  c.num_train_steps = 2
+  c.log_every_steps = c.checkpoint_every_steps = 2
+  c.eval_every_steps = 0
+  c.contracam.iterations = 1
+  c.contracam.expand_res = 1
+  c.contracam.batch_size = 32
+  c.evaluation.image_size = 32
+  c.evaluation.batch_size = 32
+  c.evaluation.num_l2_values = 3
+  c.evaluation.lbfgs_max_iters = 20
+  c.evaluation.knn_k = 5
+  c.evaluation.protocols = ("linear",)
+  c.pipeline.localization_images = 16
+  return c
+
+
+def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(tiny_config, tmp_path, caplog, capsys):
+  c = _pipeline_config(tiny_config)
+  work = str(tmp_path)
+  with caplog.at_level(logging.INFO):
+    rows = pipeline.run(c, work)
+  assert set(rows) == {"vanilla", "oacrop", "bgmix"}
+  for stage in ("vanilla", "oacrop", "bgmix"):
+    assert os.path.exists(os.path.join(work, stage, "export", "model.json"))
+    assert "scenes/linear/test" in rows[stage] and "loc/mask_miou" in rows[stage]
+  boxes = os.path.join(work, "contracam", "boxes_train.txt")
+  masks = os.path.join(work, "contracam", "masks_train")
+  assert len(open(boxes).read().splitlines()) == 256 and len(os.listdir(masks)) == 256
+  assert "Stage 3/5: oacrop" in capsys.readouterr().out
+  table = open(os.path.join(work, "results.md")).read()
+  assert "| vanilla |" in table and "| bgmix |" in table
+  # The retraining stages used the ContraCAM outputs.
+  cfg = json.load(open(os.path.join(work, "oacrop", "export", "model.json")))["config"]
+  assert cfg["object_aware"]["crop"] and cfg["object_aware"]["boxes"] == boxes
+  cfg = json.load(open(os.path.join(work, "bgmix", "export", "model.json")))["config"]
+  assert cfg["bg_mixup"]["enabled"] and cfg["bg_mixup"]["masks"] == masks
+
+  # Run again: nothing is redone. Then lose the bgmix stage's marker (a run killed at its
+  # end): only bgmix runs again, resuming from its checkpoint, and eval is kept.
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    assert pipeline.run(c, work) == rows
+  assert caplog.text.count("already done") == 5
+  os.remove(os.path.join(work, "bgmix", pipeline.DONE_FILE))
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    pipeline.run(c, work)
+  assert "Resumed from step 2" in caplog.text
+  assert caplog.text.count("already done") == 4
+
+
+@pytest.mark.parametrize("stages, message", [
+    (("vanilla", "oacrop", "contracam"), "'contracam' must come before it"),
+    (("contracam", "vanilla"), "'vanilla' must come before it"),
+    (("vanilla", "sgd"), "unknown stage 'sgd'"),
+])
+def test_stage_order_is_validated(tiny_config, stages, message):
+  c = tiny_config
+  c.pipeline.stages = stages
+  with pytest.raises(ConfigError, match=message):
+    pipeline.validate_pipeline(c)
+
+
+def test_stage_configs(tiny_config, tmp_path):
+  c = tiny_config
+  c.pipeline.oacrop_boxes = "gt"
+  oa = pipeline.stage_config(c, "oacrop", str(tmp_path))
+  assert oa.object_aware.crop and oa.object_aware.boxes == "gt" and not oa.bg_mixup.enabled
+  bg = pipeline.stage_config(c, "bgmix", str(tmp_path))
+  assert bg.bg_mixup.enabled and bg.bg_mixup.masks == str(tmp_path / "contracam" / "masks_train")
+  assert not bg.object_aware.crop
+  assert not c.bg_mixup.enabled    # the pipeline's own config is untouched
