@@ -117,3 +117,42 @@ def test_every_tfds_dataset_evaluates_under_mock_data(tiny_export, name):
     row = evaluation.evaluate_encoder(c, module, variables)
   assert f"{name}/linear/test" in row and f"{name}/knn/test" in row
   assert all(0.0 <= v <= 1.0 for k, v in row.items() if not k.endswith("bg_gap"))
+
+
+def test_imagenet9_probe_scores_objectnet9_and_si_score(tiny_export, tmp_path):
+  """Test-only sets are scored with the ImageNet-9 probe: images identical to an ImageNet-9
+  test variant's give the same accuracy; classes are matched by folder name."""
+  from PIL import Image
+  config, workdir = tiny_export
+  rng = np.random.default_rng(1)
+  classes = eval_datasets.IMAGENET9_CLASSES
+  colours = rng.integers(0, 256, (9, 3))
+  def image(k):  # class k: its colour plus noise, so a probe can learn it
+    return np.clip(colours[k] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+  bg = tmp_path / "bg_challenge"
+  for variant, split, n in [("original", "train", 10), ("original", "val", 2), ("mixed_same", "val", 2),
+                            ("mixed_rand", "val", 2), ("only_fg", "val", 2)]:
+    for k, name in enumerate(classes):
+      d = bg / variant / split / name
+      d.mkdir(parents=True)
+      for i in range(n):
+        Image.fromarray(image(k)).save(d / f"{i}.png")
+  # ObjectNet-9: a copy of original/val with the classes in another folder order on disk.
+  for k, name in enumerate(classes):
+    src = bg / "original" / "val" / name
+    for sub in (tmp_path / "objectnet9" / name, tmp_path / "si" / "rotation" / name):
+      sub.mkdir(parents=True)
+      for f in src.iterdir():
+        (sub / f.name).write_bytes(f.read_bytes())
+  c = config.copy_and_resolve_references()
+  c.evaluation.datasets = ("objectnet9", "si_score", "imagenet9")
+  c.evaluation.folders.imagenet9 = str(bg)
+  c.evaluation.folders.objectnet9 = str(tmp_path / "objectnet9")
+  c.evaluation.folders.si_score = str(tmp_path / "si")
+  module, variables, _ = evaluation.load_frozen_encoder(workdir)
+  row = evaluation.evaluate_encoder(c, module, variables)
+  for proto in ("linear", "knn"):
+    assert row[f"objectnet9/{proto}/test"] == row[f"imagenet9/{proto}/original"]
+    assert row[f"si_score/{proto}/rotation"] == row[f"imagenet9/{proto}/original"]
+  assert row["imagenet9/linear/original"] > 0.5      # colours are learnable: far above 1/9
+  assert "imagenet9/linear/bg_gap" in row
