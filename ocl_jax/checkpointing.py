@@ -3,6 +3,13 @@
 Resuming checks that the checkpoint was written for the same model and that
 every array has the shape the current config expects, so a checkpoint of
 another architecture is a clear error instead of a silently wrong restore.
+
+In a multi-process job every process calls save / restore / close (Orbax
+synchronises them). The saved state is the replicated state as host NumPy,
+which Orbax writes from process 0 only and every process reads back: the
+checkpoint holds no device or process layout, so it resumes under any
+process count. The workdir must be one directory that every process sees
+(a shared or network file system).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -66,6 +74,13 @@ class Checkpointer:
   def restore_or(self, template: Any) -> Any:
     """The newest checkpoint restored into `template`'s structure, or `template` if none."""
     step = self.manager.latest_step()
+    if jax.process_count() > 1:
+      steps = multihost_utils.process_allgather(np.array(-1 if step is None else step, np.int32))
+      if len(set(np.asarray(steps).tolist())) > 1:
+        raise CheckpointMismatchError(
+            f"The processes see different newest checkpoints in {self.directory} (steps "
+            f"{np.asarray(steps).tolist()}, -1: none): every process must see the same workdir "
+            "(a shared file system)")
     if step is None:
       return template
     source = f"checkpoint {self.directory}/{step}"

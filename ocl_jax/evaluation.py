@@ -52,17 +52,25 @@ def extract_features(module: Any, variables: Any, batches: Iterator[dict[str, np
   """
   n_dev = jax.local_device_count()
   forward = _pmapped_features(module)
-  feats, labels = [], []
+  feats, labels, shape = [], [], None
   for batch in tqdm.tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
                          disable=jax.process_index() > 0):
     b = batch["image"].shape[0]
     if b % n_dev:
       raise ValueError(f"evaluation batch {b} is not divisible by the {n_dev} local devices")
-    out = forward(variables, batch["image"].reshape((n_dev, b // n_dev) + batch["image"].shape[1:]))
+    shape = (n_dev, b // n_dev) + batch["image"].shape[1:]
+    out = forward(variables, batch["image"].reshape(shape))
     out = np.asarray(out).reshape(b, -1)
     keep = batch["valid"] > 0
     feats.append(out[keep])
     labels.append(batch["label"][keep])
+  if jax.process_count() > 1:
+    # Every process runs the multi-process pmap equally often: shorter shards run
+    # padding batches whose outputs are dropped.
+    counts = np.asarray(multihost_utils.process_allgather(np.array([len(feats)], np.int32)))
+    if shape is not None:
+      for _ in range(int(counts.max()) - len(feats)):
+        forward(variables, np.zeros(shape, np.uint8)).block_until_ready()
   if not feats:
     raise ValueError(f"{desc}: no examples")
   return gather_over_processes(np.concatenate(feats).astype(np.float32),

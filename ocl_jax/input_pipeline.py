@@ -7,7 +7,11 @@ its ratio in real pixel units as torchvision does.
 
 The training stream is a pure function of (seed, step): epoch e is shuffled
 with a seed derived from (seed, e), and a run resumed at step s starts at
-batch s exactly (the examples before it are skipped before decoding).
+batch s exactly (the examples before it are skipped before decoding). In a
+multi-process job every process walks the same global order and keeps its
+contiguous slice of each global batch (process p: examples [p*b, (p+1)*b)
+of it, b = batch_size / processes), decoding only those; so the global batch
+of a step is the one a single process would see, whatever the process count.
 
 Besides TFDS names, config.dataset.name may be `folder:<root>`, a local folder
 of <class>/<image files> (e.g. ImageNet-9's bg_challenge/original/train); see
@@ -66,7 +70,7 @@ def get_builder(name: str, data_dir: str | None) -> "tfds.core.DatasetBuilder | 
 
 
 def open_split(builder: "tfds.core.DatasetBuilder | FolderSource", split: Any, *,
-               shuffle_seed: int | None = None) -> tf.data.Dataset:
+               shuffle_seed: int | None = None, decoders: Any = None) -> tf.data.Dataset:
   """builder.as_dataset with a clear error when the data is not where the config says.
 
   For a FolderSource: the file records of `split` (image/filename, label,
@@ -79,7 +83,7 @@ def open_split(builder: "tfds.core.DatasetBuilder | FolderSource", split: Any, *
                                 skip_prefetch=True)
   try:
     return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
-                              read_config=read_config)
+                              read_config=read_config, decoders=decoders)
   except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
     raise DatasetNotFoundError(
         f"Dataset {builder.info.full_name} split {split!r} was not found in data_dir "
@@ -223,13 +227,24 @@ def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
   return int(np.random.SeedSequence([seed, epoch, *extra]).generate_state(1)[0] % (2**31))
 
 
+def _image_features(builder: "tfds.core.DatasetBuilder | FolderSource") -> list[str]:
+  """Top-level Image features of a TFDS dataset: the ones worth decoding only when kept."""
+  if isinstance(builder, FolderSource):
+    return []
+  return [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+
+
 @dataclasses.dataclass
 class TrainData:
   """The training stream of this process, its size and how its epochs are cut.
 
-  Folder datasets (`files` set): epoch e visits this process's files in a
-  permutation seeded by (seed, e); slot j of the epoch (j < steps_per_epoch *
-  local_batch, the rest is dropped) holds file order[j]. A file that cannot be
+  Every process reads the whole split in the same order and keeps its slice
+  of each global batch (see the module docstring); with one process the slice
+  is the whole batch.
+
+  Folder datasets (`files` set): epoch e visits the files in a permutation
+  seeded by (seed, e); slot j of the epoch (j < steps_per_epoch *
+  global_batch, the rest is dropped) holds file order[j]. A file that cannot be
   read or decoded is replaced in its slot by the first readable file of a
   second seeded permutation (alt[j], alt[j+1], ...), so every epoch has
   exactly steps_per_epoch full batches (computed from the listed count), a
@@ -242,7 +257,7 @@ class TrainData:
   builder: "tfds.core.DatasetBuilder | FolderSource"
   split: Any
   local_batch: int
-  num_examples: int  # in this process's shard
+  num_examples: int  # in the split (every process walks all of it)
   steps_per_epoch: int
   image_size: int
   shuffle_buffer: int
@@ -251,12 +266,25 @@ class TrainData:
   fg_masks: str | None = None  # BG-mixup masks: 'gt' or a folder (config.bg_mixup.masks)
   missing_box_count: int = 0  # examples streamed so far that the box file lacks (tolerant mode)
   mask_ids: MaskIds | None = None  # the ids the BG-mixup mask folder has
-  files: "FolderFiles | None" = None  # folder datasets: this process's files
+  files: "FolderFiles | None" = None  # folder datasets: all the files (every process)
   unreadable_count: int = 0  # folder datasets: slots streamed so far whose file was unreadable
   unreadable_files: set[str] = dataclasses.field(default_factory=set)  # ... those files
+  process_index: int = 0  # this process's slice of each global batch ...
+  process_count: int = 1  # ... out of this many
+
+  @property
+  def global_batch(self) -> int:
+    return self.local_batch * self.process_count
+
+  def _own_slice(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """The elements of this process's slice of each global batch (all on one process)."""
+    if self.process_count == 1:
+      return ds
+    b, g, p = self.local_batch, self.global_batch, self.process_index
+    return ds.enumerate().filter(lambda i, _: i % g // b == p).map(lambda _, ex: ex)
 
   def folder_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Folder datasets: (order, alt), the permutations of this process's files in `epoch`."""
+    """Folder datasets: (order, alt), the permutations of the files in `epoch`."""
     n = len(self.files)
     return (np.random.default_rng(_epoch_seed(self.seed, epoch)).permutation(n),
             np.random.default_rng(_epoch_seed(self.seed, epoch, 1)).permutation(n))
@@ -265,11 +293,21 @@ class TrainData:
     if self.files is not None:
       return self._folder_epoch(epoch, skip_batches)
     seed = _epoch_seed(self.seed, epoch)
-    ds = open_split(self.builder, self.split, shuffle_seed=seed)
+    # Several processes: images are decoded after the slice, only by the process that keeps them.
+    deferred = _image_features(self.builder) if self.process_count > 1 else []
+    ds = open_split(self.builder, self.split, shuffle_seed=seed,
+                    decoders={k: tfds.decode.SkipDecoding() for k in deferred} or None)
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-    ds = ds.take(self.steps_per_epoch * self.local_batch)
-    ds = ds.skip(skip_batches * self.local_batch)
-    ds = ds.map(self._preprocess(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.take(self.steps_per_epoch * self.global_batch)
+    ds = ds.skip(skip_batches * self.global_batch)
+    ds = self._own_slice(ds)
+    preprocess, feats = self._preprocess(), _features(self.builder)
+    if deferred:
+      decode = lambda ex: {**ex, **{k: feats[k].decode_example(ex[k]) for k in deferred}}
+      ds = ds.map(lambda ex: preprocess(decode(ex)), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
+    else:
+      ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -288,8 +326,8 @@ class TrainData:
       ds = tf.data.Dataset.from_tensor_slices(candidates).map(load).ignore_errors().take(1)
       return ds.map(lambda ex: {**ex, "slot": slot})
 
-    ds = tf.data.Dataset.range(self.steps_per_epoch * self.local_batch)
-    ds = ds.skip(skip_batches * self.local_batch)  # before decoding
+    ds = tf.data.Dataset.range(self.steps_per_epoch * self.global_batch)
+    ds = self._own_slice(ds.skip(skip_batches * self.global_batch))  # before decoding
     ds = ds.interleave(slot_example, cycle_length=tf.data.AUTOTUNE, block_length=1,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     preprocess = self._preprocess()
@@ -304,7 +342,8 @@ class TrainData:
     """Drop the host-only keys of a folder batch; record the files that were replaced."""
     del batch["id"]
     slots, used = batch.pop("slot"), batch.pop("file_index")
-    expected = np.arange(step_in_epoch * self.local_batch, (step_in_epoch + 1) * self.local_batch)
+    start = step_in_epoch * self.global_batch + self.process_index * self.local_batch
+    expected = np.arange(start, start + self.local_batch)
     if not np.array_equal(slots, expected):
       lost = sorted(set(expected.tolist()) - set(slots.tolist()))
       raise RuntimeError(
@@ -358,49 +397,64 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
   mask_ids = MaskIds.from_folder(fg_masks) if fg_masks not in (None, "gt") else None
   if isinstance(builder, FolderSource):
     return _create_folder_train_data(config, builder, local_batch, fg_masks, mask_ids)
-  split = tfds.split_for_jax_process(d.train_split, drop_remainder=True)
+  # The whole split, as one process reads it: every process walks the same global order.
+  split = tfds.split_for_jax_process(d.train_split, process_index=0, process_count=1,
+                                     drop_remainder=True)
   n = int(open_split(builder, split).cardinality())
   if n < 0:
     raise ValueError(f"Cannot count the examples of {d.name} split {d.train_split!r}")
-  if n < local_batch:
+  if n < config.batch_size:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} examples of "
-                     f"{d.name} split {d.train_split!r} available to this process")
+                     f"{d.name} split {d.train_split!r}")
   return TrainData(builder=builder, split=split, local_batch=local_batch, num_examples=n,
-                   steps_per_epoch=n // local_batch, image_size=d.image_size,
+                   steps_per_epoch=n // config.batch_size, image_size=d.image_size,
                    shuffle_buffer=d.shuffle_buffer, seed=config.seed,
                    region_boxes=create_region_boxes(config, builder),
-                   fg_masks=fg_masks, mask_ids=mask_ids)
+                   fg_masks=fg_masks, mask_ids=mask_ids, process_index=jax.process_index(),
+                   process_count=jax.process_count())
 
 
 def _create_folder_train_data(config: ml_collections.ConfigDict, source: "FolderSource",
                               local_batch: int, fg_masks: str | None, mask_ids: MaskIds | None
                               ) -> TrainData:
-  """The whole folder is the training set; each process takes every process_count-th file,
-  all processes the same number (the remainder is dropped, as split_for_jax_process does)."""
+  """The whole folder is the training set; every process permutes all its files alike and
+  reads only the slots of its slice of each global batch."""
   d = config.dataset
   if d.train_split != "train":
     raise ValueError(f"config.dataset.train_split={d.train_split!r}: a folder dataset "
                      f"({d.name}) trains on its whole folder; set it to 'train'")
   files = source.files("train")
-  per_process = len(files) // jax.process_count()
-  files = files.shard(jax.process_index(), jax.process_count(), per_process)
   n = len(files)
-  if n < local_batch:
+  if n < config.batch_size:
     raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} images of "
-                     f"{d.name} available to this process")
-  logging.info("%s: %d image files in %d classes (%d for this process)", d.name,
-               per_process * jax.process_count(), len(source.class_names), n)
+                     f"{d.name}")
+  logging.info("%s: %d image files in %d classes", d.name, n, len(source.class_names))
   return TrainData(builder=source, split="train", local_batch=local_batch, num_examples=n,
-                   steps_per_epoch=n // local_batch, image_size=d.image_size,
+                   steps_per_epoch=n // config.batch_size, image_size=d.image_size,
                    shuffle_buffer=d.shuffle_buffer, seed=config.seed,
                    region_boxes=create_region_boxes(config, source), fg_masks=fg_masks,
-                   mask_ids=mask_ids, files=files)
+                   mask_ids=mask_ids, files=files, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+
+
+def _longest_shard(builder: "tfds.core.DatasetBuilder | FolderSource", split: str) -> int:
+  """Examples in the largest process shard of `split` (listed files for folders)."""
+  n = jax.process_count()
+  if isinstance(builder, FolderSource):
+    return -(-len(builder.files(split)) // n)  # shard 0 of every n-th file
+  return max(builder.info.splits[s].num_examples
+             for s in tfds.even_splits(split, n, drop_remainder=False))
 
 
 def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int | None = None,
                  max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's shard of `split`, in order; the last batch is padded and
-  every batch carries `valid` (1 for real examples), so no example is dropped or counted twice."""
+  every batch carries `valid` (1 for real examples), so no example is dropped or counted twice.
+
+  With several processes (shards of one example more or less) each yields the same number
+  of batches, the longest shard's, padding with empty ones: the pmapped step that consumes
+  them has collectives, which every process must run equally often.
+  """
   d = config.dataset
   builder = get_builder(d.name, d.data_dir)
   local_batch = (batch_size or config.batch_size) // jax.process_count()
@@ -410,6 +464,11 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int 
     ds = files.decoded()
   else:
     ds = open_split(builder, tfds.split_for_jax_process(split, drop_remainder=False))
+  num_batches = None
+  if jax.process_count() > 1:
+    num_batches = -(-_longest_shard(builder, split) // local_batch)
+    if max_batches is not None:
+      num_batches = min(num_batches, max_batches)
   pre = make_preprocess(builder, d.image_size)
   keep = ("file_index",) if files is not None else ()
   ds = ds.map(lambda ex: {**pre(ex), **{k: ex[k] for k in keep}, "valid": tf.constant(1, tf.int32)},
@@ -418,13 +477,18 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int 
   batches = tfds.as_numpy(ds)
   if files is not None:
     batches = files.track_unreadable(batches, f"{d.name} split {split!r}")
-  for i, batch in enumerate(batches):
-    if max_batches is not None and i >= max_batches:
+  i = 0
+  for i, batch in enumerate(batches, start=1):
+    if max_batches is not None and i > max_batches:
       break
     pad = local_batch - batch["valid"].shape[0]
     if pad:
       batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
     yield _shard_for_devices(batch)
+  empty = {k: np.zeros((local_batch,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
+           for k, spec in ds.element_spec.items() if k not in keep}
+  for _ in range(i, num_batches or 0):  # this shard ran out before the longest one
+    yield _shard_for_devices(empty)
 
 
 MAX_GT_BOXES = 16

@@ -37,6 +37,8 @@ def global_offset(local_batch: int) -> jax.Array:
   """Index of this device's first example in the global batch (inside pmap).
 
   Keys derived from global indices make augmentation independent of how the
-  global batch is split over devices and processes.
+  global batch is split over devices and processes. With several processes
+  the axis index is global and process-major (process p holds devices
+  p*D ... p*D+D-1), matching the input pipeline's per-process slices.
   """
   return jax.lax.axis_index(AXIS) * local_batch

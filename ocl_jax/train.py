@@ -412,8 +412,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batches = itertools.chain([first], batches)
 
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices",
-               config.method, total_steps, data.steps_per_epoch, config.batch_size, jax.device_count())
+  logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices, %d "
+               "per process", config.method, total_steps, data.steps_per_epoch, config.batch_size,
+               jax.device_count(), data.local_batch)
   pending: list[dict[str, jax.Array]] = []
   last_log = time.time()
   skipped = 0
