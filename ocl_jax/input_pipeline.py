@@ -151,7 +151,7 @@ def make_preprocess(builder: "tfds.core.DatasetBuilder | FolderSource", image_si
     if region_boxes is not None:
       out.update(region_boxes(example))
     if fg_masks is not None:
-      out["fg_mask"] = _foreground_mask(example, feats, fg_masks, image_size, mask_ids)
+      out["fg_mask"] = _foreground_mask(example, feats, fg_masks, image_size, mask_ids, aspect)
     return out
 
   return preprocess
@@ -200,8 +200,13 @@ class MaskIds:
 
 
 def _foreground_mask(example: dict[str, Any], feats: Any, source: str, size: int,
-                     mask_ids: MaskIds | None = None) -> tf.Tensor:
-  """BG-mixup's soft mask: the dataset's 0/1 `mask`, or <source>/<image id>.png (save_masks)."""
+                     mask_ids: MaskIds | None = None, aspect: tf.Tensor | None = None) -> tf.Tensor:
+  """BG-mixup's soft mask: the dataset's 0/1 `mask`, or <source>/<image id>.png (save_masks).
+
+  A mask covers the whole image, so it is resized to the square like the image. A mask PNG
+  that is neither square (what save_masks writes: the resized image) nor of the image's own
+  aspect ratio cannot belong to the image: an InvalidArgumentError names the file.
+  """
   if source == "gt":
     if "mask" not in feats:
       raise ValueError("config.bg_mixup.masks='gt' needs a `mask` feature (scenes); give a folder "
@@ -214,6 +219,15 @@ def _foreground_mask(example: dict[str, Any], feats: Any, source: str, size: int
     with tf.control_dependencies(checks):
       path = tf.identity(path)
     mask = tf.cast(tf.io.decode_png(tf.io.read_file(path), channels=1), tf.float32)
+    if aspect is not None:
+      hw = tf.cast(tf.shape(mask)[:2], tf.float32)
+      mask_aspect = hw[1] / hw[0]
+      fits = (tf.abs(mask_aspect - 1.0) < 0.02) | (tf.abs(mask_aspect / aspect - 1.0) < 0.02)
+      check = tf.debugging.Assert(fits, ["BG-mixup mask", path, "has shape", tf.shape(mask)[:2],
+                                         "which is neither square nor of the image's aspect", aspect,
+                                         "(config.bg_mixup.masks: a mask folder of another dataset?)"])
+      with tf.control_dependencies([check]):
+        mask = tf.identity(mask)
   mask = tf.image.resize(mask, (size, size), method="bilinear")[..., 0]
   return tf.cast(tf.clip_by_value(tf.round(mask), 0, 255), tf.uint8)
 

@@ -86,3 +86,20 @@ def test_view_pictures_of_oacrop_and_bg_mixup(tiny_config, tmp_path, caplog):
   source = grid[:, :64]
   for colour in ((255, 220, 0), (255, 60, 60), (60, 140, 255)):
     assert np.any(np.all(source == colour, axis=-1)), colour
+
+
+def test_mask_of_the_wrong_shape_is_an_error_naming_the_file(tiny_config, tmp_path):
+  """scenes images are square: a 16x40 mask cannot be theirs."""
+  import tensorflow as tf
+  ids = [int(ex["image/id"]) for ex in tfds.as_numpy(
+      tfds.load("scenes/tiny", split="train", data_dir=tiny_config.dataset.data_dir))]
+  folder = tmp_path / "masks"
+  folder.mkdir()
+  for i in ids:
+    shape = (16, 40) if i == ids[0] else (20, 20)   # other sizes than the images are fine
+    Image.fromarray(np.full(shape, 200, np.uint8)).save(folder / f"{i}.png")
+  c = _bg_config(tiny_config, masks=str(folder))
+  data = input_pipeline.create_train_data(c)
+  with pytest.raises(tf.errors.InvalidArgumentError, match=f"{ids[0]}.png"):
+    for _ in tfds.as_numpy(data.epoch(0)):
+      pass
