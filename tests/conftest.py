@@ -70,3 +70,16 @@ def train_two_steps(config, workdir, caplog):
   assert int(state.step) == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
   return state, caplog.text
+
+
+def export_random_init(config, workdir):
+  """A random-init model of `config` exported to WORKDIR/export, as a finished run leaves it:
+  (host state, export dir)."""
+  import os
+  from ocl_jax import export, train
+  from ocl_jax.models import ModelSpec
+  ctx = train.make_context(config, 4, 10)
+  state = jax.device_get(train.create_train_state(0, config, ctx))
+  export_dir = export.export_encoder(os.path.join(workdir, "export"), state.params,
+                                     state.batch_stats, ModelSpec.from_config(config), config)
+  return state, export_dir

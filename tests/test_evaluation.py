@@ -4,25 +4,20 @@ near-chance accuracy where labels carry no signal, and every named TFDS dataset 
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ocl_jax import eval_datasets, evaluation, export, train
-from ocl_jax.models import ModelSpec
+from ocl_jax import eval_datasets, evaluation
 
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory, scenes_data_dir):
   """A random-init tiny encoder exported like a finished run: (config, workdir)."""
-  from tests.conftest import make_tiny_config
+  from tests.conftest import export_random_init, make_tiny_config
   config = make_tiny_config(scenes_data_dir)
-  ctx = train.make_context(config, 4, 10)
-  state = jax.device_get(train.create_train_state(0, config, ctx))
   workdir = str(tmp_path_factory.mktemp("run"))
-  export.export_encoder(os.path.join(workdir, "export"), state.params, state.batch_stats,
-                        ModelSpec.from_config(config), config)
+  export_random_init(config, workdir)
   config.evaluation.image_size = 32
   config.evaluation.batch_size = 24          # 6 per device; splits of 64 end with a padded batch
   config.evaluation.num_l2_values = 5

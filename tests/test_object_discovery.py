@@ -9,24 +9,20 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax import checkpointing, export, localization, object_discovery, train
+from ocl_jax import checkpointing, localization, object_discovery
 from ocl_jax.models import ModelSpec
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, scenes_data_dir):
   """A training workdir (one checkpoint) and an export of the same random-init model."""
-  from tests.conftest import make_tiny_config
+  from tests.conftest import export_random_init, make_tiny_config
   config = make_tiny_config(scenes_data_dir)
-  ctx = train.make_context(config, 4, 10)
-  state = jax.device_get(train.create_train_state(0, config, ctx))
   workdir = str(tmp_path_factory.mktemp("run"))
-  spec = ModelSpec.from_config(config)
-  ckpt = checkpointing.Checkpointer(workdir, spec, config)
+  state, export_dir = export_random_init(config, workdir)
+  ckpt = checkpointing.Checkpointer(workdir, ModelSpec.from_config(config), config)
   ckpt.save(3, state)
   ckpt.close()
-  export_dir = export.export_encoder(os.path.join(workdir, "export"), state.params,
-                                     state.batch_stats, spec, config)
   return config, workdir, export_dir, state
 
 
