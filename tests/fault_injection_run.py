@@ -1,8 +1,9 @@
 """`python -m ocl_jax.main` with a fault injected: SIGKILL in the middle of saving one step.
 
-OCL_KILL_DURING_SAVE=<step> kills the process after that step's checkpoint
-files are written but before Orbax's atomic rename commits them, the worst
-moment for a crash. Used by tests/test_reliability.py only.
+OCL_KILL_DURING_SAVE=<step> (or `first`: whichever step this process saves first)
+kills the process after that step's checkpoint files are written but before
+Orbax's atomic rename commits them, the worst moment for a crash. Used by
+tests/test_reliability.py only.
 """
 
 import os
@@ -19,8 +20,9 @@ _finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
 
 async def _finalize_or_die(self, *args, **kwargs):
-  if _step is not None and self.get_final().name == _step:
-    sys.stderr.write(f"FAULT: killed while saving step {_step}\n")
+  name = self.get_final().name
+  if _step is not None and name.isdigit() and _step in (name, "first"):
+    sys.stderr.write(f"FAULT: killed while saving step {name}\n")
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
   return await _finalize(self, *args, **kwargs)

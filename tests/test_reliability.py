@@ -47,9 +47,11 @@ def test_nonfinite_step_stops_the_run_keeping_the_last_good_checkpoint(tiny_conf
   assert f"last good checkpoint (step {bad - 1})" in str(e.value)
 
 
-def _run(workdir, data_dir, steps, env_extra=None, kill_after=None, term_after=None):
-  """The CLI on the tiny setting; optionally SIGKILL / SIGTERM `kill_after` / `term_after`
-  seconds after training starts (a step takes ~0.1 s, so this lands at a random step)."""
+def _run(workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None):
+  """The CLI on the tiny setting; optionally SIGKILL / SIGTERM it once the log shows
+  training step `kill_at` / `term_at` (or later), after a further random fraction of
+  a step. Step-triggered, not timed, so the fault lands where the test needs it on a
+  fast or a slow machine alike."""
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(workdir).parent / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env_extra or {})}
   args = [sys.executable, "-m", "tests.fault_injection_run", "--config=configs/scenes.py",
@@ -62,18 +64,18 @@ def _run(workdir, data_dir, steps, env_extra=None, kill_after=None, term_after=N
           "--config.checkpoint_every_steps=4", "--config.view_pictures=0",
           "--config.export_encoder=False"]
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-  lines, deadline = [], None
+  target = kill_at if kill_at is not None else term_at
+  sig = signal.SIGKILL if kill_at is not None else signal.SIGTERM
+  lines, timer = [], None
   for line in proc.stderr:
     lines.append(line)
-    if deadline is None and re.search(r"\] \[\d+\] learning_rate=", line):  # training runs
-      delay = kill_after if kill_after is not None else term_after
-      if delay is not None:
-        sig = signal.SIGKILL if kill_after is not None else signal.SIGTERM
-        deadline = threading.Timer(delay, proc.send_signal, (sig,))
-        deadline.start()
+    logged = re.search(r"\] \[(\d+)\] learning_rate=", line)
+    if target is not None and timer is None and logged and int(logged.group(1)) >= target:
+      timer = threading.Timer(np.random.uniform(0.0, 0.05), proc.send_signal, (sig,))
+      timer.start()
   proc.wait(timeout=600)
-  if deadline is not None:
-    deadline.cancel()
+  if timer is not None:
+    timer.cancel()
   return proc.returncode, "".join(lines)
 
 
@@ -89,15 +91,17 @@ def test_killed_and_resumed_run_ends_with_identical_parameters(tmp_path, scenes_
 
   work = tmp_path / "interrupted"
   rng = np.random.default_rng()
-  # 1. SIGKILL at a random moment of training.
-  code, log = _run(work, scenes_data_dir, steps, kill_after=rng.uniform(0.1, 1.5))
+  # 1. SIGKILL at a random step of training.
+  code, log = _run(work, scenes_data_dir, steps, kill_at=int(rng.integers(2, 15)))
   assert code == -signal.SIGKILL, log[-3000:]
-  # 2. SIGKILL in the middle of saving step 16 (files written, not committed).
-  code, log = _run(work, scenes_data_dir, steps, env_extra={"OCL_KILL_DURING_SAVE": "16"})
-  assert code == -signal.SIGKILL and "FAULT: killed while saving step 16" in log, log[-3000:]
-  assert "16" not in os.listdir(work / "checkpoints")
-  # 3. SIGTERM at a random moment: the run saves the step it is at and exits with 143.
-  code, log = _run(work, scenes_data_dir, steps, term_after=rng.uniform(0.1, 1.0))
+  # 2. SIGKILL in the middle of the next save (files written, not committed).
+  code, log = _run(work, scenes_data_dir, steps, env_extra={"OCL_KILL_DURING_SAVE": "first"})
+  killed = re.search(r"FAULT: killed while saving step (\d+)", log)
+  assert code == -signal.SIGKILL and killed, log[-3000:]
+  assert killed.group(1) not in os.listdir(work / "checkpoints")
+  # 3. SIGTERM at a random step: the run saves the step it is at and exits with 143.
+  first = int(killed.group(1)) + 1
+  code, log = _run(work, scenes_data_dir, steps, term_at=int(rng.integers(first, max(first + 1, 30))))
   assert code == preemption.EXIT_STATUS, log[-3000:]
   saved = int(re.search(r"Termination requested: saved step (\d+)", log).group(1))
   # 4. Resume to the end.
