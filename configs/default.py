@@ -90,6 +90,32 @@ def get_config() -> ml_collections.ConfigDict:
   c.mix.kind = "none"                 # 'none' | 'mixup' (lambda per image) | 'cutmix' (per batch)
   c.mix.alpha = 1.0                   # lambda ~ Beta(alpha, alpha), then max(lambda, 1 - lambda)
 
+  # ---- Saliency-guided contrastive learning, SGCL (METHOD.md section 5) ----------------
+  # The model's own saliency, computed inside the train step: ContraCAM (T=1) of the target
+  # (EMA) network on the un-augmented image (SimCLR: the online network), stop-gradient.
+  c.saliency = ml_collections.ConfigDict()
+  c.saliency.enabled = False
+  c.saliency.resolution = 48          # side the image is resized to for ContraCAM (half size)
+  c.saliency.expand_res = 2           # ContraCAM's stride-1 layer4 (1, 2, 4): keeps its map >= 3x3
+  c.saliency.map_size = 8             # saliency grid side (ContraCAM's map is block-averaged to it;
+                                      # must divide resolution): centres and crop scores use it
+  # Maps are recomputed when older than this many steps; > 1 keeps one map per training image
+  # in the train state (a bank of N x map_size^2 bfloat16) and reuses it in between.
+  c.saliency.every_k_steps = 1
+  # Crop centres drawn from saliency^crop_temperature (1 = s / sum s; larger = sharper); the crop
+  # keeps its RandomResizedCrop size and is shifted inside the image. 0 = plain RandomResizedCrop.
+  c.saliency.crop_temperature = 1.0
+  # Pair weight ∝ (a_u a_v)^gamma with a_v the mean saliency inside crop v, normalised to mean 1
+  # over the global batch; the loss is sum(w l) / sum(w). 0 = the unweighted loss.
+  c.saliency.gamma = 1.0
+  c.saliency.num_local_crops = 0      # M small crops besides the 2 global ones (multi-crop)
+  c.saliency.local_crop_size = 48     # their side (pixels)
+  c.saliency.local_scale = (0.05, 0.4)  # their RandomResizedCrop area range
+  # 'gt': also load the dataset's true foreground masks (scenes' `mask`) to log the rank
+  # correlation of crop-pair saliency with true object coverage (sgcl_score_coverage_spearman).
+  c.saliency.coverage_masks = ""
+  c.saliency.picture_images = 8       # images in WORKDIR/saliency.png (maps with crops; 0 = off)
+
   # ---- Model ----------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.arch = "resnet18"           # resnet10 | resnet18 | resnet34 | resnet50

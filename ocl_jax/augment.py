@@ -183,6 +183,33 @@ def _crop_from_uniforms(u: jax.Array, aspect, scale, ratio, region=None) -> tupl
   return jnp.clip(box, 0.0, 1.0), accepted
 
 
+def saliency_centred_box(box: jax.Array, saliency: jax.Array, u: jax.Array,
+                         temperature: float) -> jax.Array:
+  """Move `box` (keeping its size) so its centre is drawn from saliency^temperature.
+
+  Saliency-guided crop of METHOD.md section 5: `saliency` (m, m) is a
+  piecewise-constant map on the image's normalised square; a cell is drawn
+  with probability ∝ s^temperature (inverse CDF of u[0]) and the centre
+  uniformly inside it (u[1], u[2]); the box is then shifted to lie inside
+  the image. An all-zero map gives uniform cells. temperature 0 is plain
+  RandomResizedCrop and never reaches here (augment_view keeps the box).
+  """
+  m_rows, m_cols = saliency.shape
+  s = jnp.maximum(saliency.astype(jnp.float32), 0.0).reshape(-1)
+  p = jnp.where(s > 0, jnp.power(jnp.where(s > 0, s, 1.0), temperature), 0.0)
+  p = jnp.where(jnp.sum(p) > 0, p, jnp.ones_like(p))
+  cdf = jnp.cumsum(p)
+  cell = jnp.minimum(jnp.searchsorted(cdf, u[0] * cdf[-1], side="right"), s.size - 1)
+  # Never a zero-probability cell (u[0] * total can land on a flat stretch of the CDF).
+  cell = jnp.where(p[cell] > 0, cell, jnp.argmax(p > 0))
+  cx = (cell % m_cols + u[1]) / m_cols
+  cy = (cell // m_cols + u[2]) / m_rows
+  w, h = box[2] - box[0], box[3] - box[1]
+  x1 = jnp.clip(cx - w / 2, 0.0, 1.0 - w)
+  y1 = jnp.clip(cy - h / 2, 0.0, 1.0 - h)
+  return jnp.clip(jnp.stack([x1, y1, x1 + w, y1 + h]), 0.0, 1.0)
+
+
 def sample_crop_box(key: jax.Array, aspect, scale: tuple[float, float],
                     ratio: tuple[float, float], region=None) -> jax.Array:
   """RandomResizedCrop box (torchvision get_params), vectorised over 10 trials.
@@ -493,18 +520,24 @@ def _to_float(images: jax.Array) -> jax.Array:
 
 
 def augment_view(key: jax.Array, image: jax.Array, aspect, cfg: ViewConfig,
-                 region=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 region=None, saliency=None, centre_key=None, temperature: float = 0.0,
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One augmented view of one HWC image.
 
   crop box -> crop_and_resize -> flip -> jitter (p) -> grayscale (p) -> blur (p).
   Returns (view in [0, 1], not normalised; crop box (4,); flipped bool): the
   box and flip let later code (BG-mixup masks) transform a mask identically.
+  With a `saliency` map (m, m) and temperature > 0 the crop keeps its
+  RandomResizedCrop size but is re-centred on the map (saliency_centred_box),
+  drawing from `centre_key`, so every other random number stays as without.
   """
   image = _to_float(image)
   # Every random number of the view in one draw (see _crop_from_uniforms).
   u = jax.random.uniform(key, (_CROP_UNIFORMS + _JITTER_UNIFORMS + 5,))
   u_crop, u_jit, u = u[:_CROP_UNIFORMS], u[_CROP_UNIFORMS:-5], u[-5:]
   box, _ = _crop_from_uniforms(u_crop, aspect, cfg.scale, cfg.ratio, region)
+  if saliency is not None and temperature > 0:
+    box = saliency_centred_box(box, saliency, jax.random.uniform(centre_key, (3,)), temperature)
   flipped = u[0] < cfg.flip_prob
   view = _crop_resize_flip_chw(image, box, cfg.crop_size, flipped)  # planar from here
 
@@ -524,13 +557,16 @@ def augment_view(key: jax.Array, image: jax.Array, aspect, cfg: ViewConfig,
 
 
 def augment_batch(key: jax.Array, images: jax.Array, aspects, cfg: ViewConfig,
-                  index_offset=0, regions=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  index_offset=0, regions=None, saliency=None, centre_key=None,
+                  temperature: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Augment a (B, H, W, 3) batch (uint8 or float), one key per image.
 
   Image i uses fold_in(key, index_offset + i), so with index_offset =
   device_index * local_batch the result for an image does not depend on how
   the global batch is split across devices. `aspects` (B,) are the original
-  width/height; `regions` (B, 4) optional crop regions (OA-crop).
+  width/height; `regions` (B, 4) optional crop regions (OA-crop); `saliency`
+  (B, m, m) optional maps that re-centre the crops (SGCL; image i's centre
+  draws from fold_in(centre_key, index_offset + i)).
   Returns (views (B, S, S, 3), boxes (B, 4), flips (B,)).
   """
   images = _to_float(images)
@@ -538,6 +574,12 @@ def augment_batch(key: jax.Array, images: jax.Array, aspects, cfg: ViewConfig,
   aspects = jnp.broadcast_to(jnp.asarray(aspects, jnp.float32), (batch,))
   idx = jnp.asarray(index_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+  if saliency is not None and temperature > 0:
+    if regions is not None:
+      raise ValueError("saliency-guided crops and OA-crop regions cannot be combined")
+    centre_keys = jax.vmap(lambda i: jax.random.fold_in(centre_key, i))(idx)
+    fn = lambda k, x, a, s, c: augment_view(k, x, a, cfg, None, s, c, temperature)
+    return jax.vmap(fn)(keys, images, aspects, jnp.asarray(saliency, jnp.float32), centre_keys)
   if regions is None:
     fn = lambda k, x, a: augment_view(k, x, a, cfg)
     return jax.vmap(fn)(keys, images, aspects)

@@ -92,6 +92,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(0.0 <= cc[f] <= 1.0, f"contracam.{f}", f"must be in [0, 1], got {cc[f]}", e)
   _check(cc.box_margin >= 0, "contracam.box_margin", f"must be >= 0, got {cc.box_margin}", e)
   _validate_object_aware(config, e)
+  sal = config.get("saliency")
+  if sal is not None and sal.enabled:
+    from ocl_jax import saliency
+    saliency.validate(sal, e)
+    _check(not config.object_aware.crop, "saliency.enabled",
+           "saliency-guided crops and OA-crop (object_aware.crop) cannot be combined", e)
   _validate_evaluation(config, e)
   try:
     augment.ViewConfig.from_config(config.augment)

@@ -135,7 +135,8 @@ def normalize_per_image(maps: jax.Array, eps: float = 1e-20) -> jax.Array:
 
 
 def contrastive_score(query: jax.Array, key: jax.Array, negatives: jax.Array, num_valid: Any,
-                      official: bool = False, temperature: float = 1.0) -> jax.Array:
+                      official: bool = False, temperature: float = 1.0,
+                      axis_name: str | None = None) -> jax.Array:
   """Per-image contrastive score (B,) of METHOD.md section 2.
 
   query, key: (B, D) unit vectors; negatives: (S, B, D) buffer of which the
@@ -144,12 +145,20 @@ def contrastive_score(query: jax.Array, key: jax.Array, negatives: jax.Array, nu
   official=True is the release's `_contrastive_score`:
     score_i = log sum_j exp(q_j.k_j) - log sum_{s<num_valid, j} exp(l_isj),
     l_isj = q_i.n_sj/tau for j != i and 0 for j == i (masked, then exp'd).
+  With `axis_name` (inside pmap) the negatives are every device's images, so
+  the score is that of the global batch (default score only).
   """
   b = query.shape[0]
   pos = jnp.sum(query * key, axis=-1) / temperature
+  offset = 0
+  if axis_name is not None:
+    if official:
+      raise ValueError("the official score sums over its batch; it has no cross-device form here")
+    negatives = jax.lax.all_gather(negatives, axis_name, axis=1, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * b
   logits = jnp.einsum("id,sjd->isj", query, negatives) / temperature
   set_valid = (jnp.arange(negatives.shape[0]) < num_valid)[None, :, None]
-  self_pair = jnp.eye(b, dtype=bool)[:, None, :]
+  self_pair = (offset + jnp.arange(b)[:, None] == jnp.arange(negatives.shape[1])[None, :])[:, None, :]
   if official:
     logits = jnp.where(self_pair, 0.0, logits)
     neg = jax.nn.logsumexp(jnp.where(set_valid, logits, -jnp.inf), axis=(1, 2))
@@ -187,8 +196,12 @@ def classifier_logits(features: jax.Array, classifier: Mapping[str, jax.Array]) 
 
 def contracam_apply(net: models.ContrastiveNet, settings: CamSettings, variables: Mapping[str, Any],
                     images: jax.Array, classifier: Mapping[str, jax.Array] | None = None,
-                    labels: jax.Array | None = None) -> dict[str, jax.Array]:
+                    labels: jax.Array | None = None, axis_name: str | None = None
+                    ) -> dict[str, jax.Array]:
   """ContraCAM of a batch, unjitted (call inside jit, or use `contracam`).
+
+  Inside pmap, `axis_name` makes every device's images negatives of the
+  contrastive score (as one batch), so maps do not depend on the device count.
 
   Returns mask (B, H, W): the union after T steps; cams (T, B, H, W): each
   step's normalised map; scores (T, B): each step's score; and for the
@@ -211,6 +224,8 @@ def contracam_apply(net: models.ContrastiveNet, settings: CamSettings, variables
 
   images = images.astype(jnp.float32)
   colour = images.mean(axis=(0, 1, 2))  # per-channel batch mean (normalised space, as the release)
+  if axis_name is not None:
+    colour = jax.lax.pmean(colour, axis_name)
 
   def fmap_of(x):
     return net.apply(variables, x, False, method="feature_map")
@@ -235,7 +250,8 @@ def contracam_apply(net: models.ContrastiveNet, settings: CamSettings, variables
       q_sg = jax.lax.stop_gradient(q)
       key = jnp.where(t == 0, q_sg, key)  # step 0 runs on the originals: q_0 is the key
       negatives = jax.lax.dynamic_update_index_in_dim(negatives, q_sg, t, axis=0)
-      s = contrastive_score(q, key, negatives, t + 1, settings.official_score, settings.temperature)
+      s = contrastive_score(q, key, negatives, t + 1, settings.official_score, settings.temperature,
+                            axis_name)
       return s.sum(), (s, key, negatives)
     dim = int(jax.eval_shape(embed, jax.eval_shape(fmap_of, images)).shape[-1])
     key, negatives = jnp.zeros((b, dim), jnp.float32), jnp.zeros((t_steps, b, dim), jnp.float32)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
@@ -70,7 +70,8 @@ def get_builder(name: str, data_dir: str | None) -> "tfds.core.DatasetBuilder | 
 
 
 def open_split(builder: "tfds.core.DatasetBuilder | FolderSource", split: Any, *,
-               shuffle_seed: int | None = None, decoders: Any = None) -> tf.data.Dataset:
+               shuffle_seed: int | None = None, decoders: Any = None,
+               add_tfds_id: bool = False) -> tf.data.Dataset:
   """builder.as_dataset with a clear error when the data is not where the config says.
 
   For a FolderSource: the file records of `split` (image/filename, label,
@@ -80,7 +81,7 @@ def open_split(builder: "tfds.core.DatasetBuilder | FolderSource", split: Any, *
     del shuffle_seed  # folder streams are ordered by TrainData
     return builder.records(split)
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
-                                skip_prefetch=True)
+                                skip_prefetch=True, add_tfds_id=add_tfds_id)
   try:
     return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
                               read_config=read_config, decoders=decoders)
@@ -209,8 +210,10 @@ def _foreground_mask(example: dict[str, Any], feats: Any, source: str, size: int
   """
   if source == "gt":
     if "mask" not in feats:
-      raise ValueError("config.bg_mixup.masks='gt' needs a `mask` feature (scenes); give a folder "
-                       "of ContraCAM masks written by --config.mode=save_masks instead")
+      raise ValueError("config.bg_mixup.masks='gt' (or config.saliency.coverage_masks='gt') needs "
+                       "a `mask` feature (scenes); for BG-mixup give a folder of ContraCAM masks "
+                       "written by --config.mode=save_masks instead, for SGCL set "
+                       "saliency.coverage_masks=''")
     mask = tf.cast(example["mask"], tf.float32) * 255.0
   else:
     image_id = _example_id(example, feats)
@@ -246,6 +249,36 @@ def _image_features(builder: "tfds.core.DatasetBuilder | FolderSource") -> list[
   if isinstance(builder, FolderSource):
     return []
   return [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+
+
+def base_split_name(split: Any) -> str:
+  """'train[:50%]' -> 'train' (the split whose files a tfds_id names)."""
+  return str(split).split("[", 1)[0].strip()
+
+
+def tfds_example_index(builder: "tfds.core.DatasetBuilder", split: Any
+                       ) -> tuple[Callable[[tf.Tensor], tf.Tensor], int]:
+  """(tfds_id -> position in the whole base split, as int32; the base split's size).
+
+  A tfds_id is '<shard file>__<record>'; the position is the shard's offset
+  plus the record. It keys SGCL's per-image saliency bank, stable across
+  epochs, shuffles and process counts.
+  """
+  info = builder.info.splits[base_split_name(split)]
+  offsets = np.concatenate([[0], np.cumsum(info.shard_lengths)[:-1]]).astype(np.int64)
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(tf.constant(list(info.filenames)), tf.constant(offsets)),
+      default_value=-1)
+
+  def index_of(tfds_id: tf.Tensor) -> tf.Tensor:
+    parts = tf.strings.split(tfds_id, "__")
+    offset = table.lookup(parts[0])
+    check = tf.debugging.assert_non_negative(
+        offset, message="tfds_id names a shard file the split's metadata does not list")
+    with tf.control_dependencies([check]):
+      return tf.cast(offset + tf.strings.to_number(parts[-1], tf.int64), tf.int32)
+
+  return index_of, int(info.num_examples)
 
 
 @dataclasses.dataclass
@@ -285,6 +318,9 @@ class TrainData:
   unreadable_files: set[str] = dataclasses.field(default_factory=set)  # ... those files
   process_index: int = 0  # this process's slice of each global batch ...
   process_count: int = 1  # ... out of this many
+  with_index: bool = False  # batches carry `index`, the image's position in the split (SGCL bank)
+  index_size: int = 0       # ... indices are < this (the whole base split / folder)
+  index_split: str = "train"  # the TFDS split named in the config (its base split is indexed)
 
   @property
   def global_batch(self) -> int:
@@ -310,12 +346,16 @@ class TrainData:
     # Several processes: images are decoded after the slice, only by the process that keeps them.
     deferred = _image_features(self.builder) if self.process_count > 1 else []
     ds = open_split(self.builder, self.split, shuffle_seed=seed,
-                    decoders={k: tfds.decode.SkipDecoding() for k in deferred} or None)
+                    decoders={k: tfds.decode.SkipDecoding() for k in deferred} or None,
+                    add_tfds_id=self.with_index)
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.take(self.steps_per_epoch * self.global_batch)
     ds = ds.skip(skip_batches * self.global_batch)
     ds = self._own_slice(ds)
     preprocess, feats = self._preprocess(), _features(self.builder)
+    if self.with_index:
+      index_of, base_preprocess = tfds_example_index(self.builder, self.index_split)[0], preprocess
+      preprocess = lambda ex: {**base_preprocess(ex), "index": index_of(ex["tfds_id"])}
     if deferred:
       decode = lambda ex: {**ex, **{k: feats[k].decode_example(ex[k]) for k in deferred}}
       ds = ds.map(lambda ex: preprocess(decode(ex)), num_parallel_calls=tf.data.AUTOTUNE,
@@ -356,6 +396,8 @@ class TrainData:
     """Drop the host-only keys of a folder batch; record the files that were replaced."""
     del batch["id"]
     slots, used = batch.pop("slot"), batch.pop("file_index")
+    if self.with_index:
+      batch["index"] = used.astype(np.int32)
     start = step_in_epoch * self.global_batch + self.process_index * self.local_batch
     expected = np.arange(start, start + self.local_batch)
     if not np.array_equal(slots, expected):
@@ -408,9 +450,14 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
   builder = get_builder(d.name, d.data_dir)
   local_batch = config.batch_size // jax.process_count()
   fg_masks = config.bg_mixup.masks if config.bg_mixup.enabled else None
+  sal = config.get("saliency")
+  if fg_masks is None and sal is not None and sal.enabled and sal.coverage_masks == "gt":
+    fg_masks = "gt"  # SGCL diagnostics: true object coverage of the crops
+  with_index = bool(sal is not None and sal.enabled and sal.every_k_steps > 1)
   mask_ids = MaskIds.from_folder(fg_masks) if fg_masks not in (None, "gt") else None
   if isinstance(builder, FolderSource):
-    return _create_folder_train_data(config, builder, local_batch, fg_masks, mask_ids)
+    data = _create_folder_train_data(config, builder, local_batch, fg_masks, mask_ids)
+    return dataclasses.replace(data, with_index=with_index, index_size=data.num_examples)
   # The whole split, as one process reads it: every process walks the same global order.
   split = tfds.split_for_jax_process(d.train_split, process_index=0, process_count=1,
                                      drop_remainder=True)
@@ -425,7 +472,8 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
                    shuffle_buffer=d.shuffle_buffer, seed=config.seed,
                    region_boxes=create_region_boxes(config, builder),
                    fg_masks=fg_masks, mask_ids=mask_ids, process_index=jax.process_index(),
-                   process_count=jax.process_count())
+                   process_count=jax.process_count(), with_index=with_index, index_split=d.train_split,
+                   index_size=tfds_example_index(builder, d.train_split)[1] if with_index else n)
 
 
 def _create_folder_train_data(config: ml_collections.ConfigDict, source: "FolderSource",

@@ -55,6 +55,11 @@ def byol_per_example(p1: jax.Array, p2: jax.Array, y1: jax.Array, y2: jax.Array)
   return -2.0 * (_cosine(p1, y2) + _cosine(p2, y1))
 
 
+def byol_one_way_per_example(p: jax.Array, y: jax.Array) -> jax.Array:
+  """-2 cos(p, y), target stop-gradient: one direction of the BYOL loss (multi-crop pairs)."""
+  return -2.0 * _cosine(p, jax.lax.stop_gradient(y))
+
+
 def nt_xent_per_example(z1: jax.Array, z2: jax.Array, temperature: float,
                         axis_name: str | None = None) -> jax.Array:
   """SimCLR NT-Xent over the GLOBAL batch: every other view on every device is a negative.

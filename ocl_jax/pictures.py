@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Outline colours: OA-crop region, view 1's crop, view 2's crop.
-REGION, CROP1, CROP2 = (255, 220, 0), (255, 60, 60), (60, 140, 255)
+# Outline colours: OA-crop region, view 1's crop, view 2's crop, SGCL's local crops.
+REGION, CROP1, CROP2, LOCAL = (255, 220, 0), (255, 60, 60), (60, 140, 255), (60, 220, 60)
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -53,4 +53,29 @@ def views_grid(images: np.ndarray, view1: np.ndarray, view2: np.ndarray,
   for boxes, colour in outlines:
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes)):
       draw.rectangle([x1 * s, i * s + y1 * s, x2 * s - 1, i * s + y2 * s - 1], outline=colour, width=2)
+  return np.asarray(img)
+
+
+def saliency_grid(images: np.ndarray, maps: np.ndarray, crop_boxes: list[np.ndarray],
+                  scale: int = 2) -> np.ndarray:
+  """One row per image: the source and its saliency map (heat map over it), both with the
+  crops drawn: global view 1 red, view 2 blue, local crops green.
+
+  images (N, H, W, 3) uint8; maps (N, m, m) in [0, 1] (shown as the piecewise-constant
+  grid the crops were sampled from); crop_boxes (N, 4) normalised x1 y1 x2 y2 per crop.
+  """
+  n, h, w, _ = images.shape
+  heat = [np.asarray(Image.fromarray(np.asarray(m, np.float32)).resize((w, h), Image.NEAREST))
+          for m in maps]
+  heat = np.stack([overlay(images[i], heat[i] / max(float(heat[i].max()), 1e-12)) for i in range(n)])
+  grid = np.concatenate([np.concatenate(list(images), axis=0), np.concatenate(list(heat), axis=0)], axis=1)
+  img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+  draw = ImageDraw.Draw(img)
+  sw, sh = w * scale, h * scale
+  colours = [CROP1, CROP2] + [LOCAL] * max(len(crop_boxes) - 2, 0)
+  for boxes, colour in zip(crop_boxes, colours):
+    for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes)):
+      for col in range(2):
+        draw.rectangle([col * sw + x1 * sw, i * sh + y1 * sh, col * sw + x2 * sw - 1,
+                        i * sh + y2 * sh - 1], outline=colour, width=2)
   return np.asarray(img)

@@ -26,7 +26,7 @@ import optax
 from PIL import Image
 
 from ocl_jax import (augment, background_mixup, checkpointing, export, image_mixing, input_pipeline,
-                     objectives, optimizers, parallel, pictures, preemption)
+                     objectives, optimizers, parallel, pictures, preemption, saliency)
 from ocl_jax.configuration import validate_config
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 
@@ -46,6 +46,8 @@ class TrainState:
   queue_ptr: Any
   rng: jax.Array            # base key; per-step / per-image keys are folded from it
   bg_fifo: Any = None       # BG-mixup's recent backgrounds (per device); None when off
+  saliency_bank: Any = None   # SGCL maps per training image (N, m, m); None unless every_k_steps > 1
+  saliency_stamp: Any = None  # ... the step each was computed at (N,), -1 = never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class StepContext:
   num_classes: int
   bg_mixup: tuple[float, float] | None = None  # (prob, threshold) when BG-mixup is on
   mix: tuple[str, float] | None = None         # (kind, alpha) of the Mixup / CutMix baseline
+  saliency: saliency.SaliencySettings | None = None  # SGCL (METHOD.md section 5) when on
 
 
 def uses_target(method: str) -> bool:
@@ -108,7 +111,9 @@ def _init_state(init_rng: jax.Array, train_rng: jax.Array, config: ml_collection
       probe_opt_state=ctx.probe_tx.init(probe_params), queue=queue, queue_ptr=queue_ptr,
       rng=train_rng,
       bg_fifo=background_mixup.fifo_init(size, size, config.bg_mixup.fifo_size)
-      if config.bg_mixup.enabled else None)
+      if config.bg_mixup.enabled else None,
+      **dict(zip(("saliency_bank", "saliency_stamp"),
+                 saliency.bank_init(ctx.saliency) if ctx.saliency else (None, None))))
 
 
 def _forward(net, params, batch_stats, x):
@@ -119,18 +124,43 @@ def _forward(net, params, batch_stats, x):
 
 
 class AugmentedViews(NamedTuple):
-  """The two normalised views of a batch and what produced them (for the loss and pictures)."""
+  """The normalised views of a batch and what produced them (for the loss and pictures)."""
   x1: jax.Array
   x2: jax.Array
   bg_fifo: Any                    # the new BG-mixup FIFO (None when off)
   bg_stats: dict[str, jax.Array]  # BG-mixup counts
   mix: tuple[jax.Array, jax.Array] | None  # Mixup / CutMix (lambda, perm)
   regions: jax.Array | None       # OA-crop region of each image (B, 4)
-  crop_boxes: tuple[jax.Array, jax.Array]  # each view's crop box (B, 4), x1 y1 x2 y2
+  crop_boxes: tuple[jax.Array, ...]  # each view's crop box (B, 4), x1 y1 x2 y2; then the local crops'
   fg_masks: jax.Array | None      # BG-mixup masks aligned with view 1
+  local_views: tuple[jax.Array, ...] = ()  # SGCL's M local crops, normalised
 
 
-def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext) -> AugmentedViews:
+def _saliency_net_and_variables(state: TrainState, ctx: StepContext) -> tuple[ContrastiveNet, Any]:
+  """The network whose saliency SGCL uses: the EMA target (MoCo, BYOL) or the online one (SimCLR)."""
+  if uses_target(ctx.method):
+    return ctx.net, {"params": state.target_params, "batch_stats": state.target_batch_stats}
+  return ctx.net, {"params": _target_subset(state.params), "batch_stats": _target_subset(state.batch_stats)}
+
+
+def online_saliency(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
+                    ) -> tuple[jax.Array, Any, Any, jax.Array]:
+  """SGCL maps (B, m, m) of this batch's un-augmented images, with the updated bank.
+
+  ContraCAM T=1 of the target (EMA) network, or of the online one for SimCLR,
+  in stop-gradient. Returns (maps, bank, stamp, refreshed 0/1).
+  """
+  settings = ctx.saliency
+  variables = _saliency_net_and_variables(state, ctx)[1]
+  compute = lambda: saliency.compute_saliency(ctx.net, variables, batch["image"], settings, parallel.AXIS)
+  if not settings.uses_bank:
+    return compute(), None, None, jnp.ones((), jnp.float32)
+  return saliency.saliency_from_bank(state.saliency_bank, state.saliency_stamp, batch["index"],
+                                     state.step, settings.every_k_steps, compute, parallel.AXIS)
+
+
+def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
+                  saliency_maps: jax.Array | None = None) -> AugmentedViews:
   """Two normalised views of every image, plus the BG-mixup FIFO and mixing information.
 
   Keys depend on the step and the image's global index. With OA-crop the
@@ -139,7 +169,8 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   With BG-mixup the batch carries `fg_mask`, cropped and flipped like view 1,
   which is mixed with other images' backgrounds after its colour
   augmentation (key stream 3; METHOD.md section 4). With Mixup / CutMix,
-  view 1 is then mixed with a permuted batch (key stream 4).
+  view 1 is then mixed with a permuted batch (key stream 4). With SGCL
+  `saliency_maps` re-centre the crops (centre streams 5, 6; local crops 7, 8).
   """
   step_key = jax.random.fold_in(state.rng, state.step)
   offset = parallel.global_offset(batch["image"].shape[0])
@@ -147,11 +178,15 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   if "boxes" in batch:
     regions = augment.choose_regions(jax.random.fold_in(step_key, 2), batch["boxes"],
                                      batch["box_valid"], index_offset=offset)
+  sal = ctx.saliency
+  guide = dict(saliency=saliency_maps, temperature=sal.crop_temperature) if sal else {}
   views, crop_boxes, fifo, stats, mix, masks = [], [], state.bg_fifo, {}, None, None
   for v in range(2):
+    if sal:
+      guide["centre_key"] = jax.random.fold_in(step_key, 5 + v)
     images, boxes, flips = augment.augment_batch(jax.random.fold_in(step_key, v), batch["image"],
                                                  batch["aspect"], ctx.view, index_offset=offset,
-                                                 regions=regions)
+                                                 regions=regions, **guide)
     if v == 0 and ctx.bg_mixup is not None:
       masks = augment.transform_masks(batch["fg_mask"], boxes, flips, ctx.view.crop_size)
       prob, threshold = ctx.bg_mixup
@@ -164,13 +199,26 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
       mix = (lam, perm)
     views.append(augment.normalize(images))
     crop_boxes.append(boxes)
-  return AugmentedViews(views[0], views[1], fifo, stats, mix, regions, tuple(crop_boxes), masks)
+  local_views = []
+  for j in range(sal.num_local_crops if sal else 0):
+    guide["centre_key"] = jax.random.fold_in(jax.random.fold_in(step_key, 8), j)
+    images, boxes, _ = augment.augment_batch(
+        jax.random.fold_in(jax.random.fold_in(step_key, 7), j), batch["image"], batch["aspect"],
+        sal.local_view(ctx.view), index_offset=offset, **guide)
+    local_views.append(augment.normalize(images))
+    crop_boxes.append(boxes)
+  return AugmentedViews(views[0], views[1], fifo, stats, mix, regions, tuple(crop_boxes), masks,
+                        tuple(local_views))
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch (inside pmap)."""
-  aug = augment_views(state, batch, ctx)
+  sal = ctx.saliency
+  maps = bank = stamp = None
+  if sal:
+    maps, bank, stamp, refreshed = online_saliency(state, batch, ctx)
+  aug = augment_views(state, batch, ctx, maps)
   x1, x2, bg_fifo, bg_stats, mix = aug.x1, aug.x2, aug.bg_fifo, aug.bg_stats, aug.mix
   net, axis = ctx.net, parallel.AXIS
   target_net = dataclasses.replace(net, pred_hidden_dim=0)
@@ -185,6 +233,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
     for x in (x1, x2):
       y, target_stats = _forward(target_net, state.target_params, target_stats, x)
       targets.append(jax.lax.stop_gradient(y["embedding"]))
+
+  # Positive pairs as (query view, key view); views 0, 1 are global, 2.. local (SGCL).
+  pairs = [(0, 1)]
+  for j in range(len(aug.local_views)):
+    pairs += [(2 + j, 0), (2 + j, 1)] if ctx.method == "byol" else [(2 + j, 1)]
+  weights = scores = None
+  if sal:
+    scores = [saliency.crop_scores(b, maps) for b in aug.crop_boxes]
+    weights = saliency.normalize_weights(jnp.concatenate(
+        [saliency.pair_weights(scores[u], scores[v], sal.gamma) for u, v in pairs]), axis)
 
   def loss_fn(params):
     out1, stats = _forward(net, params, state.batch_stats, x1)
@@ -207,7 +265,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
       else:
         per_example = objectives.nt_xent_per_example(out1["embedding"], out2["embedding"],
                                                       ctx.temperature, axis)
-    return objectives.weighted_mean(per_example, axis_name=axis), (stats, aux)
+    losses = [per_example]
+    for xl in aug.local_views:  # multi-crop: each local crop against the global views' keys
+      out, stats = _forward(net, params, stats, xl)
+      if ctx.method == "moco":
+        losses.append(objectives.moco_per_example(out["embedding"], targets[0], state.queue,
+                                                  ctx.temperature))
+      elif ctx.method == "byol":
+        losses += [objectives.byol_one_way_per_example(out["prediction"], y) for y in targets]
+      else:
+        losses.append(objectives.nt_xent_per_example(out["embedding"], out2["embedding"],
+                                                     ctx.temperature, axis))
+    per_pair = losses[0] if len(losses) == 1 else jnp.concatenate(losses)
+    return objectives.weighted_mean(per_pair, weights, axis_name=axis), (stats, aux)
 
   (loss, (batch_stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, axis)
@@ -226,7 +296,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                       opt_state=opt_state, probe_params=probe_params,
                       probe_opt_state=probe_opt_state, target_batch_stats=target_stats,
-                      bg_fifo=bg_fifo)
+                      bg_fifo=bg_fifo, saliency_bank=bank, saliency_stamp=stamp)
   if uses_target(ctx.method):
     m = ctx.ema_momentum
     new = new.replace(target_params=jax.tree_util.tree_map(
@@ -249,7 +319,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
   if "moco_acc" in aux:
     metrics["moco_accuracy"] = aux["moco_acc"]
   metrics.update({k: v.astype(jnp.float32) / batch["image"].shape[0] for k, v in bg_stats.items()})
-  return new, jax.lax.pmean(metrics, axis)
+  metrics = jax.lax.pmean(metrics, axis)
+  if sal:  # already global (collectives inside)
+    metrics.update(saliency.weight_statistics(weights, axis))
+    metrics["saliency_refreshed"] = refreshed
+    if "fg_mask" in batch:  # true object coverage of the two global crops (scenes: 'gt' masks)
+      fg = augment._to_float(batch["fg_mask"])
+      cover = [saliency.crop_scores(b, fg) for b in aug.crop_boxes[:2]]
+      metrics["sgcl_score_coverage_spearman"] = saliency.spearman(
+          scores[0] * scores[1], cover[0] * cover[1], axis)
+  return new, metrics
 
 
 def _probe_logits(probe_params, features):
@@ -286,8 +365,11 @@ def probe_eval_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepCon
                        "count": jnp.sum(valid)}, parallel.AXIS)
 
 
-def make_context(config: ml_collections.ConfigDict, total_steps: int, num_classes: int) -> StepContext:
+def make_context(config: ml_collections.ConfigDict, total_steps: int, num_classes: int,
+                 num_examples: int = 0) -> StepContext:
+  """The step's static context; `num_examples` (the train split) sizes SGCL's saliency bank."""
   spec = ModelSpec.from_config(config)
+  sal = config.get("saliency")
   method = config.method
   return StepContext(
       net=spec.build(axis_name=parallel.AXIS),
@@ -302,6 +384,8 @@ def make_context(config: ml_collections.ConfigDict, total_steps: int, num_classe
       bg_mixup=(float(config.bg_mixup.prob), float(config.bg_mixup.threshold))
       if config.bg_mixup.enabled else None,
       mix=(config.mix.kind, float(config.mix.alpha)) if config.mix.kind != "none" else None,
+      saliency=saliency.SaliencySettings.from_config(sal, num_examples)
+      if sal is not None and sal.enabled else None,
   )
 
 
@@ -362,6 +446,42 @@ def write_view_pictures(state: TrainState, batch: dict[str, jax.Array], ctx: Ste
   return path
 
 
+def write_saliency_pictures(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
+                            count: int, workdir: str, writer: metric_writers.MetricWriter,
+                            step: int) -> str:
+  """SGCL: the first `count` images with their online saliency maps and the crops sampled
+  from them, to WORKDIR/saliency.png and TensorBoard `saliency`."""
+  def payload(st, b):
+    net, variables = _saliency_net_and_variables(st, ctx)
+    maps = saliency.compute_saliency(net, variables, b["image"], ctx.saliency, parallel.AXIS)
+    return maps, augment_views(st, b, ctx, maps).crop_boxes
+  maps, boxes = jax.device_get(jax.pmap(payload, axis_name=parallel.AXIS)(state, batch))
+  flat = lambda x: np.asarray(x).reshape((-1,) + np.asarray(x).shape[2:])[:count]
+  grid = pictures.saliency_grid(flat(batch["image"]), flat(maps), [flat(b) for b in boxes])
+  path = os.path.join(workdir, "saliency.png")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    writer.write_images(step, {"saliency": grid[None]})
+  return path
+
+
+def measure_saliency_refresh(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
+                             repeats: int = 3) -> float:
+  """Seconds one refresh of the online saliency takes for a global batch (median after warm-up)."""
+  def refresh(st, b):
+    net, variables = _saliency_net_and_variables(st, ctx)
+    return saliency.compute_saliency(net, variables, b["image"], ctx.saliency, parallel.AXIS)
+  fn = jax.pmap(refresh, axis_name=parallel.AXIS)
+  jax.block_until_ready(fn(state, batch))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(state, batch))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
 class NonFiniteError(FloatingPointError):
   """A step's loss or gradients were NaN/inf and config.nonfinite is 'stop'."""
 
@@ -388,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   validate_config(config)
   data = input_pipeline.create_train_data(config)
   total_steps = total_train_steps(config, data.steps_per_epoch)
-  ctx = make_context(config, total_steps, input_pipeline.num_classes(data.builder))
+  ctx = make_context(config, total_steps, input_pipeline.num_classes(data.builder), data.index_size)
   spec = ModelSpec.from_config(config)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -409,6 +529,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     first = next(batches)
     path = write_view_pictures(state, first, ctx, config.view_pictures, workdir, writer, 0)
     logging.info("Wrote the first batch's views to %s", path)
+    batches = itertools.chain([first], batches)
+  if ctx.saliency is not None and start_step == 0:
+    first = next(batches)
+    if config.saliency.picture_images > 0:
+      path = write_saliency_pictures(state, first, ctx, config.saliency.picture_images, workdir,
+                                     writer, 0)
+      logging.info("Wrote the first batch's saliency maps and crops to %s", path)
+    seconds = measure_saliency_refresh(state, first, ctx)
+    logging.info("Online saliency: one refresh takes %.1f ms per global batch of %d (every %d "
+                 "step(s))", 1e3 * seconds, config.batch_size, ctx.saliency.every_k_steps)
+    writer.write_scalars(0, {"saliency_refresh_ms": 1e3 * seconds})
     batches = itertools.chain([first], batches)
 
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)

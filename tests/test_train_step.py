@@ -12,7 +12,8 @@ from ocl_jax.configuration import load_sibling_config
 CONFIGS = __file__.rsplit("/tests/", 1)[0] + "/configs/default.py"
 
 
-def tiny_config(method):
+def tiny_config(method, sgcl=()):
+  """The tiny setting; `sgcl` (field, value) pairs switch SGCL on with those saliency fields."""
   c = load_sibling_config(CONFIGS, "default.py")
   c.method = method
   c.model.arch = "resnet10"
@@ -25,6 +26,12 @@ def tiny_config(method):
   c.batch_size = 8
   c.moco.queue_size = 32
   c.num_train_steps = 10
+  if sgcl:
+    c.saliency.enabled = True
+    c.saliency.resolution, c.saliency.expand_res, c.saliency.map_size = 32, 1, 8
+    c.saliency.local_crop_size = 16
+    for field, value in sgcl:
+      c.saliency[field] = value
   return c
 
 
@@ -32,14 +39,16 @@ def fake_batch(n, size=32, seed=0):
   rng = np.random.default_rng(seed)
   return {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
           "aspect": rng.uniform(0.75, 1.33, n).astype(np.float32),
-          "label": rng.integers(0, 5, n).astype(np.int32)}
+          "label": rng.integers(0, 5, n).astype(np.int32),
+          "index": np.arange(n, dtype=np.int32)}
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(method, num_devices):
-  """(config, initial state, pmapped step) per method and device count, compiled once per module."""
-  config = tiny_config(method)
-  ctx = train.make_context(config, 10, num_classes=5)
+def compiled(method, num_devices, sgcl=()):
+  """(config, initial state, pmapped step) per method, device count and SGCL setting,
+  compiled once per module."""
+  config = tiny_config(method, sgcl)
+  ctx = train.make_context(config, 10, num_classes=5, num_examples=16)
   state = train.create_train_state(0, config, ctx)
   devices = jax.local_devices()[:num_devices]
   p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
@@ -47,8 +56,8 @@ def compiled(method, num_devices):
   return config, state, p_step, devices
 
 
-def run_steps(method, num_devices, num_steps=2, constant_images=False):
-  config, state, p_step, devices = compiled(method, num_devices)
+def run_steps(method, num_devices, num_steps=2, constant_images=False, sgcl=(), history=None):
+  config, state, p_step, devices = compiled(method, num_devices, sgcl)
   state = parallel.replicate(state, devices)
   losses = []
   for s in range(num_steps):
@@ -58,6 +67,8 @@ def run_steps(method, num_devices, num_steps=2, constant_images=False):
     batch = {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
     state, metrics = p_step(state, batch)
     losses.append(float(metrics["loss"][0]))
+    if history is not None:
+      history.append(parallel.unreplicate(metrics))
   return parallel.unreplicate(state), losses, parallel.unreplicate(metrics)
 
 
@@ -102,3 +113,54 @@ def test_simclr_has_no_target_and_finds_positives_at_init():
   # Two views of one flat-colour image are closer than views of different images even
   # at init, so with the right positive index NT-Xent is below chance, log(2N - 1).
   assert 0 < losses[0] < np.log(2 * 8 - 1)
+
+
+# ---- SGCL (METHOD.md section 5) ---------------------------------------------------------
+
+STATE_FIELDS = ("params", "batch_stats", "opt_state", "target_params", "target_batch_stats",
+                "queue", "probe_params")
+
+
+@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+def test_sgcl_with_gamma_and_temperature_zero_is_the_baseline_bit_for_bit(method):
+  """Online saliency is computed, but crops are plain and every pair weighs exactly 1."""
+  base, base_losses, _ = run_steps(method, 1)
+  sgcl, sgcl_losses, metrics = run_steps(method, 1, sgcl=(("gamma", 0.0), ("crop_temperature", 0.0)))
+  assert sgcl_losses == base_losses
+  for name in STATE_FIELDS:
+    for a, b in zip(jax.tree_util.tree_leaves(getattr(base, name)),
+                    jax.tree_util.tree_leaves(getattr(sgcl, name))):
+      np.testing.assert_array_equal(a, b)
+  assert float(metrics["sgcl_weight_min"]) == float(metrics["sgcl_weight_max"]) == 1.0
+  assert float(metrics["saliency_refreshed"]) == 1.0
+
+
+SGCL_ON = (("gamma", 1.0), ("crop_temperature", 1.0), ("num_local_crops", 2), ("every_k_steps", 2))
+
+
+def test_sgcl_step_with_bank_and_local_crops_is_device_count_invariant():
+  """Saliency negatives, pair-weight normalisation and the bank span all 4 devices."""
+  h1, h4 = [], []
+  state1, losses1, _ = run_steps("moco", 1, num_steps=3, sgcl=SGCL_ON, history=h1)
+  state4, losses4, _ = run_steps("moco", 4, num_steps=3, sgcl=SGCL_ON, history=h4)
+  np.testing.assert_allclose(losses4, losses1, rtol=1e-4, atol=1e-5)
+  for name in ("params", "queue", "saliency_bank"):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(
+        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=2e-3, atol=2e-2),
+        getattr(state1, name), getattr(state4, name))
+  np.testing.assert_array_equal(state4.saliency_stamp, [2] * 8 + [-1] * 8)
+  # Indices 0..7 every step with k = 2: computed at step 0, reused at 1, recomputed at 2.
+  assert [float(m["saliency_refreshed"]) for m in h4] == [1.0, 0.0, 1.0]
+  for m1, m4 in zip(h1, h4):
+    np.testing.assert_allclose(m4["sgcl_weight_mean"], 1.0, rtol=1e-5)
+    assert float(m4["sgcl_weight_max"]) > float(m4["sgcl_weight_min"])
+    for k in ("sgcl_weight_min", "sgcl_weight_max", "sgcl_weight_entropy"):
+      np.testing.assert_allclose(m4[k], m1[k], rtol=2e-3)
+
+
+@pytest.mark.parametrize("method", ["byol", "simclr"])
+def test_sgcl_multi_crop_pairs_train(method):
+  _, base_losses, _ = run_steps(method, 1, num_steps=1)
+  _, losses, metrics = run_steps(method, 1, num_steps=1, sgcl=(("num_local_crops", 1),))
+  assert np.isfinite(losses[0]) and losses[0] != base_losses[0]
+  np.testing.assert_allclose(metrics["sgcl_weight_mean"], 1.0, rtol=1e-5)
