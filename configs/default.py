@@ -201,8 +201,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- The debiasing pipeline (--config.mode=pipeline; ocl_jax/pipeline.py) ----
   c.pipeline = ml_collections.ConfigDict()
   # In order: vanilla pretraining, ContraCAM boxes + masks of the vanilla model, OA-crop and
-  # BG-mixup retraining (same steps), evaluation of every trained model.
-  c.pipeline.stages = ("vanilla", "contracam", "oacrop", "bgmix", "eval")
+  # BG-mixup retraining, SGCL pretraining with the config's `saliency` settings (all at the
+  # same steps), evaluation of every trained model.
+  c.pipeline.stages = ("vanilla", "contracam", "oacrop", "bgmix", "sgcl", "eval")
   c.pipeline.oacrop_boxes = "contracam"   # 'contracam' (the contracam stage) or 'gt'
   c.pipeline.bgmix_masks = "contracam"    # 'contracam' or 'gt'
   c.pipeline.localization = True          # eval: ContraCAM (T=1) mIoU of every model

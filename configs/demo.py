@@ -5,7 +5,8 @@
 Runs the pipeline (ocl_jax/pipeline.py) into the workdir, each stage resumable:
 vanilla MoCo v2 pretraining -> ContraCAM boxes and masks of the training split
 -> OA-crop and BG-mixup pretraining from scratch at the same number of steps
--> linear probe and kNN on every `scenes` test split (background gap =
+-> SGCL pretraining (online saliency of the model itself, configs/scenes_sgcl.py's
+settings) at the same number of steps -> linear probe and kNN on every `scenes` test split (background gap =
 test - mixed_rand) and ContraCAM localisation of every model. It prints the
 results table and writes WORKDIR/results.{md,json}.
 
@@ -28,4 +29,9 @@ def get_config():
   c.contracam.batch_size = 128
   c.evaluation.image_size = 96
   c.pipeline.localization_images = 500
+  # The SGCL stage: configs/scenes_sgcl.py's saliency settings.
+  s = c.saliency
+  s.resolution, s.expand_res, s.map_size = 48, 2, 8
+  s.every_k_steps, s.crop_temperature, s.gamma, s.num_local_crops = 1, 1.0, 1.0, 0
+  s.coverage_masks = "gt"
   return c

@@ -8,6 +8,9 @@
              contracam.split                                              WORKDIR/contracam
   oacrop     pretrain again from scratch with OA-crop on those boxes      WORKDIR/oacrop
   bgmix      pretrain again from scratch with BG-mixup on those masks     WORKDIR/bgmix
+  sgcl       pretrain again from scratch with saliency-guided crops and
+             pair weights from the model's own online saliency
+             (config.saliency; needs no earlier stage)                     WORKDIR/sgcl
   eval       every trained model: the frozen-feature evaluations of
              config.evaluation and ContraCAM localisation on
              contracam.eval_split; the table WORKDIR/results.{md,json}
@@ -33,7 +36,7 @@ import ml_collections
 
 from ocl_jax.configuration import ConfigError, validate_config
 
-TRAINING_STAGES = ("vanilla", "oacrop", "bgmix")
+TRAINING_STAGES = ("vanilla", "oacrop", "bgmix", "sgcl")
 STAGES = TRAINING_STAGES + ("contracam", "eval")
 DONE_FILE = "stage_done.json"
 
@@ -72,6 +75,7 @@ def stage_config(config: ml_collections.ConfigDict, stage: str, workdir: str) ->
     c.export_encoder = True
     c.object_aware.crop = stage == "oacrop"
     c.bg_mixup.enabled = stage == "bgmix"
+    c.saliency.enabled = stage == "sgcl"
     if stage == "oacrop":
       c.object_aware.boxes = outputs["boxes"] if p.oacrop_boxes == "contracam" else "gt"
     if stage == "bgmix":

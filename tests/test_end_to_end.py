@@ -1,4 +1,4 @@
-"""The main job end to end (slow: ~12 min on 2 cores; `python -m pytest -m slow -q`)."""
+"""The main job end to end (slow: ~15 min on 2 cores; `python -m pytest -m slow -q`)."""
 
 import json
 import pathlib
@@ -18,11 +18,11 @@ def test_main_job_learns_localises_and_prints_the_table(tmp_path):
           f"--workdir={tmp_path / 'demo'}", f"--config.dataset.data_dir={tmp_path / 'tfds'}"]
   run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3600)
   assert run.returncode == 0, run.stderr[-3000:]
-  for stage in range(1, 6):
-    assert f"==> Stage {stage}/5" in run.stdout
-  assert "| vanilla |" in run.stdout and "| bgmix |" in run.stdout
+  for stage in range(1, 7):
+    assert f"==> Stage {stage}/6" in run.stdout
+  assert "| vanilla |" in run.stdout and "| sgcl |" in run.stdout
   rows = json.load(open(tmp_path / "demo" / "results.json"))["rows"]
-  assert set(rows) == {"vanilla", "oacrop", "bgmix"}
+  assert set(rows) == {"vanilla", "oacrop", "bgmix", "sgcl"}
   for name, row in rows.items():
     assert row["scenes/linear/test"] > 0.8, (name, row)          # chance is 0.1
     assert row["scenes/linear/mixed_rand"] < row["scenes/linear/test"]

@@ -26,6 +26,8 @@ def _pipeline_config(tiny_config):
   c.evaluation.knn_k = 5
   c.evaluation.protocols = ("linear",)
   c.pipeline.localization_images = 16
+  c.saliency.resolution, c.saliency.expand_res, c.saliency.map_size = 32, 1, 8
+  c.saliency.coverage_masks, c.saliency.picture_images = "gt", 2
   return c
 
 
@@ -34,14 +36,14 @@ def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(tiny_config, tmp_p
   work = str(tmp_path)
   with caplog.at_level(logging.INFO):
     rows = pipeline.run(c, work)
-  assert set(rows) == {"vanilla", "oacrop", "bgmix"}
-  for stage in ("vanilla", "oacrop", "bgmix"):
+  assert set(rows) == {"vanilla", "oacrop", "bgmix", "sgcl"}
+  for stage in ("vanilla", "oacrop", "bgmix", "sgcl"):
     assert os.path.exists(os.path.join(work, stage, "export", "model.json"))
     assert "scenes/linear/test" in rows[stage] and "loc/mask_miou" in rows[stage]
   boxes = os.path.join(work, "contracam", "boxes_train.txt")
   masks = os.path.join(work, "contracam", "masks_train")
   assert len(open(boxes).read().splitlines()) == 256 and len(os.listdir(masks)) == 256
-  assert "Stage 3/5: oacrop" in capsys.readouterr().out
+  assert "Stage 3/6: oacrop" in capsys.readouterr().out
   table = open(os.path.join(work, "results.md")).read()
   assert "| vanilla |" in table and "| bgmix |" in table
   # The retraining stages used the ContraCAM outputs.
@@ -49,19 +51,22 @@ def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(tiny_config, tmp_p
   assert cfg["object_aware"]["crop"] and cfg["object_aware"]["boxes"] == boxes
   cfg = json.load(open(os.path.join(work, "bgmix", "export", "model.json")))["config"]
   assert cfg["bg_mixup"]["enabled"] and cfg["bg_mixup"]["masks"] == masks
+  cfg = json.load(open(os.path.join(work, "sgcl", "export", "model.json")))["config"]
+  assert cfg["saliency"]["enabled"] and not cfg["bg_mixup"]["enabled"]
+  assert os.path.exists(os.path.join(work, "sgcl", "saliency.png"))
 
   # Run again: nothing is redone. Then lose the bgmix stage's marker (a run killed at its
   # end): only bgmix runs again, resuming from its checkpoint, and eval is kept.
   caplog.clear()
   with caplog.at_level(logging.INFO):
     assert pipeline.run(c, work) == rows
-  assert caplog.text.count("already done") == 5
+  assert caplog.text.count("already done") == 6
   os.remove(os.path.join(work, "bgmix", pipeline.DONE_FILE))
   caplog.clear()
   with caplog.at_level(logging.INFO):
     pipeline.run(c, work)
   assert "Resumed from step 2" in caplog.text
-  assert caplog.text.count("already done") == 4
+  assert caplog.text.count("already done") == 5
 
 
 @pytest.mark.parametrize("stages, message", [
