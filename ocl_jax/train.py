@@ -532,10 +532,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batches = itertools.chain([first], batches)
   if ctx.saliency is not None and start_step == 0:
     first = next(batches)
-    if config.saliency.picture_images > 0:
-      path = write_saliency_pictures(state, first, ctx, config.saliency.picture_images, workdir,
-                                     writer, 0)
-      logging.info("Wrote the first batch's saliency maps and crops to %s", path)
     seconds = measure_saliency_refresh(state, first, ctx)
     logging.info("Online saliency: one refresh takes %.1f ms per global batch of %d (every %d "
                  "step(s))", 1e3 * seconds, config.batch_size, ctx.saliency.every_k_steps)
@@ -549,10 +545,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending: list[dict[str, jax.Array]] = []
   last_log = time.time()
   skipped = 0
+  input_wait = 0.0  # seconds the loop blocked on the input pipeline since the last log
   with preemption.PreemptionWatcher() as watcher:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = p_step(state, next(batches))
+        waited = time.perf_counter()
+        batch = next(batches)
+        input_wait += time.perf_counter() - waited
+        state, metrics = p_step(state, batch)
       pending.append(metrics)
       report(step)
       log_now = step % config.log_every_steps == 0 or step == total_steps
@@ -566,8 +566,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         summary = {k: float(np.mean([m[k][0] for m in host])) for k in pending[0] if k != "nonfinite"}
         now = time.time()
         summary["steps_per_second"] = len(pending) / (now - last_log)
+        # Fraction of wall time the loop waited for input: > 0 means the pipeline starves the step.
+        summary["input_wait_fraction"] = input_wait / max(now - last_log, 1e-9)
         summary["skipped_steps"] = skipped
-        last_log = now
+        last_log, input_wait = now, 0.0
         writer.write_scalars(step, summary)
       if log_now or save_now or stop_now:
         pending = []
@@ -582,6 +584,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.warning("Termination requested: saved step %d to %s", step, ckpt.directory)
         raise preemption.Preempted(step, ckpt.directory)
   ckpt.close()
+  if ctx.saliency is not None and config.saliency.picture_images > 0:
+    # Drawn at the end: the trained model's saliency (at step 0 it is a random network's).
+    path = write_saliency_pictures(state, next(batches), ctx, config.saliency.picture_images,
+                                   workdir, writer, total_steps)
+    logging.info("Wrote a batch's saliency maps and crops after training to %s", path)
   final = parallel.unreplicate(state)
   if config.export_encoder:
     export.export_encoder(f"{workdir}/export", final.params, final.batch_stats, spec, config)
