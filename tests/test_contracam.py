@@ -411,3 +411,16 @@ def test_contracam_apply_runs_inside_a_caller_jit(tiny, runs):
   settings = cc.CamSettings(iterations=1)
   fn = jax.jit(lambda v, x: cc.contracam_apply(net, settings, v, x)["mask"].mean())
   np.testing.assert_allclose(float(fn(variables, images)), runs["t1"]["mask"].mean(), rtol=1e-5)
+
+
+def test_score_across_devices_equals_the_score_of_the_concatenated_batch():
+  """With axis_name every device's images are negatives: 4 devices x 3 = one batch of 12."""
+  rng = np.random.default_rng(7)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  q, k = unit(rng.normal(size=(2, 12, 5))).astype(np.float32)
+  negs = unit(rng.normal(size=(2, 12, 5))).astype(np.float32)  # 2 sets, the second not yet valid
+  want = cc.contrastive_score(jnp.asarray(q), jnp.asarray(k), jnp.asarray(negs), 1)
+  split = lambda x, axis: np.stack(np.split(x, 4, axis=axis))
+  got = jax.pmap(lambda a, b, n: cc.contrastive_score(a, b, n, 1, axis_name="d"), axis_name="d",
+                 devices=jax.local_devices()[:4])(split(q, 0), split(k, 0), split(negs, 1))
+  np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-5)
