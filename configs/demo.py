@@ -31,7 +31,7 @@ def get_config():
   c.pipeline.localization_images = 500
   # The SGCL stage: configs/scenes_sgcl.py's saliency settings.
   s = c.saliency
-  s.resolution, s.expand_res, s.map_size = 48, 2, 8
+  s.resolution, s.expand_res, s.map_size = 96, 2, 8
   s.every_k_steps, s.crop_temperature, s.gamma, s.num_local_crops = 1, 1.0, 1.0, 0
   s.coverage_masks = "gt"
   return c
