@@ -124,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.proj_hidden_dim = 0         # projector hidden width; 0 = the encoder's feature dim
   c.model.proj_dim = 128              # embedding dim (MoCo/SimCLR 128, BYOL 256)
   c.model.pred_hidden_dim = 4096      # BYOL predictor hidden width (used by byol only)
+  c.model.dtype = "float32"           # compute dtype: float32 | bfloat16 (params, embeddings, loss stay float32)
 
   # ---- Objectives ---------------------------------------------------------------
   c.moco = ml_collections.ConfigDict()

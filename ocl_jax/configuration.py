@@ -8,7 +8,7 @@ from absl import logging
 import jax
 import ml_collections
 
-from ocl_jax.models import ARCHITECTURES
+from ocl_jax.models import ARCHITECTURES, DTYPES
 from ocl_jax.objectives import OBJECTIVES
 
 MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline")
@@ -47,6 +47,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   _check(config.model.width > 0, "model.width", f"must be > 0, got {config.model.width}", e)
   _check(config.model.proj_dim > 0, "model.proj_dim", f"must be > 0, got {config.model.proj_dim}", e)
   _check(config.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", "must be >= 0", e)
+  dtype = config.model.get("dtype", "float32")
+  _check(dtype in DTYPES, "model.dtype", f"{dtype!r} is not one of {sorted(DTYPES)}", e)
   _check(config.model.pred_hidden_dim > 0 or config.method != "byol", "model.pred_hidden_dim",
          "BYOL needs a predictor (> 0)", e)
   for f in ("moco.temperature", "simclr.temperature"):

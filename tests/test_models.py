@@ -84,3 +84,77 @@ def test_model_spec_rejects_unknown_arch():
   c.model.arch = "resnet19"
   with pytest.raises(ValueError, match="model.arch"):
     models.ModelSpec.from_config(c)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  """model.dtype='bfloat16': same parameters (float32 master weights), float32 outputs close to
+  the float32 network's, float32 gradients; checkpoints record the same architecture."""
+  c = _config("byol")
+  c.model.dtype = "bfloat16"
+  spec16 = models.ModelSpec.from_config(c)
+  spec32 = models.ModelSpec.from_config(_config("byol"))
+  assert spec16.dtype == "bfloat16" and spec16.to_dict() == spec32.to_dict()
+  net16, net32 = spec16.build(axis_name=None), spec32.build(axis_name=None)
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  variables = models.random_variables(net32, x)
+  shapes16 = jax.eval_shape(lambda: net16.init(jax.random.PRNGKey(0), x, train=False))
+  assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(variables)
+  assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(shapes16))
+  out16 = jax.jit(lambda v, x: net16.apply(v, x, train=False))(variables, x)
+  out32 = jax.jit(lambda v, x: net32.apply(v, x, train=False))(variables, x)
+  for k in ("features", "embedding", "prediction"):
+    assert out16[k].dtype == jnp.float32
+  # bfloat16 keeps 8 bits of mantissa: ~1% relative error through the network.
+  np.testing.assert_allclose(out16["features"], out32["features"], rtol=0.05,
+                             atol=0.05 * float(jnp.abs(out32["features"]).max()))
+  assert float(jnp.sum(out16["embedding"] * out32["embedding"], -1).min()) > 0.99
+  loss = lambda p: net16.apply({**variables, "params": p}, x, train=True,
+                               mutable=["batch_stats"])[0]["embedding"].sum()
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+             for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_model_dtype_is_validated():
+  c = _config("moco")
+  c.model.dtype = "float16"
+  with pytest.raises(ValueError, match="model.dtype"):
+    models.ModelSpec.from_config(c)
+
+
+@pytest.mark.parametrize("size,stride", [(2, 1), (1, 1), (4, 2), (3, 2)])
+def test_small_map_convolution_equals_lax_conv(size, stride):
+  """Maps whose output is smaller than the kernel run as a patch matmul (XLA:CPU's slow path);
+  values and both gradients equal lax's convolution."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, size, size, 5)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32)
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), [(1, 1)] * 2,
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  patch = lambda x, k: models.patch_conv(x, k, stride, 1)
+  np.testing.assert_allclose(patch(x, k), conv(x, k), rtol=1e-5, atol=1e-5)
+  g = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
+  for a, b in zip(g(patch), g(conv)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # The module takes the patch path exactly when the output map is smaller than the kernel.
+  module = models.Conv(7, 3, stride)
+  v = module.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_allclose(module.apply(v, x), conv(x, v["params"]["kernel"]), rtol=1e-5, atol=1e-5)
+  text = jax.jit(module.apply).lower(v, x).as_text()
+  out = (size + 2 - 3) // stride + 1
+  assert ("convolution" in text) == (out >= 3)
+
+
+def test_max_pool_values_and_gradient_equal_flax():
+  """Same values and gradient as nn.max_pool, ties included (first maximum in the window): a
+  pixel in several windows sums their gradients in another order, hence the 1-ulp tolerance."""
+  import flax.linen as nn
+  rng = np.random.default_rng(0)
+  for x in (jnp.asarray(rng.standard_normal((2, 9, 8, 3)), jnp.float32),
+            jnp.asarray(rng.integers(0, 3, (2, 8, 8, 3)), jnp.float32)):  # many ties
+    ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1)] * 2)
+    ours = lambda x: models.max_pool(x, 3, 2)
+    np.testing.assert_array_equal(ours(x), ref(x))
+    w = jnp.asarray(rng.standard_normal(ref(x).shape), jnp.float32)
+    g = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)
+    np.testing.assert_allclose(g(ours), g(ref), rtol=1e-6, atol=1e-6)  # summation order only
