@@ -72,7 +72,8 @@ def test_crops_lie_inside_chosen_regions():
 @functools.lru_cache(maxsize=None)
 def _pmapped_views(with_boxes: bool):
   """augment_views of train.py on one device, with constant step and key."""
-  ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8), bg_mixup=None, mix=None)
+  ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8), bg_mixup=None, mix=None,
+                              saliency=None)
   state = types.SimpleNamespace(rng=jax.random.PRNGKey(5), step=jnp.int32(3), bg_fifo=None)
   def views(b):
     a = train.augment_views(state, b, ctx)

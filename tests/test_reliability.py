@@ -69,7 +69,7 @@ def _run(workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None):
   lines, timer = [], None
   for line in proc.stderr:
     lines.append(line)
-    logged = re.search(r"\] \[(\d+)\] learning_rate=", line)
+    logged = re.search(r"\] \[(\d+)\] .*learning_rate=", line)
     if target is not None and timer is None and logged and int(logged.group(1)) >= target:
       timer = threading.Timer(np.random.uniform(0.0, 0.05), proc.send_signal, (sig,))
       timer.start()
