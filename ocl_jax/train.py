@@ -433,16 +433,28 @@ def write_view_pictures(state: TrainState, batch: dict[str, jax.Array], ctx: Ste
       out["masks"] = a.fg_masks
     return out
   out = jax.device_get(jax.pmap(payload, axis_name=parallel.AXIS)(state, batch))
-  flat = lambda x: np.asarray(x).reshape((-1,) + np.asarray(x).shape[2:])[:count]
+  flat = lambda x: _flat_batch(x, count)
   out = {k: flat(v) for k, v in out.items()}
   grid = pictures.views_grid(flat(batch["image"]), pictures.to_uint8(out["x1"]),
                              pictures.to_uint8(out["x2"]), (out["box1"], out["box2"]),
                              out.get("regions"), out.get("masks"))
-  path = os.path.join(workdir, "views.png")
+  return _save_picture(grid, "views", workdir, writer, step)
+
+
+def _flat_batch(x: Any, count: int) -> np.ndarray:
+  """(devices, per_device, ...) -> the first `count` of (devices * per_device, ...)."""
+  x = np.asarray(x)
+  return x.reshape((-1,) + x.shape[2:])[:count]
+
+
+def _save_picture(grid: np.ndarray, name: str, workdir: str, writer: metric_writers.MetricWriter,
+                  step: int) -> str:
+  """WORKDIR/<name>.png and TensorBoard image `name`, from process 0; returns the path."""
+  path = os.path.join(workdir, f"{name}.png")
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     Image.fromarray(grid).save(path)
-    writer.write_images(step, {"views": grid[None]})
+    writer.write_images(step, {name: grid[None]})
   return path
 
 
@@ -456,14 +468,9 @@ def write_saliency_pictures(state: TrainState, batch: dict[str, jax.Array], ctx:
     maps = saliency.compute_saliency(net, variables, b["image"], ctx.saliency, parallel.AXIS)
     return maps, augment_views(st, b, ctx, maps).crop_boxes
   maps, boxes = jax.device_get(jax.pmap(payload, axis_name=parallel.AXIS)(state, batch))
-  flat = lambda x: np.asarray(x).reshape((-1,) + np.asarray(x).shape[2:])[:count]
+  flat = lambda x: _flat_batch(x, count)
   grid = pictures.saliency_grid(flat(batch["image"]), flat(maps), [flat(b) for b in boxes])
-  path = os.path.join(workdir, "saliency.png")
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    writer.write_images(step, {"saliency": grid[None]})
-  return path
+  return _save_picture(grid, "saliency", workdir, writer, step)
 
 
 def measure_saliency_refresh(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
