@@ -1,6 +1,6 @@
 """Throughput benchmark (not a test): train steps, ContraCAM, input pipeline, feature extraction.
 
-    python -m ocl_jax.bench                       # every case at the demo size -> bench.json + table
+    python -m ocl_jax.bench                       # every case at the demo size -> workdirs/bench.json + table
     python -m ocl_jax.bench --quick               # tiny sizes: a smoke test of every case
     python -m ocl_jax.bench --cases=train,contracam --repeats=7 --out=/tmp/bench.json
     python -m ocl_jax.bench --profile=moco        # + where the time goes, per XLA op
@@ -21,6 +21,10 @@ Train steps are the project's own: `train.make_context` / `create_train_state`
 batches (random pixels, OA-crop boxes, BG-mixup masks), so they time the step
 alone; the `input` cases time the tf.data pipeline alone and the step fed by
 it, with the time the loop waits for input.
+
+On a CPU the CLI first splits the host into one JAX device per core
+(`use_cpu_devices`; --cpu_devices=-1 keeps one device): the step is pmapped
+over them and ContraCAM also runs split over them (`@pmap` cases).
 """
 
 from __future__ import annotations
@@ -343,8 +347,14 @@ def bench_train(name: str, config: ml_collections.ConfigDict, args: argparse.Nam
     holder["i"] += 1
     return metrics["loss"]
 
-  timers = [Timer(call, calls_per_repeat=args.steps_per_repeat)] + ([reference[1]] if reference else [])
-  times, *ref_times = time_interleaved(timers, args.repeats, args.warmup)
+  timers = [Timer(call, calls_per_repeat=args.steps_per_repeat)]
+  views_given = name in REFERENCE_METHODS
+  if views_given:  # the reference's exact work: our step on ready views, timed in the same turns
+    views_call, views_compile_s = _views_given_step(config, batches)
+    timers.append(Timer(views_call, calls_per_repeat=args.steps_per_repeat))
+  if reference:
+    timers.append(reference[1])
+  times, *other_times = time_interleaved(timers, args.repeats, args.warmup)
   flops, source = xla_flops(compiled), "xla"
   if flops is not None:
     flops *= n_dev  # a pmapped program's cost analysis is one device's
@@ -361,9 +371,44 @@ def bench_train(name: str, config: ml_collections.ConfigDict, args: argparse.Nam
   if keep is not None:
     keep.update(config=config, state=holder["state"], step=compiled)
   results = [_finish(r, peak)]
+  if views_given:
+    v = _result(f"{name}/views", "train", other_times.pop(0), config.batch_size,
+                compile_s=views_compile_s)
+    v.extra["note"] = "the reference's work: the step on ready views, augmentation excluded"
+    results.append(v)
   if reference:
-    results.append(_with_reference(r, reference[0], ref_times[0]))
+    ref_result = _with_reference(r, reference[0], other_times.pop(0))
+    if views_given:
+      v.reference_images_per_s = ref_result.images_per_s
+      v.ratio = v.images_per_s / ref_result.images_per_s
+    results.append(ref_result)
   return results
+
+
+def _views_given_step(config: ml_collections.ConfigDict, batches: list[dict[str, jax.Array]]
+                      ) -> tuple[Callable[[], Any], float]:
+  """A call of `train.update_from_views` (pmapped, state donated) on views augmented once
+  beforehand: the same work as the PyTorch reference step, which is handed ready views."""
+  from ocl_jax import parallel, train
+  ctx, state, _ = _train_step(config)
+  if ctx.saliency:
+    raise ValueError("the views-given step has no SGCL variant")
+  augment = jax.pmap(functools.partial(train.augment_views, ctx=ctx), axis_name=parallel.AXIS)
+  views = [augment(state, b) for b in batches]
+  p_update = jax.pmap(functools.partial(train.update_from_views, ctx=ctx), axis_name=parallel.AXIS,
+                      donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = p_update.lower(state, batches[0], views[0]).compile()
+  compile_s = time.perf_counter() - start
+  holder = {"state": state, "i": 0}
+
+  def call():
+    i = holder["i"] % 2
+    holder["state"], metrics = compiled(holder["state"], batches[i], views[i])
+    holder["i"] += 1
+    return metrics["loss"]
+
+  return call, compile_s
 
 
 def _with_reference(r: Result, name: str, times: list[float]) -> Result:
@@ -618,9 +663,11 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(")
 
 
 def _hlo_index(hlo_text: str) -> dict[str, tuple[str, list[str]]]:
-  """HLO instruction name -> (opcode[:fusion kind], the JAX op_names it computes): a fusion's
-  are those of the instructions of the computation it calls."""
+  """HLO instruction name -> (opcode[:fusion kind][(convolution)], the JAX op_names it
+  computes): a fusion's are those of the instructions of the computation it calls, and
+  '(convolution)' marks a fusion that holds a convolution."""
   comp_ops: dict[str, list[str]] = {}
+  comp_convs: set[str] = set()
   instrs: dict[str, tuple[str, str, str | None]] = {}
   current = None
   for line in hlo_text.splitlines():
@@ -638,15 +685,26 @@ def _hlo_index(hlo_text: str) -> dict[str, tuple[str, list[str]]]:
     calls = re.search(r"calls=%?([\w.\-]+)", line)
     if op_name and current is not None:
       comp_ops[current].append(op_name.group(1))
+    if opcode == "convolution" and current is not None:
+      comp_convs.add(current)
     instrs[name] = (opcode + (f":{kind.group(1)}" if kind else ""),
                     op_name.group(1) if op_name else "", calls.group(1) if calls else None)
-  return {name: (opcode, ([own] if own else []) + comp_ops.get(called, []))
+  return {name: (opcode + ("(convolution)" if called in comp_convs else ""),
+                 ([own] if own else []) + comp_ops.get(called, []))
           for name, (opcode, own, called) in instrs.items()}
 
 
-def op_category(op_names: list[str]) -> str:
-  """Where an op belongs: the network's forward / backward (convolutions, BatchNorm, pooling,
-  other) or the rest of the step (augmentation, loss, optimiser, probe)."""
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def op_category(op_names: list[str], opcode: str = "") -> str:
+  """Where an op belongs: cross-device collectives, the network's forward / backward
+  (convolutions, BatchNorm, pooling, other) or the rest of the step (augmentation, loss,
+  optimiser, probe)."""
+  if opcode.startswith(COLLECTIVES):
+    return "cross-device collectives (BatchNorm statistics, gradients)"
+  if not op_names and "convolution" in opcode:
+    return "network backward: convolutions"  # kernel gradients: XLA's rewrite drops their source
   if not op_names:
     return "unattributed"
   def cat(n: str) -> str:
@@ -689,7 +747,7 @@ def summarize_trace(trace_dir: str, hlo_text: str, wall: float, steps: int, top:
   rows = []
   for name, secs in sorted(per_op.items(), key=lambda kv: -kv[1]):
     opcode, op_names = index[name]
-    cat = op_category(op_names)
+    cat = op_category(op_names, opcode)
     by_cat[cat] = by_cat.get(cat, 0.0) + secs
     source = max(set(op_names), key=op_names.count) if op_names else ""
     rows.append({"op": name, "kind": opcode, "category": cat, "ms_per_step": 1e3 * secs / steps,
@@ -822,7 +880,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="PyTorch reference in the same run (auto: when torch is importable)")
   p.add_argument("--profile", default="", help="a train case to profile per XLA op (e.g. moco)")
   p.add_argument("--profile_steps", type=int, default=3)
-  p.add_argument("--out", default="bench.json", help="JSON output path")
+  p.add_argument("--out", default="workdirs/bench.json", help="JSON output path")
   p.add_argument("--table", default="", help="also write the Markdown table here")
   p.add_argument("--quick", action="store_true",
                  help="tiny sizes (ResNet-10 width 4, 32 px, batch 8), 1 repeat: a smoke test")
@@ -944,9 +1002,11 @@ def use_cpu_devices(count: int, batch_size: int | None = None) -> int:
   Why: XLA:CPU barely uses a second core inside one device's step (the demo
   MoCo step at batch 64 ran at 115 img/s on one core, 123 on two), but the
   pmapped step runs each device's half batch on its own core: 2 devices on the
-  2-core machine made it ~1.3x faster (136 vs 98-110 img/s), with the same
-  result (BatchNorm statistics and negatives are global-batch ones). Only the
-  host platform is split; accelerators are unaffected.
+  2-core machine made it ~1.3x faster (136 vs 98-110 img/s). BatchNorm
+  statistics and negatives are global-batch ones, so the step computes the
+  same thing; only Mixup's and BG-mixup's donor pairing (per device, as the
+  release's per-GPU randperm) depends on the device count. Only the host
+  platform is split; accelerators are unaffected.
   """
   if DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
     return 1

@@ -214,11 +214,23 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
 def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch (inside pmap)."""
+  online = online_saliency(state, batch, ctx) if ctx.saliency else None
+  aug = augment_views(state, batch, ctx, online[0] if online else None)
+  return update_from_views(state, batch, aug, ctx, online)
+
+
+def update_from_views(state: TrainState, batch: dict[str, jax.Array], aug: AugmentedViews,
+                      ctx: StepContext, online: tuple[jax.Array, Any, Any, jax.Array] | None = None,
+                      ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The step after augmentation: losses, gradients, optimiser, target, queue and probe.
+
+  Split from train_step so the benchmark can time exactly the work a PyTorch
+  step on ready views does. `online` is online_saliency's output with SGCL.
+  """
   sal = ctx.saliency
   maps = bank = stamp = None
   if sal:
-    maps, bank, stamp, refreshed = online_saliency(state, batch, ctx)
-  aug = augment_views(state, batch, ctx, maps)
+    maps, bank, stamp, refreshed = online
   x1, x2, bg_fifo, bg_stats, mix = aug.x1, aug.x2, aug.bg_fifo, aug.bg_stats, aug.mix
   net, axis = ctx.net, parallel.AXIS
   target_net = dataclasses.replace(net, pred_hidden_dim=0)

@@ -324,6 +324,15 @@ def test_gaussian_blur_constant_and_scipy_reference():
     np.testing.assert_allclose(_blur(jnp.asarray(img), sigma, k), ref, atol=1e-5)
 
 
+def test_view_tail_blurs_by_matrix_choice_and_returns_hwc():
+  """augment_view's last step: blurred (as gaussian_blur) or left exactly as it was, then HWC."""
+  img = _rand_image(7, 20, 24)
+  planar = jnp.asarray(np.moveaxis(img, -1, 0))
+  tail = jax.jit(A._maybe_blur_to_hwc, static_argnums=2)
+  np.testing.assert_array_equal(tail(planar, 1.3, 5, False), img)
+  np.testing.assert_allclose(tail(planar, 1.3, 5, True), _blur(jnp.asarray(img), 1.3, 5), atol=1e-6)
+
+
 def test_blur_kernel_size_rule():
   assert A.ViewConfig(crop_size=224).blur_kernel_size == 23
   assert A.ViewConfig(crop_size=96).blur_kernel_size == 9

@@ -11,12 +11,16 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# PyTorch's OpenMP threads spin at barriers by default, which on a busy CPU makes the tiny
+# reference steps below take seconds (see bench.prepare_environment); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ocl_jax import bench, models
+import jax  # noqa: E402
+import jax.numpy as jnp
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ocl_jax import bench, models  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HAS_TORCH = bench.torch_available()
@@ -73,7 +77,7 @@ def test_synthetic_batches_match_the_input_pipeline(scenes_data_dir):
 
 
 def test_quick_bench_cli_writes_json_and_table(tmp_path, scenes_data_dir):
-  cases = "peak,moco,contracam_T1_x1,contracam_T10_x1,features,input"
+  cases = "peak,moco,contracam_T10_x1,features,input"
   out, table = tmp_path / "bench.json", tmp_path / "bench.md"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   proc = subprocess.run(
@@ -85,8 +89,8 @@ def test_quick_bench_cli_writes_json_and_table(tmp_path, scenes_data_dir):
   by_name = {r["name"]: r for r in result["results"]}
   # Two devices: the step is pmapped over both, ContraCAM also runs split over them (@pmap).
   assert len(result["machine"]["devices"]) == 2
-  expected = {"matmul_256", "moco", "contracam_T1_x1", "contracam_T10_x1", "contracam_T1_x1@pmap",
-              "contracam_T10_x1@pmap", "features", "input_pipeline", "moco+input"}
+  expected = {"matmul_256", "moco", "moco/views", "contracam_T10_x1", "contracam_T10_x1@pmap",
+              "features", "input_pipeline", "moco+input"}
   assert expected <= set(by_name)
   peak = result["peak_gflops"]
   assert peak > 0 and result["machine"]["jax"] == jax.__version__
@@ -95,23 +99,24 @@ def test_quick_bench_cli_writes_json_and_table(tmp_path, scenes_data_dir):
     assert np.isfinite(r["images_per_s"]) and r["images_per_s"] > 0, name
     assert len(r["times"]) >= 1 and all(t > 0 for t in r["times"])
     assert r["images_per_s"] == pytest.approx(r["images_per_call"] / r["seconds_per_call"])
-  for name in ("moco", "contracam_T1_x1", "contracam_T10_x1", "contracam_T10_x1@pmap", "features"):
+  for name in ("moco", "contracam_T10_x1", "contracam_T10_x1@pmap", "features"):
     r = by_name[name]
     assert r["flops_source"] == "xla" and r["flops_per_call"] > 0
     assert r["gflops_per_s"] == pytest.approx(r["flops_per_call"] / r["seconds_per_call"] / 1e9)
     assert 0 < r["peak_fraction"] == pytest.approx(r["gflops_per_s"] / peak)
   assert by_name["moco"]["extra"]["loss_finite"]
-  # The T-step ContraCAM costs T forwards: 10x the T=1 FLOPs, at least the analytic conv count.
-  t1, t10 = by_name["contracam_T1_x1"], by_name["contracam_T10_x1"]
-  assert t10["flops_per_call"] == pytest.approx(10 * t1["flops_per_call"])
-  assert t1["flops_per_call"] >= t1["extra"]["analytic_forward_flops_per_iteration"]
+  # The T-step ContraCAM costs T forwards (+ the small head gradient, maps and masks): 10x a
+  # forward's analytic count and a little more.
+  t10 = by_name["contracam_T10_x1"]
+  forward = t10["extra"]["analytic_forward_flops_per_iteration"]
+  assert 10 * forward <= t10["flops_per_call"] <= 10 * 1.3 * forward
   wait = by_name["moco+input"]["extra"]["input_wait_fraction"]
   assert 0 <= wait <= 1
   assert by_name["contracam_T10_x1@pmap"]["flops_per_call"] == t10["flops_per_call"]
   if HAS_TORCH:
-    for name in ("moco", "contracam_T1_x1", "contracam_T10_x1", "contracam_T10_x1@pmap"):
+    for name in ("moco", "moco/views", "contracam_T10_x1", "contracam_T10_x1@pmap"):
       r = by_name[name]
-      ref = by_name[f"torch:{name.removesuffix('@pmap')}"]
+      ref = by_name[f"torch:{name.removesuffix('@pmap').removesuffix('/views')}"]
       assert r["reference_images_per_s"] == pytest.approx(ref["images_per_s"])
       assert r["ratio"] == pytest.approx(r["images_per_s"] / r["reference_images_per_s"])
   text = table.read_text()
@@ -129,8 +134,9 @@ def test_profile_attributes_time_to_convolutions():
   loss = lambda p: net.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0]["embedding"].sum()
   compiled = jax.jit(jax.grad(loss)).lower(v["params"]).compile()
   index = bench._hlo_index(compiled.as_text())
-  cats = {bench.op_category(names) for _, names in index.values()}
+  cats = {bench.op_category(names, opcode) for opcode, names in index.values()}
   assert "network forward: convolutions" in cats and "network backward: convolutions" in cats
+  assert bench.op_category(["jit(f)/psum"], "all-reduce").startswith("cross-device")
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (optional extra `reference`)")
