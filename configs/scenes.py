@@ -2,8 +2,9 @@
 
 The settings every scenes config (and the demo pipeline) starts from.
 
-Layer4 stays 3x3 at 96 px (standard stem), which keeps XLA:CPU off its slow
-path for maps smaller than the kernel (PERF_NOTES).
+Layer4 is 3x3 at 96 px (standard stem). Smaller sizes also run at full speed:
+maps smaller than the kernel, XLA:CPU's slow path (PERF_NOTES), are computed
+as a patch matmul (models.Conv).
 """
 
 from ocl_jax.configuration import load_sibling_config

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from absl import logging
 import jax
 import ml_collections
 
@@ -107,13 +106,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     e.append(f"config.augment: {err}")
   if e:
     raise ConfigError("Invalid configuration:\n  " + "\n  ".join(e))
-
-  stride = 8 if config.model.small_stem else 32
-  side = config.augment.crop_size // stride
-  if jax.default_backend() == "cpu" and side < 3:
-    logging.warning("layer4 is %dx%d at crop_size=%d: XLA:CPU runs 3x3 convolutions on maps "
-                    "smaller than the kernel ~40x slower (PERF_NOTES); use crop_size >= %d.",
-                    side, side, config.augment.crop_size, 3 * stride)
 
 
 def _validate_evaluation(config: ml_collections.ConfigDict, e: list[str]) -> None:
