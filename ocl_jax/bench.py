@@ -23,7 +23,7 @@ alone; the `input` cases time the tf.data pipeline alone and the step fed by
 it, with the time the loop waits for input.
 
 On a CPU the CLI first splits the host into one JAX device per core
-(`use_cpu_devices`; --cpu_devices=-1 keeps one device): the step is pmapped
+(`parallel.use_cpu_devices`; --cpu_devices=-1 keeps one device): the step is pmapped
 over them and ContraCAM also runs split over them (`@pmap` cases).
 """
 
@@ -50,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+
+from ocl_jax import parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "demo.py"
@@ -315,7 +317,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, n_dev: int, seed: int) ->
 
 def _train_step(config: ml_collections.ConfigDict, num_examples: int = 1000):
   """(ctx, replicated state, pmapped step) exactly as train_and_evaluate builds them."""
-  from ocl_jax import parallel, train
+  from ocl_jax import train
   from ocl_jax.configuration import validate_config
   validate_config(config)
   ctx = train.make_context(config, 1000, 10, num_examples) if "saliency" in config else \
@@ -389,7 +391,7 @@ def _views_given_step(config: ml_collections.ConfigDict, batches: list[dict[str,
                       ) -> tuple[Callable[[], Any], float]:
   """A call of `train.update_from_views` (pmapped, state donated) on views augmented once
   beforehand: the same work as the PyTorch reference step, which is handed ready views."""
-  from ocl_jax import parallel, train
+  from ocl_jax import train
   ctx, state, _ = _train_step(config)
   if ctx.saliency:
     raise ValueError("the views-given step has no SGCL variant")
@@ -419,7 +421,6 @@ def _with_reference(r: Result, name: str, times: list[float]) -> Result:
 
 
 def _to_devices(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  from ocl_jax import parallel
   return next(parallel.prefetch_to_device(iter([batch]), 1))
 
 
@@ -428,7 +429,6 @@ def _compiled_contracam(net: Any, settings: Any, variables: Any, images: jax.Arr
   """ContraCAM compiled for one device (jit, as `contracam.contracam`), or split over `n_dev`
   local devices with the global batch's negatives (pmap, `axis_name`: the same maps)."""
   from ocl_jax import contracam as cc
-  from ocl_jax import parallel
   if n_dev == 1:
     return jax.jit(functools.partial(cc.contracam_apply, net, settings)).lower(variables, images).compile()
   fn = jax.pmap(functools.partial(cc.contracam_apply, net, settings, axis_name=parallel.AXIS),
@@ -636,7 +636,7 @@ def profile_train(config: ml_collections.ConfigDict, steps: int, trace_dir: str,
   """Trace `steps` train steps with jax.profiler: per-op time from the trace's XLA op events,
   each op labelled from the optimised HLO (its JAX source and a category); plus the
   on-device augmentation (train.augment_views) timed alone."""
-  from ocl_jax import parallel, train
+  from ocl_jax import train
   n_dev = jax.local_device_count()
   ctx, state, p_step = _train_step(config)
   batch = _to_devices(synthetic_batch(config, n_dev, 0))
@@ -875,7 +875,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--input_batches", type=int, default=20, help="input cases: batches timed")
   p.add_argument("--cpu_devices", type=int, default=0,
                  help="split the CPU into this many JAX devices before JAX starts (0: one per "
-                      "core that divides the batch; -1: leave XLA_FLAGS alone); see use_cpu_devices")
+                      "core that divides the batch; -1: leave XLA_FLAGS alone); see parallel.use_cpu_devices")
   p.add_argument("--reference", default="auto", choices=["auto", "on", "off"],
                  help="PyTorch reference in the same run (auto: when torch is importable)")
   p.add_argument("--profile", default="", help="a train case to profile per XLA op (e.g. moco)")
@@ -984,40 +984,6 @@ def format_profile(case: str, profile: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-
-
-def usable_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
-def use_cpu_devices(count: int, batch_size: int | None = None) -> int:
-  """Split the host CPU into `count` JAX devices (0: one per usable core, the largest count
-  that divides `batch_size`), unless XLA_FLAGS already sets a count. Must run before JAX
-  starts its backends; returns the count set (1 = left alone).
-
-  Why: XLA:CPU barely uses a second core inside one device's step (the demo
-  MoCo step at batch 64 ran at 115 img/s on one core, 123 on two), but the
-  pmapped step runs each device's half batch on its own core: 2 devices on the
-  2-core machine made it ~1.3x faster (136 vs 98-110 img/s). BatchNorm
-  statistics and negatives are global-batch ones, so the step computes the
-  same thing; only Mixup's and BG-mixup's donor pairing (per device, as the
-  release's per-GPU randperm) depends on the device count. Only the host
-  platform is split; accelerators are unaffected.
-  """
-  if DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
-    return 1
-  n = count or usable_cores()
-  if batch_size:
-    n = max(d for d in range(1, n + 1) if batch_size % d == 0)
-  if n > 1:
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={n}".strip()
-  return n
-
-
 def prepare_environment() -> dict[str, str]:
   """Process settings the timings depend on, applied before PyTorch / TensorFlow load.
 
@@ -1037,7 +1003,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   prepare_environment()
   if args.cpu_devices >= 0:
-    use_cpu_devices(args.cpu_devices, base_config(args).batch_size)
+    parallel.use_cpu_devices(args.cpu_devices, base_config(args).batch_size)
   import tensorflow as tf  # the input pipeline's; keep it off any accelerator
   tf.config.experimental.set_visible_devices([], "GPU")
   return run(args)

@@ -15,6 +15,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from ocl_jax import parallel
 from ocl_jax.configuration import validate_config
 
 FLAGS = flags.FLAGS
@@ -36,6 +37,12 @@ flags.DEFINE_integer("num_processes", int(os.environ.get("OCL_NUM_PROCESSES", "1
                      "Processes in the job; > 1 starts JAX's distributed runtime.")
 flags.DEFINE_integer("process_id", int(os.environ.get("OCL_PROCESS_ID", "0")),
                      "This process's index in [0, num_processes).")
+flags.DEFINE_integer("cpu_devices", 1,
+                     "On a CPU host, split the CPU into this many JAX devices (0: one per core), "
+                     "the largest count dividing the batch; the pmapped step then runs each "
+                     "device's share on its own core (~1.3x faster on 2 cores). BG-mixup and "
+                     "Mixup draw donors per device, so their results depend on the count. "
+                     "Ignored when XLA_FLAGS already sets a device count.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -44,6 +51,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_QuietLibraries())
+  parallel.use_cpu_devices(FLAGS.cpu_devices, FLAGS.config.batch_size)  # before JAX's backends start
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   # tf.data only feeds the host; keep TensorFlow off any accelerator.

@@ -202,13 +202,3 @@ def test_torch_reference_train_step_learns(method):
   assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
   if method == "moco":
     assert step.ptr == (3 * 8) % 16
-
-
-def test_use_cpu_devices_sets_one_device_per_core_dividing_the_batch(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-  assert bench.use_cpu_devices(6, batch_size=64) == 4  # the largest count <= 6 dividing 64
-  assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
-                                             "--xla_force_host_platform_device_count=4"]
-  assert bench.use_cpu_devices(2, batch_size=64) == 1  # a count is already set: left alone
-  monkeypatch.setenv("XLA_FLAGS", "")
-  assert bench.use_cpu_devices(1, batch_size=64) == 1 and os.environ["XLA_FLAGS"] == ""

@@ -17,7 +17,7 @@ from ocl_jax.models import ModelSpec
 ROOT = pathlib.Path(__file__).parents[1]
 
 
-def _cli(workdir, data_dir, steps):
+def _cli(workdir, data_dir, steps, *extra, env=None):
   args = [sys.executable, "-m", "ocl_jax.main", "--config=configs/scenes.py", f"--workdir={workdir}",
           f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=scenes/tiny",
           "--config.dataset.image_size=32", "--config.augment.crop_size=32",
@@ -25,8 +25,8 @@ def _cli(workdir, data_dir, steps):
           "--config.model.proj_dim=8", "--config.batch_size=16", "--config.moco.queue_size=64",
           f"--config.num_train_steps={steps}", "--config.log_every_steps=2",
           "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-          "--config.probe.eval_batches=1"]
-  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+          "--config.probe.eval_batches=1", *extra]
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, tiny_config):
@@ -36,9 +36,12 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   assert "loss=" in first.stderr and "eval_probe_accuracy=" in first.stderr
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-  # Started again with a longer schedule, the run continues from step 4.
-  second = _cli(workdir, scenes_data_dir, 6)
+  # Started again with a longer schedule, the run continues from step 4; here with the CPU
+  # split into 2 devices by --cpu_devices (the suite's XLA_FLAGS device count removed).
+  env = {**os.environ, "XLA_FLAGS": ""}
+  second = _cli(workdir, scenes_data_dir, 6, "--cpu_devices=2", env=env)
   assert second.returncode == 0, second.stderr[-3000:]
+  assert "2 local devices" in second.stderr and "4 local devices" in first.stderr
   assert "Resumed from step 4" in second.stderr
   assert "[6] " in second.stderr and "[2] learning_rate" not in second.stderr
   assert "6" in os.listdir(workdir / "checkpoints")
