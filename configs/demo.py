@@ -10,7 +10,7 @@ settings) at the same number of steps -> linear probe and kNN on every `scenes` 
 test - mixed_rand) and ContraCAM localisation of every model. It prints the
 results table and writes WORKDIR/results.{md,json}.
 
-Sized to finish in about 16 minutes on 2 CPU cores (README); a
+Sized to finish in about 14 minutes on 2 CPU cores (README); a
 longer, more faithful run: --config.num_train_steps=2000.
 """
 
