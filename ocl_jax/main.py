@@ -51,7 +51,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_logger().addFilter(_QuietLibraries())
-  parallel.use_cpu_devices(FLAGS.cpu_devices, FLAGS.config.batch_size)  # before JAX's backends start
+  try:
+    parallel.use_cpu_devices(FLAGS.cpu_devices, FLAGS.config.batch_size)  # before JAX's backends start
+  except ValueError as e:
+    raise app.UsageError(f"--{e}") from e
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
   # tf.data only feeds the host; keep TensorFlow off any accelerator.

@@ -38,6 +38,8 @@ def use_cpu_devices(count: int, batch_size: int | None = None) -> int:
   whose donors are drawn per device. Only the host platform is split;
   accelerators are unaffected.
   """
+  if count < 0:
+    raise ValueError(f"cpu_devices must be >= 0 (0: one per core), got {count}")
   if count == 1 or DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
     return 1
   n = count or usable_cores()

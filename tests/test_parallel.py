@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from ocl_jax import parallel
 
 
@@ -16,3 +18,5 @@ def test_use_cpu_devices_sets_one_device_per_core_dividing_the_batch(monkeypatch
   monkeypatch.setattr(parallel, "usable_cores", lambda: 3)
   assert parallel.use_cpu_devices(0, batch_size=64) == 2  # 0: one per core, at most a divisor of 64
   assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+  with pytest.raises(ValueError, match="cpu_devices must be >= 0"):
+    parallel.use_cpu_devices(-1, batch_size=64)
