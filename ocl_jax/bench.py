@@ -350,7 +350,8 @@ def bench_train(name: str, config: ml_collections.ConfigDict, args: argparse.Nam
     return metrics["loss"]
 
   timers = [Timer(call, calls_per_repeat=args.steps_per_repeat)]
-  views_given = name in REFERENCE_METHODS
+  sal = config.get("saliency")
+  views_given = name in REFERENCE_METHODS and not (sal is not None and sal.enabled)
   if views_given:  # the reference's exact work: our step on ready views, timed in the same turns
     views_call, views_compile_s = _views_given_step(config, batches)
     timers.append(Timer(views_call, calls_per_repeat=args.steps_per_repeat))
