@@ -481,28 +481,15 @@ def _blur_matrix(kernel: jax.Array, size: int) -> jax.Array:
   return sum(kernel[t] * eye[t:t + size] for t in range(kernel.shape[0]))
 
 
-def _blur_p(x: jax.Array, sigma, kernel_size: int) -> jax.Array:
-  """Planar separable Gaussian blur as two banded matmuls.
-
-  On CPU a shifted-slice sum gets fused with the colour ops before it and
-  recomputes them once per tap, several times slower than the matmuls.
-  """
-  kernel = gaussian_kernel1d(sigma, kernel_size).astype(x.dtype)
-  rows = _blur_matrix(kernel, x.shape[1])
-  cols = rows if x.shape[2] == x.shape[1] else _blur_matrix(kernel, x.shape[2])
-  hp = jax.lax.Precision.HIGHEST
-  out = jnp.einsum("chw,xw->chx", x, cols, precision=hp)
-  rows = jnp.broadcast_to(rows, (x.shape[0],) + rows.shape)  # channel as a batch dim
-  return jnp.einsum("cyh,chx->cyx", rows, out, precision=hp)
-
-
 def _maybe_blur_to_hwc(x: jax.Array, sigma, kernel_size: int, do_blur) -> jax.Array:
   """Planar (C, H, W) -> HWC, blurred where `do_blur` (RandomApply of the blur).
 
-  The choice selects the banded matrices (identity when not blurred, which
-  is exact) rather than two images, and the second matmul writes HWC: on
-  XLA:CPU a select plus planar->HWC transpose fused into the colour ops ran
-  ~20 ns per output value, about 10% of a demo train step.
+  Separable blur as two banded matmuls: on CPU a shifted-slice sum gets fused
+  with the colour ops before it and recomputes them once per tap. The choice
+  selects the matrices (identity when not blurred, which is exact) rather than
+  two images, and the second matmul writes HWC: on XLA:CPU a select plus
+  planar->HWC transpose fused into the colour ops ran ~20 ns per output
+  value, about 10% of a demo train step.
   """
   kernel = gaussian_kernel1d(sigma, kernel_size).astype(x.dtype)
   rows = _blur_matrix(kernel, x.shape[1])
@@ -523,7 +510,7 @@ def gaussian_blur(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
     raise ValueError(f"kernel_size must be odd, got {kernel_size}")
   if kernel_size // 2 >= min(image.shape[0], image.shape[1]):
     raise ValueError(f"kernel_size {kernel_size} too large for image {image.shape[:2]}")
-  return _hwc(_blur_p(_chw(image), sigma, kernel_size))
+  return _maybe_blur_to_hwc(_chw(image), sigma, kernel_size, True)
 
 
 # ----------------------------------------------------------------------------

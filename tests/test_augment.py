@@ -330,7 +330,10 @@ def test_view_tail_blurs_by_matrix_choice_and_returns_hwc():
   planar = jnp.asarray(np.moveaxis(img, -1, 0))
   tail = jax.jit(A._maybe_blur_to_hwc, static_argnums=2)
   np.testing.assert_array_equal(tail(planar, 1.3, 5, False), img)
-  np.testing.assert_allclose(tail(planar, 1.3, 5, True), _blur(jnp.asarray(img), 1.3, 5), atol=1e-6)
+  kern = _np_kernel(1.3, 5)  # torch 'reflect' padding is scipy 'mirror'
+  ref = ndimage.correlate1d(img.astype(np.float64), kern, axis=0, mode="mirror")
+  ref = ndimage.correlate1d(ref, kern, axis=1, mode="mirror")
+  np.testing.assert_allclose(tail(planar, 1.3, 5, True), ref, atol=1e-5)
 
 
 def test_blur_kernel_size_rule():
