@@ -1,6 +1,6 @@
 """MoCo v2 on COCO 2017 train (TFDS `coco/2017` in --config.dataset.data_dir), paper settings.
 
-METHOD.md section 1: ResNet-18, 224 px, global batch 256, lr 0.03 x batch/256,
+docs/method.md#pretraining: ResNet-18, 224 px, global batch 256, lr 0.03 x batch/256,
 cosine to 1e-3, 800 epochs, queue 65,536, tau 0.2, EMA 0.999.
 """
 

@@ -1,4 +1,4 @@
-"""MoCo v2 on COCO 2017 with OA-crop from ContraCAM boxes (METHOD.md section 4).
+"""MoCo v2 on COCO 2017 with OA-crop from ContraCAM boxes (docs/method.md#oa-crop).
 
 The boxes come from a box file in the release format, given on the command line:
   --config.object_aware.boxes=PATH

@@ -1,4 +1,4 @@
-"""MoCo v2 on COCO 2017 with OA-crop from ground-truth boxes (METHOD.md section 4).
+"""MoCo v2 on COCO 2017 with OA-crop from ground-truth boxes (docs/method.md#oa-crop).
 
 configs/coco.py plus object-aware random crop: per step each image picks one
 ground-truth instance box (area > 1% of the image, expanded by 20% of its

@@ -1,4 +1,5 @@
-"""Saliency-guided MoCo v2 (METHOD.md section 5) on COCO 2017, the paper setting of configs/coco.py.
+"""Saliency-guided MoCo v2 (docs/method.md#sgcl) on COCO 2017, the paper setting of
+configs/coco.py.
 
 Online saliency of the target network at 128 px (half the 256 px host image),
 refreshed every step; both global crops centred by saliency (temperature 1),

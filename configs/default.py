@@ -1,7 +1,7 @@
 """Every configuration field of ocl_jax, with its meaning. Other configs derive from this.
 
 Override any field on the command line, e.g. `--config.batch_size=64`.
-Defaults are the paper's MoCo v2 setting (METHOD.md section 1) on `scenes`.
+Defaults are the paper's MoCo v2 setting (docs/method.md#pretraining) on `scenes`.
 """
 
 import ml_collections
@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   # tf.data shuffle buffer (examples).
   c.dataset.shuffle_buffer = 10_000
 
-  # ---- On-device augmentation per view (METHOD.md section 1) -------------
+  # ---- On-device augmentation per view (docs/method.md#pretraining) ------
   c.augment = ml_collections.ConfigDict()
   c.augment.crop_size = 96            # output side of each view (pixels)
   c.augment.scale = (0.08, 1.0)       # RandomResizedCrop area fraction range
@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.blur_sigma = (0.1, 2.0)   # blur sigma range (pixels)
   c.augment.blur_kernel_frac = 0.1    # blur kernel side as a fraction of crop_size (made odd)
 
-  # ---- Object-aware random crop, OA-crop (METHOD.md section 4) -----------------
+  # ---- Object-aware random crop, OA-crop (docs/method.md#oa-crop) --------------
   # Each image carries up to max_boxes boxes; per step one is chosen uniformly and
   # both views take their RandomResizedCrop inside it (scale/ratio relative to the
   # box). Images with no box use the whole image.
@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   # errors; True = they are counted and logged, and those images use the whole image.
   c.object_aware.tolerate_box_errors = False
 
-  # ---- Background mixup (METHOD.md section 4), on view 1 after colour augmentation ----
+  # ---- Background mixup (docs/method.md#bg-mixup), on view 1 after colour augmentation ----
   c.bg_mixup = ml_collections.ConfigDict()
   c.bg_mixup.enabled = False
   c.bg_mixup.masks = "gt"             # 'gt' (the dataset's `mask`) or a folder of mask PNGs
@@ -84,13 +84,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.bg_mixup.threshold = 0.2          # hard foreground = mask >= threshold
   c.bg_mixup.fifo_size = 50           # backgrounds kept for images whose donor has none
 
-  # ---- Mixup / CutMix contrastive baselines (METHOD.md section 1; MoCo only) ----
+  # ---- Mixup / CutMix contrastive baselines (docs/method.md#mixup-cutmix; MoCo only) ----
   # View 1 is mixed with a permuted batch; the loss credits both sources' keys.
   c.mix = ml_collections.ConfigDict()
   c.mix.kind = "none"                 # 'none' | 'mixup' (lambda per image) | 'cutmix' (per batch)
   c.mix.alpha = 1.0                   # lambda ~ Beta(alpha, alpha), then max(lambda, 1 - lambda)
 
-  # ---- Saliency-guided contrastive learning, SGCL (METHOD.md section 5) ----------------
+  # ---- Saliency-guided contrastive learning, SGCL (docs/method.md#sgcl) ----------------
   # The model's own saliency, computed inside the train step: ContraCAM (T=1) of the target
   # (EMA) network on the un-augmented image (SimCLR: the online network), stop-gradient.
   c.saliency = ml_collections.ConfigDict()
@@ -155,7 +155,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.probe.learning_rate = 1e-3
   c.probe.eval_batches = 16           # batches of eval_split per probe evaluation (-1 = all)
 
-  # ---- ContraCAM (METHOD.md sections 2-3) -----------------------------------------
+  # ---- ContraCAM (docs/method.md#contracam, #boxes-and-masks) ---------------------
   c.contracam = ml_collections.ConfigDict()
   c.contracam.checkpoint = ""         # training workdir or encoder export; '' = --workdir
   c.contracam.split = "train"         # split whose boxes / masks are saved
@@ -163,7 +163,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.contracam.iterations = 10         # T for boxes (iterative refinement)
   c.contracam.mask_iterations = 1     # T for background masks
   c.contracam.expand_res = 2          # 1 | 2 | 4: stride-1 layer4 (and layer3) for finer maps
-  c.contracam.official_score = False  # True: the release's score exactly (METHOD.md section 2)
+  c.contracam.official_score = False  # True: the release's score (docs/method.md#release-quirks)
   c.contracam.batch_size = 64         # images per ContraCAM batch (they are each other's negatives)
   c.contracam.max_images = -1         # limit on images processed (-1 = the whole split)
   c.contracam.clean_threshold = 0.5   # binarisation of maps before connected components
@@ -175,7 +175,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.contracam.largest_box_only = False
   c.contracam.num_pictures = 8        # images in the ContraCAM picture grid
 
-  # ---- Frozen-encoder evaluation (METHOD.md section 6): --config.mode=eval and the pipeline ----
+  # ---- Frozen-encoder evaluation (docs/method.md#evaluation): --config.mode=eval, pipeline ----
   c.evaluation = ml_collections.ConfigDict()
   # Encoder exports or training workdirs to evaluate ('' entries / empty = --workdir).
   c.evaluation.checkpoints = ()

@@ -1,9 +1,9 @@
 """MoCo v2 on ImageNet-9 (the `bg_challenge` folder of Xiao et al. 2020), paper settings.
 
-METHOD.md section 1: ResNet-50, 224 px crops, global batch 256, lr 0.03 x batch/256,
+docs/method.md#pretraining: ResNet-50, 224 px crops, global batch 256, lr 0.03 x batch/256,
 cosine to 1e-3, 800 epochs, queue 65,536, tau 0.2, EMA 0.999. It trains on the image
 folder original/train (9 classes, ~45k images) and is evaluated on ImageNet-9's
-original / mixed_same / mixed_rand / only_fg (METHOD.md section 6). The online probe
+original / mixed_same / mixed_rand / only_fg (docs/method.md#evaluation). The online probe
 and ContraCAM's evaluation use the sibling folder original/val.
 
 Two paths are required on the command line (BG = the bg_challenge folder):

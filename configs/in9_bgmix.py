@@ -1,4 +1,4 @@
-"""MoCo v2 on ImageNet-9 (configs/in9.py) with background mixup (METHOD.md section 4).
+"""MoCo v2 on ImageNet-9 (configs/in9.py) with background mixup (docs/method.md#bg-mixup).
 
 The masks are ContraCAM masks (T=1) of a vanilla model pretrained on the same folder.
 Three runs (BG = the bg_challenge folder):

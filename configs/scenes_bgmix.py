@@ -1,4 +1,4 @@
-"""MoCo v2 on scenes/small (configs/scenes.py) with background mixup (METHOD.md section 4).
+"""MoCo v2 on scenes/small (configs/scenes.py) with background mixup (docs/method.md#bg-mixup).
 
 Masks default to the dataset's true foreground masks; the paper's setting uses
 ContraCAM masks (T=1) of a pretrained model instead:

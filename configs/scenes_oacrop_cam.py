@@ -1,4 +1,5 @@
-"""MoCo v2 on scenes/small (configs/scenes.py) with OA-crop from ContraCAM boxes (METHOD.md section 4).
+"""MoCo v2 on scenes/small (configs/scenes.py) with OA-crop from ContraCAM boxes
+(docs/method.md#oa-crop).
 
 Two runs: first pretrain and save the boxes of the training split,
   python -m ocl_jax.main --config=configs/scenes.py --workdir=W0

@@ -1,4 +1,5 @@
-"""MoCo v2 on scenes/small (configs/scenes.py) with OA-crop from ground-truth boxes (METHOD.md section 4)."""
+"""MoCo v2 on scenes/small (configs/scenes.py) with OA-crop from ground-truth boxes
+(docs/method.md#oa-crop)."""
 
 from ocl_jax.configuration import load_sibling_config
 

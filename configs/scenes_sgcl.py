@@ -1,4 +1,4 @@
-"""Saliency-guided MoCo v2 (METHOD.md section 5) on scenes/small, the setting of configs/scenes.py.
+"""Saliency-guided MoCo v2 (docs/method.md#sgcl) on scenes/small, the setting of configs/scenes.py.
 
 The model's own ContraCAM saliency (T=1, target network, 96 px, every step)
 re-centres both crops and reweights each positive pair by (a_u a_v)^gamma.
@@ -17,8 +17,8 @@ def get_config():
   s = c.saliency
   s.enabled = True
   # The full 96 px image with layer4 at stride 16: a 6x6 ContraCAM map. At half size (48 px,
-  # METHOD.md's default) the map is 3x3 and its crop scores barely rank true object coverage
-  # (Spearman 0.15 vs 0.44 on the demo's vanilla model; README).
+  # the default of docs/method.md#sgcl) the map is 3x3 and its crop scores barely rank true
+  # object coverage (Spearman 0.15 vs 0.44 on the demo's vanilla model; README).
   s.resolution = 96
   s.expand_res = 2
   s.map_size = 8

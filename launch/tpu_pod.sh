@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the job on every worker (host) of a Cloud TPU VM pod slice, one process per host:
-#   launch/tpu_pod.sh my-v4-32 us-central2-b --config=configs/coco.py --workdir=/mnt/shared/coco
+#   launch/tpu_pod.sh my-v4-32 us-central2-b --config=configs/coco.py --workdir=/mnt/nfs/coco
 # Each worker runs `python -m ocl_jax.main --distributed=auto ...`; JAX finds the pod's
 # coordinator, process count and index from the TPU metadata. config.batch_size is the global
 # batch (split over all hosts). Before the first run, on every worker (--worker=all):

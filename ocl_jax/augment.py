@@ -1,4 +1,4 @@
-"""Per-view image augmentation of METHOD.md section 1, run on device.
+"""Per-view image augmentation of docs/method.md#pretraining, run on device.
 
 Everything here is a pure function of an explicit PRNG key, safe under
 jit/vmap/pmap: augmentation runs inside the train step, vmapped over one key
@@ -11,8 +11,8 @@ Conventions: images HWC float32 in [0, 1]; boxes normalised (x1, y1, x2, y2)
 with the pixel-edge convention, so (0, 0, 1, 1) is the whole image. Crops are
 sampled in real pixel units (the original aspect ratio is passed in, since
 the pipeline stores every image resized to a square), optionally inside a
-`region` box, which is what object-aware crops (section 4) and
-saliency-guided crops (section 5) need.
+`region` box, which is what object-aware crops (docs/method.md#oa-crop) and
+saliency-guided crops (docs/method.md#sgcl) need.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ _TUPLE_FIELDS = ("scale", "ratio", "blur_sigma")
 
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
-  """One view's augmentation; defaults are MoCo v2 (METHOD.md section 1).
+  """One view's augmentation; defaults are MoCo v2 (docs/method.md#pretraining).
 
   Frozen and hashable so it can be a static argument of a jitted function.
   """
@@ -187,7 +187,7 @@ def saliency_centred_box(box: jax.Array, saliency: jax.Array, u: jax.Array,
                          temperature: float) -> jax.Array:
   """Move `box` (keeping its size) so its centre is drawn from saliency^temperature.
 
-  Saliency-guided crop of METHOD.md section 5: `saliency` (m, m) is a
+  Saliency-guided crop of docs/method.md#sgcl: `saliency` (m, m) is a
   piecewise-constant map on the image's normalised square; a cell is drawn
   with probability ∝ s^temperature (inverse CDF of u[0]) and the centre
   uniformly inside it (u[1], u[2]); the box is then shifted to lie inside
@@ -610,7 +610,7 @@ FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 def choose_regions(key: jax.Array, boxes: jax.Array, box_valid: jax.Array,
                    index_offset=0) -> jax.Array:
-  """OA-crop regions (METHOD.md section 4): one valid box per image, uniformly.
+  """OA-crop regions (docs/method.md#oa-crop): one valid box per image, uniformly.
 
   `boxes` (B, K, 4) x1, y1, x2, y2 with `box_valid` (B, K). Image i draws from
   fold_in(key, index_offset + i), as augment_batch does, so the choice does not

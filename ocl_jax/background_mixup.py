@@ -1,4 +1,4 @@
-"""Background mixup (BG-mixup) of METHOD.md section 4, run on device.
+"""Background mixup (BG-mixup) of docs/method.md#bg-mixup, run on device.
 
 Pure, jit/vmap-safe functions with static shapes: no Python control flow on
 traced values, tiling by modulo index arithmetic on coordinate vectors.

@@ -178,3 +178,13 @@ def load_sibling_config(this_file: str, name: str, *args) -> ml_collections.Conf
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(*args)
+
+
+def save_config_json(config: ml_collections.ConfigDict, path: str) -> str:
+  """Write `config` as JSON to `path` (atomically): the run's full hyperparameters."""
+  import json
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + "\n")
+  os.replace(path + ".tmp", path)
+  return path

@@ -1,8 +1,8 @@
-"""ContraCAM (METHOD.md section 2): Grad-CAM with a contrastive score, on device.
+"""ContraCAM (docs/method.md#contracam): Grad-CAM with a contrastive score, on device.
 
 The whole T-step refinement is one pure function of arrays (`contracam_apply`),
 so it can run inside another jitted function (e.g. a train step that needs
-online saliency, section 5) or through the cached jitted wrapper `contracam`.
+online saliency, docs/method.md#sgcl) or through the cached jitted wrapper `contracam`.
 Shapes are static: the growing negative set is a fixed (T, B, D) buffer with
 a count of valid entries, and the T steps are a `lax.scan`.
 
@@ -40,11 +40,13 @@ class CamSettings:
   iterations: T refinement steps (T=10 for boxes, T=1 for background masks).
   expand_res: 1, 2 or 4; must match the network's `expand_res`.
   official_score: reproduce the release's score (batch-summed positive,
-    self-pairs kept as exp(0)) instead of METHOD.md's per-image formula.
+    self-pairs kept as exp(0)) instead of the per-image formula of
+    docs/method.md#contracam (see docs/method.md#release-quirks).
   mode: 'contrastive' (ContraCAM) or 'supervised' (Grad-CAM of a class logit).
   clamp_weights: keep only positive channel weights; None picks the method
     default (True for contrastive, False = signed weights for supervised).
-  temperature: tau of the contrastive score (METHOD.md and the release: 1).
+  temperature: tau of the contrastive score (docs/method.md#contracam and the
+    release: 1).
   eps: added to the per-image maximum in the min-max normalisation.
   """
 
@@ -137,7 +139,7 @@ def normalize_per_image(maps: jax.Array, eps: float = 1e-20) -> jax.Array:
 def contrastive_score(query: jax.Array, key: jax.Array, negatives: jax.Array, num_valid: Any,
                       official: bool = False, temperature: float = 1.0,
                       axis_name: str | None = None) -> jax.Array:
-  """Per-image contrastive score (B,) of METHOD.md section 2.
+  """Per-image contrastive score (B,) of docs/method.md#contracam.
 
   query, key: (B, D) unit vectors; negatives: (S, B, D) buffer of which the
   first `num_valid` sets count. Default:

@@ -3,7 +3,7 @@
 Every dataset, whatever its source (a TFDS builder, COCO instances cropped on
 the fly, or a local image folder), is read the same way: this process's shard
 of a split, in a fixed order, resized on its shorter side and centre-cropped
-(METHOD.md section 6), as host uint8 batches padded to a fixed size with a
+(docs/method.md#evaluation), as host uint8 batches padded to a fixed size with a
 `valid` mask, so every example is counted exactly once.
 
 Registry (`get_eval_dataset(name)`):
@@ -41,7 +41,7 @@ IMAGENET9_CLASSES = ("00_dog", "01_bird", "02_wheeled vehicle", "03_reptile", "0
                      "05_insect", "06_musical instrument", "07_primate", "08_fish")
 IMAGENET9_VARIANTS = ("original", "mixed_same", "mixed_rand", "only_fg")
 VAL_EVERY = 10  # folder datasets without a val split: every 10th file of each class is val
-COCO_CROP_MIN_AREA = 0.01  # METHOD.md section 4, COCO-Crop
+COCO_CROP_MIN_AREA = 0.01  # COCO-Crop, docs/method.md#coco-crop
 COCO_CROP_MARGIN = 0.2
 
 # TFDS transfer sets -> (train, val, test) in the builder's real split names; a
@@ -295,7 +295,7 @@ def resize_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.
 
 def coco_crop_boxes(bbox_yxyx: tf.Tensor, labels: tf.Tensor, min_area: float = COCO_CROP_MIN_AREA,
                     margin: float = COCO_CROP_MARGIN) -> tuple[tf.Tensor, tf.Tensor]:
-  """COCO-Crop instances of one image (METHOD.md section 4).
+  """COCO-Crop instances of one image (docs/method.md#coco-crop).
 
   Keeps every box with area >= `min_area` of the image (normalised w * h;
   degenerate boxes never), grows it by margin * (w, h) on each side and clips

@@ -1,4 +1,4 @@
-"""Frozen-encoder evaluation (METHOD.md section 6): features, probes, one results table.
+"""Frozen-encoder evaluation (docs/method.md#evaluation): features, probes, one results table.
 
 `--config.mode=eval` evaluates every encoder of `config.evaluation.checkpoints`
 on every dataset of `config.evaluation.datasets` with every protocol of
@@ -27,9 +27,8 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
-from ocl_jax import augment, eval_datasets, export, linear_eval, parallel
+from ocl_jax import augment, console, eval_datasets, export, linear_eval, parallel, paths
 
 PROTOCOLS = ("linear", "knn")
 RESULTS_NAME = "eval_results"
@@ -53,8 +52,7 @@ def extract_features(module: Any, variables: Any, batches: Iterator[dict[str, np
   n_dev = jax.local_device_count()
   forward = _pmapped_features(module)
   feats, labels, shape = [], [], None
-  for batch in tqdm.tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
-                         disable=jax.process_index() > 0):
+  for batch in console.progress(batches, total=total, desc=desc, unit="batch", leave=False):
     b = batch["image"].shape[0]
     if b % n_dev:
       raise ValueError(f"evaluation batch {b} is not divisible by the {n_dev} local devices")
@@ -95,6 +93,7 @@ def gather_over_processes(features: np.ndarray, labels: np.ndarray) -> tuple[np.
 
 def load_frozen_encoder(source: str) -> tuple[Any, Any, str]:
   """(module, variables, name) from an export dir or a training workdir (its export/)."""
+  source = paths.resolve(source)
   path = source
   if not os.path.exists(os.path.join(path, "model.json")) and os.path.exists(
       os.path.join(path, "export", "model.json")):
@@ -234,6 +233,7 @@ def write_results(workdir: str, rows: dict[str, dict[str, float]], meta: dict[st
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
   """--config.mode=eval: evaluate the configured checkpoints (default: the workdir's export)."""
+  workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   sources = list(config.evaluation.checkpoints) or [workdir]
   path = os.path.join(workdir, f"{RESULTS_NAME}.json")
   rows: dict[str, dict[str, float]] = {}
@@ -246,5 +246,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     rows[name] = evaluate_encoder(config, module, variables)
     table = write_results(workdir, rows, {"datasets": list(config.evaluation.datasets),
                                           "protocols": list(config.evaluation.protocols)})
-  print(table)
+  console.say(table)
   return rows

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ocl_jax import paths
 from ocl_jax.checkpointing import CheckpointMismatchError, check_variables
 from ocl_jax.models import ARCHITECTURES, ContrastiveNet, ModelSpec, ResNet
 
@@ -26,7 +27,7 @@ FORMAT = "ocl_jax.encoder/1"
 def export_encoder(path: str, params: Any, batch_stats: Any, spec: ModelSpec,
                    config: ml_collections.ConfigDict | None = None) -> str:
   """Write the encoder trunk of a ContrastiveNet (params['encoder']) to `path`."""
-  path = os.path.abspath(path)
+  path = paths.resolve(path)
   os.makedirs(path, exist_ok=True)
   variables = {"params": jax.device_get(params["encoder"]),
                "batch_stats": jax.device_get(batch_stats["encoder"])}
@@ -56,6 +57,7 @@ def _read_meta(path: str) -> dict[str, Any]:
 def load_encoder(path: str, expand_res: int = 1) -> tuple[ResNet, dict[str, Any], dict[str, Any]]:
   """(encoder module, variables, metadata) of an export; `module.apply(variables, x, train=False)`
   gives the layer4 feature map."""
+  path = paths.resolve(path)
   meta = _read_meta(path)
   spec = ModelSpec(**meta["model"])
   stages, block = ARCHITECTURES[spec.arch]
@@ -68,6 +70,7 @@ def load_encoder(path: str, expand_res: int = 1) -> tuple[ResNet, dict[str, Any]
 
 def load_contrastive_net(path: str, expand_res: int = 1) -> tuple[ContrastiveNet, dict[str, Any], ModelSpec]:
   """Encoder + projector of an export as a ContrastiveNet (no predictor), for ContraCAM."""
+  path = paths.resolve(path)
   module, trunk, meta = load_encoder(path, expand_res)
   head_path = os.path.join(path, "head")
   if not os.path.isdir(head_path):

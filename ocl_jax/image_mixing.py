@@ -1,4 +1,4 @@
-"""Mixup and CutMix of view 1 with a permuted batch: the MoCo baselines of METHOD.md section 1.
+"""Mixup and CutMix of view 1 with a permuted batch (MoCo baselines, docs/method.md#mixup-cutmix).
 
 The mixed query must be explained by both its sources' keys, so these
 functions return, besides the mixed images, each image's mixing weight

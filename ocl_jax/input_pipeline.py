@@ -80,8 +80,11 @@ def open_split(builder: "tfds.core.DatasetBuilder | FolderSource", split: Any, *
   if isinstance(builder, FolderSource):
     del shuffle_seed  # folder streams are ordered by TrainData
     return builder.records(split)
+  # Ordered reads are often cut short (.take(n) of an evaluation split); TFDS's automatic cache
+  # of small splits would then warn that the cache was not filled. The data are the same.
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
-                                skip_prefetch=True, add_tfds_id=add_tfds_id)
+                                skip_prefetch=True, add_tfds_id=add_tfds_id,
+                                try_autocache=shuffle_seed is not None)
   try:
     return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
                               read_config=read_config, decoders=decoders)
@@ -557,7 +560,7 @@ MAX_GT_BOXES = 16
 
 
 def _xyxy(bbox_yxyx: tf.Tensor) -> tf.Tensor:
-  """TFDS BBoxFeature (ymin, xmin, ymax, xmax) -> METHOD.md (x1, y1, x2, y2)."""
+  """TFDS BBoxFeature (ymin, xmin, ymax, xmax) -> (x1, y1, x2, y2) of docs/method.md#conventions."""
   return tf.stack([bbox_yxyx[..., 1], bbox_yxyx[..., 0], bbox_yxyx[..., 3], bbox_yxyx[..., 2]], -1)
 
 
@@ -628,7 +631,7 @@ def _folder_localization_batches(source: "FolderSource", split: str, size: int, 
 
 
 # ----------------------------------------------------------------------------
-# OA-crop boxes (METHOD.md section 4).
+# OA-crop boxes (docs/method.md#oa-crop).
 
 _MISSING_ID_MARK = "is not in box file"
 

@@ -1,4 +1,4 @@
-"""Frozen-feature evaluation of METHOD.md section 6: L-BFGS linear probe and weighted kNN.
+"""Frozen-feature evaluation (docs/method.md#evaluation): L-BFGS linear probe and weighted kNN.
 
 Both work on features already extracted (and gathered to the host) as NumPy
 arrays, so they run under plain `jit` on one device.

@@ -1,4 +1,4 @@
-"""From saliency maps to masks and boxes, box files and metrics (METHOD.md section 3).
+"""From saliency maps to masks and boxes, box files and metrics (docs/method.md#boxes-and-masks).
 
 Host-side NumPy/SciPy code: it runs once per dataset on ContraCAM outputs, so
 clarity beats speed. Boxes are normalised (x1, y1, x2, y2) in [0, 1] with the

@@ -7,26 +7,25 @@ the mode's function. Several processes (hosts) form one job with
 from OCL_COORDINATOR_ADDRESS, OCL_NUM_PROCESSES, OCL_PROCESS_ID); see launch/.
 """
 
+import importlib
 import os
 import sys
+from typing import Any
 
-from absl import app, flags, logging
-import jax
-from ml_collections import config_flags
-import tensorflow as tf
+# TensorFlow's C++ INFO lines (oneDNN notices) are not for the console; set before TF loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from ocl_jax import parallel
-from ocl_jax.configuration import validate_config
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from ocl_jax import console, parallel, paths  # noqa: E402
+from ocl_jax.configuration import save_config_json, validate_config  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-
-class _QuietLibraries(logging.logging.Filter):
-  """Drop the per-file INFO chatter of Orbax and TFDS; keep their warnings."""
-  NOISY = ("/orbax/", "/tensorflow_datasets/")
-
-  def filter(self, record) -> bool:
-    return record.levelno >= logging.logging.WARNING or not any(n in record.pathname for n in self.NOISY)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
 flags.DEFINE_enum("distributed", "off", ["off", "auto"],
                   "'auto': jax.distributed.initialize() detects the cluster (TPU VM pods, SLURM, "
@@ -50,23 +49,30 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_logger().addFilter(_QuietLibraries())
+  console.show_on_console(verbose=FLAGS["verbosity"].present)
   try:
     parallel.use_cpu_devices(FLAGS.cpu_devices, FLAGS.config.batch_size)  # before JAX's backends start
   except ValueError as e:
     raise app.UsageError(f"--{e}") from e
   initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
+  # Every path the user typed (relative or with ~) is made absolute once, here.
+  workdir = paths.resolve(FLAGS.workdir)
+  config = paths.resolve_config(FLAGS.config)
+  validate_config(config)
+  log_file = console.log_to_file(workdir)
+  tfds.disable_progress_bar()  # dataset generation: one line, not a bar per split
   # tf.data only feeds the host; keep TensorFlow off any accelerator.
   tf.config.experimental.set_visible_devices([], "GPU")
+  logging.info("Full log: %s", log_file)
   logging.info("JAX process %d/%d, %d local devices %s, %d devices in all", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.local_devices(),
                jax.device_count())
-  config = FLAGS.config
-  validate_config(config)
+  if jax.process_index() == 0:
+    save_config_json(config, os.path.join(workdir, "config.json"))
   from ocl_jax import preemption
   try:
-    _run_mode(config)
+    run_mode(config, workdir)
   except preemption.Preempted as e:
     logging.warning("%s", e)
     sys.exit(preemption.EXIT_STATUS)
@@ -97,20 +103,21 @@ def initialize_distributed(mode: str, coordinator_address: str | None, num_proce
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
-def _run_mode(config) -> None:
-  if config.mode == "train":
-    from ocl_jax import train
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif config.mode == "eval":
-    from ocl_jax import evaluation
-    evaluation.run(config, FLAGS.workdir)
-  elif config.mode == "pipeline":
-    from ocl_jax import pipeline
-    pipeline.validate_pipeline(config)
-    pipeline.run(config, FLAGS.workdir)
-  else:
-    from ocl_jax import object_discovery
-    object_discovery.run(config, FLAGS.workdir)
+# config.mode -> "module:function(config, workdir)"; imported on use, so a mode loads only its code.
+MODE_RUNNERS = {
+    "train": "ocl_jax.train:train_and_evaluate",
+    "eval": "ocl_jax.evaluation:run",
+    "pipeline": "ocl_jax.pipeline:run",
+    "save_boxes": "ocl_jax.object_discovery:run",
+    "save_masks": "ocl_jax.object_discovery:run",
+    "eval_localization": "ocl_jax.object_discovery:run",
+}
+
+
+def run_mode(config, workdir: str) -> Any:
+  """Run `config.mode` into `workdir`; relative and `~` paths are resolved by the runners."""
+  module, function = MODE_RUNNERS[config.mode].split(":")
+  return getattr(importlib.import_module(module), function)(config, workdir)
 
 
 if __name__ == "__main__":

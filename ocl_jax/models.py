@@ -1,4 +1,4 @@
-"""ResNet encoders and the projector / predictor heads of METHOD.md section 1.
+"""ResNet encoders and the projector / predictor heads of docs/method.md#pretraining.
 
 The encoder returns the layer4 feature map *before* pooling, and the heads
 start from that map, so saliency code (ContraCAM) can differentiate a score

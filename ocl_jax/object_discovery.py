@@ -1,7 +1,7 @@
 """ContraCAM over a dataset: box files, mask PNGs, localisation evaluation and pictures.
 
 The modes of `ocl_jax.main` that turn a trained model into object boxes and
-masks (METHOD.md sections 2-3), which the object-aware augmentations consume,
+masks (docs/method.md#contracam, #boxes-and-masks), which the object-aware augmentations consume,
 and the evaluation that says how well they match the true objects.
 """
 
@@ -20,9 +20,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image, ImageDraw
-import tqdm
 
-from ocl_jax import augment, checkpointing, contracam, export, input_pipeline, localization
+from ocl_jax import (augment, checkpointing, console, contracam, export, input_pipeline,
+                     localization, paths)
 from ocl_jax.pictures import overlay
 from ocl_jax.models import ContrastiveNet, ModelSpec
 
@@ -31,6 +31,7 @@ MODES = ("save_boxes", "save_masks", "eval_localization")
 
 def load_model(source: str, expand_res: int = 1) -> tuple[ContrastiveNet, dict[str, Any], ModelSpec]:
   """Encoder + projector from an export dir (model.json) or a training workdir (newest checkpoint)."""
+  source = paths.resolve(source)
   if os.path.exists(os.path.join(source, "model.json")):
     return export.load_contrastive_net(source, expand_res)
   ckpt_dir = os.path.join(source, "checkpoints")
@@ -88,8 +89,7 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
   total = None if n is None else math.ceil(n / c.batch_size)
   batches = input_pipeline.localization_batches(config, split, c.batch_size, c.max_images)
   previous = None
-  for batch in tqdm.tqdm(batches, total=total, desc=f"ContraCAM {split}", unit="batch",
-                         disable=jax.process_index() > 0):
+  for batch in console.progress(batches, total=total, desc=f"ContraCAM {split}", unit="batch"):
     x = _to_input(batch["image"])
     n = x.shape[0]
     if n < 2:  # the contrastive score needs a negative: borrow one image of the last batch
@@ -215,9 +215,14 @@ def evaluate_localization(config: ml_collections.ConfigDict, workdir: str) -> di
   return results
 
 
+def localization_tag(config: ml_collections.ConfigDict) -> str:
+  """<dataset>_<split> of the localisation results' file names."""
+  return f"{config.dataset.name.replace('/', '_')}_{config.contracam.eval_split}"
+
+
 def _write_results(config, workdir, results, num_images, per_image):
   os.makedirs(workdir, exist_ok=True)
-  tag = f"{config.dataset.name.replace('/', '_')}_{config.contracam.eval_split}"
+  tag = localization_tag(config)
   with open(os.path.join(workdir, f"localization_{tag}.json"), "w") as f:
     json.dump({"dataset": config.dataset.name, "split": config.contracam.eval_split,
                "num_images": num_images, "expand_res": config.contracam.expand_res,
@@ -231,7 +236,7 @@ def _write_results(config, workdir, results, num_images, per_image):
   table = "\n".join(lines)
   with open(os.path.join(workdir, f"localization_{tag}.md"), "w") as f:
     f.write(table + "\n")
-  print(table)
+  logging.info("Localisation results (%s):\n%s", workdir, table)
 
 
 def picture_grid(images: np.ndarray, cams: np.ndarray, boxes: list[np.ndarray], scale: int = 2) -> np.ndarray:
@@ -267,10 +272,15 @@ def write_picture(config, workdir, batch, out) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """The ContraCAM mode `config.mode` (MODES) into `workdir`."""
+  workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   if config.mode == "save_boxes":
     return save_boxes(config, workdir)
   if config.mode == "save_masks":
     return save_masks(config, workdir)
   if config.mode == "eval_localization":
-    return evaluate_localization(config, workdir)
+    results = evaluate_localization(config, workdir)
+    with open(os.path.join(workdir, f"localization_{localization_tag(config)}.md")) as f:
+      console.say(f.read().rstrip())
+    return results
   raise ValueError(f"config.mode={config.mode!r} is not one of {MODES}")

@@ -1,8 +1,8 @@
-"""Contrastive objectives of METHOD.md section 1, as per-example losses.
+"""Contrastive objectives of docs/method.md#pretraining, as per-example losses.
 
 Every objective returns one loss per positive pair (per image of the local
 batch), so the caller can average it plainly or with saliency pair weights
-(METHOD.md section 5) without the objective knowing about weighting.
+(docs/method.md#sgcl) without the objective knowing about weighting.
 Embeddings passed in are already L2-normalised.
 """
 
@@ -108,7 +108,7 @@ def weighted_mean(per_example: jax.Array, weights: jax.Array | None = None,
 def moco_mix_per_example(q: jax.Array, batch_keys: jax.Array, queue: jax.Array,
                          own: jax.Array, donor: jax.Array, lam: jax.Array,
                          temperature: float) -> jax.Array:
-  """The Mixup / CutMix MoCo loss (METHOD.md section 1) of mixed queries.
+  """The Mixup / CutMix MoCo loss (docs/method.md#mixup-cutmix) of mixed queries.
 
   logits = [q . keys of the batch ; q . queue] / temperature, and
   loss_i = lam_i CE(logits_i, own_i) + (1 - lam_i) CE(logits_i, donor_i), where

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of METHOD.md section 1.
+"""Optimiser and learning-rate schedule of docs/method.md#pretraining.
 
 SGD with momentum 0.9 and weight decay 1e-4 as in PyTorch (decay added to the
 gradient before momentum, applied to every parameter as the release does),

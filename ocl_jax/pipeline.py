@@ -34,6 +34,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from ocl_jax import console, paths
 from ocl_jax.configuration import ConfigError, validate_config
 
 TRAINING_STAGES = ("vanilla", "oacrop", "bgmix", "sgcl")
@@ -130,9 +131,7 @@ class Progress:
         "ETA after the first training stage"
     msg = (f"==> Stage {i + 1}/{len(self.stages)}: {stage}  (elapsed "
            f"{_format_seconds(time.time() - self.start)}, {eta})")
-    logging.info(msg)
-    if jax.process_index() == 0:
-      print(msg, flush=True)
+    console.say(msg)
 
   def end(self, stage: str, seconds: float) -> None:
     self.seconds[stage] = seconds
@@ -175,8 +174,7 @@ def _run_eval(config, workdir, stage) -> dict[str, Any]:
            "accuracy in %, localisation as IoU")
   table = evaluation.write_results(workdir, rows, {"seed": config.seed, "method": config.method},
                                    name="results", title=title)
-  if jax.process_index() == 0:
-    print(table, flush=True)
+  console.say(table)
   return {"rows": rows}
 
 
@@ -189,6 +187,7 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Run the pending stages of config.pipeline.stages into `workdir`; returns the eval rows."""
+  workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   validate_pipeline(config)
   stages = list(config.pipeline.stages)
   progress = Progress(stages)
@@ -211,7 +210,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     result = info if stage == "eval" else result
   total = time.time() - progress.start
   msg = f"Pipeline done in {_format_seconds(total)} ({workdir})"
-  logging.info(msg)
-  if jax.process_index() == 0:
-    print(msg, flush=True)
+  console.say(msg)
   return result.get("rows", {})

@@ -1,4 +1,4 @@
-"""Saliency-guided contrastive learning (METHOD.md section 5), the parts inside the train step.
+"""Saliency-guided contrastive learning (docs/method.md#sgcl), the parts inside the train step.
 
 1. Online saliency: ContraCAM (T=1) of the target network on the un-augmented
    images, in stop-gradient, pooled to a small `map_size` grid. The grid is the

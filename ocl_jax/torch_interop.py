@@ -47,6 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ocl_jax import export as export_lib
+from ocl_jax import paths
 from ocl_jax.checkpointing import CheckpointMismatchError, check_same_structure, check_variables
 from ocl_jax.models import ARCHITECTURES, MLPHead, ModelSpec, ResNet, feature_dim
 
@@ -182,7 +183,7 @@ def export_torchvision_safetensors(source: str | os.PathLike | Mapping[str, Any]
 
   head = None
   if isinstance(source, (str, os.PathLike)):
-    origin = os.path.abspath(source)
+    origin = paths.resolve(source)
     if include_head:
       _, variables, spec = export_lib.load_contrastive_net(origin)
       trunk, head = _split(variables)
@@ -218,8 +219,8 @@ def export_torchvision_safetensors(source: str | os.PathLike | Mapping[str, Any]
       "bn_eps": str(BN_EPS), "bn_momentum": "0.1",
       "source": str(origin),
   }
-  path = os.fspath(path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  path = paths.resolve(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   save_file(state, path, metadata=metadata)
   return path
 
@@ -315,7 +316,7 @@ class ImportedResNet:
 def _read(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
   if isinstance(source, Mapping):
     return _unwrap(source, "state dict"), {}, "state dict"
-  path = os.fspath(source)
+  path = paths.resolve(source)
   if path.endswith(".safetensors"):
     state, metadata = _read_safetensors(path)
     return _unwrap(state, path), metadata, path
@@ -432,7 +433,7 @@ def import_to_export(source: str | os.PathLike | Mapping[str, Any], export_dir: 
   (`fc.0/fc.1/fc.3`); without it the export serves evaluation but not ContraCAM.
   """
   imported = _import(source, arch, width, small_stem)
-  path = os.path.abspath(os.fspath(export_dir))
+  path = paths.resolve(export_dir)
   os.makedirs(path, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "variables"), imported.variables, force=True)
@@ -440,7 +441,7 @@ def import_to_export(source: str | os.PathLike | Mapping[str, Any], export_dir: 
       ckptr.save(os.path.join(path, "head"), imported.head, force=True)
   if imported.head is None and os.path.isdir(os.path.join(path, "head")):
     shutil.rmtree(os.path.join(path, "head"))  # a stale projector of an earlier export
-  origin = "state dict" if isinstance(source, Mapping) else os.path.abspath(os.fspath(source))
+  origin = "state dict" if isinstance(source, Mapping) else paths.resolve(source)
   meta = {"format": export_lib.FORMAT, "model": imported.spec.to_dict(), "config": None,
           "imported_from": {"source": origin, "layout": "torchvision ResNet state dict",
                             "notes": imported.notes, "has_head": imported.head is not None}}

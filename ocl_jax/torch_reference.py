@@ -41,7 +41,7 @@ class BasicBlock(nn.Module):
     self.bn1 = nn.BatchNorm2d(filters)
     self.conv2 = nn.Conv2d(filters, filters, 3, 1, 1, bias=False)
     self.bn2 = nn.BatchNorm2d(filters)
-    nn.init.zeros_(self.bn2.weight)  # zero-init of the last BN gamma (METHOD.md section 1)
+    nn.init.zeros_(self.bn2.weight)  # zero-init of the last BN gamma (docs/method.md#pretraining)
     self.downsample = None
     if stride != 1 or in_ch != filters:
       self.downsample = nn.Sequential(nn.Conv2d(in_ch, filters, 1, stride, bias=False),

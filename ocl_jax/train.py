@@ -25,9 +25,10 @@ import numpy as np
 import optax
 from PIL import Image
 
-from ocl_jax import (augment, background_mixup, checkpointing, export, image_mixing, input_pipeline,
-                     objectives, optimizers, parallel, pictures, preemption, saliency)
-from ocl_jax.configuration import validate_config
+from ocl_jax import (augment, background_mixup, checkpointing, console, export, image_mixing,
+                     input_pipeline, objectives, optimizers, parallel, paths, pictures, preemption,
+                     saliency)
+from ocl_jax.configuration import save_config_json, validate_config
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 
 
@@ -64,7 +65,7 @@ class StepContext:
   num_classes: int
   bg_mixup: tuple[float, float] | None = None  # (prob, threshold) when BG-mixup is on
   mix: tuple[str, float] | None = None         # (kind, alpha) of the Mixup / CutMix baseline
-  saliency: saliency.SaliencySettings | None = None  # SGCL (METHOD.md section 5) when on
+  saliency: saliency.SaliencySettings | None = None  # SGCL (docs/method.md#sgcl) when on
 
 
 def uses_target(method: str) -> bool:
@@ -168,7 +169,7 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
   (key stream 2, apart from the views' 0 and 1) and both views crop inside it.
   With BG-mixup the batch carries `fg_mask`, cropped and flipped like view 1,
   which is mixed with other images' backgrounds after its colour
-  augmentation (key stream 3; METHOD.md section 4). With Mixup / CutMix,
+  augmentation (key stream 3; docs/method.md#bg-mixup). With Mixup / CutMix,
   view 1 is then mixed with a permuted batch (key stream 4). With SGCL
   `saliency_maps` re-centre the crops (centre streams 5, 6; local crops 7, 8).
   """
@@ -524,20 +525,27 @@ def check_finite(host_metrics: list[dict[str, Any]], first_step: int, policy: st
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
+  workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   validate_config(config)
   data = input_pipeline.create_train_data(config)
   total_steps = total_train_steps(config, data.steps_per_epoch)
   ctx = make_context(config, total_steps, input_pipeline.num_classes(data.builder), data.index_size)
   spec = ModelSpec.from_config(config)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  # Metrics to the log and (process 0) TensorBoard; the full hyperparameters to TensorBoard and
+  # WORKDIR/config.json only, not to the log.
+  tensorboard = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else None
+  writer = metric_writers.AsyncMultiWriter(
+      [metric_writers.LoggingWriter()] + ([tensorboard] if tensorboard is not None else []))
+  if tensorboard is not None:
+    tensorboard.write_hparams(_flatten(config.to_dict()))
+    save_config_json(config, os.path.join(workdir, "config.json"))
   ckpt = checkpointing.Checkpointer(workdir, spec, config)
   state = create_train_state(config.seed, config, ctx)
   state = ckpt.restore_or(state)
   start_step = int(state.step)
   if start_step:
     logging.info("Resumed from step %d", start_step)
-  writer.write_hparams(_flatten(config.to_dict()))
 
   p_step = jax.pmap(functools.partial(train_step, ctx=ctx), axis_name=parallel.AXIS,
                     donate_argnums=(0,))
@@ -565,7 +573,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   last_log = time.time()
   skipped = 0
   input_wait = 0.0  # seconds the loop blocked on the input pipeline since the last log
-  with preemption.PreemptionWatcher() as watcher:
+  bar = console.progress(total=total_steps, initial=start_step, unit="step",
+                         desc=f"{os.path.basename(workdir)} ({config.method})")
+  with preemption.PreemptionWatcher() as watcher, bar:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         waited = time.perf_counter()
@@ -574,6 +584,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, metrics = p_step(state, batch)
       pending.append(metrics)
       report(step)
+      bar.update()
       log_now = step % config.log_every_steps == 0 or step == total_steps
       save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
       stop_now = watcher.should_stop(sync=log_now)
@@ -590,6 +601,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         summary["skipped_steps"] = skipped
         last_log, input_wait = now, 0.0
         writer.write_scalars(step, summary)
+        bar.set_postfix(loss=f"{summary['loss']:.4f}", refresh=False)
       if log_now or save_now or stop_now:
         pending = []
       if config.eval_every_steps and config.dataset.eval_split and config.probe.enabled and (

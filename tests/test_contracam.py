@@ -1,4 +1,4 @@
-"""ContraCAM against NumPy references of METHOD.md section 2 and the release.
+"""ContraCAM against NumPy references of docs/method.md#contracam and the release.
 
 The network's layer4 maps come from the real (tiny) ResNet; everything after
 them (score, its gradient through GAP + projector, weights, bicubic
@@ -109,7 +109,7 @@ def np_head(variables, fmap):
 
 
 def np_contracam(fmap_fn, variables, images, iterations, official=False, clamp=True):
-  """METHOD.md section 2 step by step; only the layer4 maps come from the network."""
+  """docs/method.md#contracam step by step; only the layer4 maps come from the network."""
   images = np.asarray(images, np.float64)
   b, h, w, _ = images.shape
   colour = images.mean(axis=(0, 1, 2))

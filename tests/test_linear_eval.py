@@ -1,4 +1,4 @@
-"""Linear probe and weighted kNN of METHOD.md section 6 against references and hand-made cases.
+"""Linear probe and weighted kNN (docs/method.md#evaluation) against references and hand cases.
 
 Most probe tests share the (200, 5) x 3-class training shape so the L-BFGS
 solver compiles once for the file.

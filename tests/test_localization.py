@@ -1,4 +1,4 @@
-"""Post-processing, box files and metrics of METHOD.md section 3 on hand-made cases."""
+"""Post-processing, box files and metrics of docs/method.md#boxes-and-masks on hand-made cases."""
 
 import os
 import sys

@@ -25,7 +25,7 @@ def _cli(workdir, data_dir, steps, *extra, env=None):
           "--config.model.proj_dim=8", "--config.batch_size=16", "--config.moco.queue_size=64",
           f"--config.num_train_steps={steps}", "--config.log_every_steps=2",
           "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-          "--config.probe.eval_batches=1", *extra]
+          "--config.probe.eval_batches=1", "--verbosity=0", *extra]
   return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 

@@ -100,7 +100,7 @@ def _train_flags(data_dir, workdir, steps):
           "--config.optim.warmup_steps=100", f"--config.num_train_steps={steps}",
           "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
           "--config.eval_every_steps=4", "--config.dataset.eval_split=test[:33]",
-          "--config.probe.eval_batches=-1", "--config.view_pictures=0"]
+          "--config.probe.eval_batches=-1", "--config.view_pictures=0", "--verbosity=0"]
 
 
 def _env():

@@ -1,4 +1,4 @@
-"""Object-aware random crop (OA-crop, METHOD.md section 4): region choice, pipeline, training."""
+"""Object-aware random crop (OA-crop, docs/method.md#oa-crop): region choice, pipeline, training."""
 
 import functools
 import math

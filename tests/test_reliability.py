@@ -62,7 +62,7 @@ def _run(workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None):
           "--config.moco.queue_size=64", f"--config.num_train_steps={steps}",
           "--config.log_every_steps=1", "--config.eval_every_steps=0",
           "--config.checkpoint_every_steps=4", "--config.view_pictures=0",
-          "--config.export_encoder=False"]
+          "--config.export_encoder=False", "--verbosity=0"]
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
   target = kill_at if kill_at is not None else term_at
   sig = signal.SIGKILL if kill_at is not None else signal.SIGTERM

@@ -1,4 +1,4 @@
-"""SGCL's pieces (METHOD.md section 5) against NumPy / SciPy references and hand cases."""
+"""SGCL's pieces (docs/method.md#sgcl) against NumPy / SciPy references and hand cases."""
 
 import functools
 

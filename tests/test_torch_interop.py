@@ -311,3 +311,21 @@ def test_against_torchvision_when_torch_is_installed(tmp_path):
   torch.save({"epoch": 1, "state_dict": {f"module.encoder_q.{k}": v for k, v in tv.state_dict().items()}}, path)
   _, imported = torch_interop.import_torchvision_state_dict(path)
   _assert_trees_equal(imported, variables)
+
+
+def test_relative_and_home_paths(tmp_path, monkeypatch):
+  """Every path argument may be relative to the current directory or start with ~."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  net, variables = _model("resnet18", seed=5)
+  path = torch_interop.export_torchvision_safetensors(variables, "out/r18.safetensors",
+                                                      spec=_spec("resnet18"))
+  assert path == str(tmp_path / "out" / "r18.safetensors") and os.path.exists(path)
+  export_dir = torch_interop.import_to_export("out/r18.safetensors", "~/exports/r18")
+  assert export_dir == str(tmp_path / "home" / "exports" / "r18")
+  _, loaded, meta = export.load_encoder("~/exports/r18")
+  assert meta["imported_from"]["source"] == path
+  _, again = torch_interop.import_torchvision_state_dict("out/r18.safetensors")
+  again_path = torch_interop.export_torchvision_safetensors("~/exports/r18", "~/again.safetensors")
+  assert again_path == str(tmp_path / "home" / "again.safetensors")
+  _assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), variables)

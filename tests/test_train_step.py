@@ -115,7 +115,7 @@ def test_simclr_has_no_target_and_finds_positives_at_init():
   assert 0 < losses[0] < np.log(2 * 8 - 1)
 
 
-# ---- SGCL (METHOD.md section 5) ---------------------------------------------------------
+# ---- SGCL (docs/method.md#sgcl) --------------------------------------------------------
 
 STATE_FIELDS = ("params", "batch_stats", "opt_state", "target_params", "target_batch_stats",
                 "queue", "probe_params")
