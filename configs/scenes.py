@@ -3,7 +3,7 @@
 The settings every scenes config (and the demo pipeline) starts from.
 
 Layer4 is 3x3 at 96 px (standard stem). Smaller sizes also run at full speed:
-maps smaller than the kernel, XLA:CPU's slow path (PERF_NOTES), are computed
+maps smaller than the kernel, a slow path of XLA:CPU (BENCHMARKS.md), are computed
 as a patch matmul (models.Conv).
 """
 

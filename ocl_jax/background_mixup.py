@@ -35,13 +35,14 @@ models/bg_mixup.py), with the differences listed here:
   (the last `capacity` of them). That is reproduced exactly here.
 * Mixing: m_i * x_i + (1 - m_i) * donor with the soft mask m_i (clipped to
   [0, 1]), as the release.
-* Permutation: drawn over the batch passed in (the local, per-device batch,
-  like the release's per-GPU `torch.randperm(b)`), from a key derived from
-  `key` and `index_offset`. Per-image draws (coin and FIFO choice) use
-  fold_in(key_img, index_offset + i). Given the same global batch and device
-  split the result is deterministic; the donor *pairing* (and the FIFO, which
-  is per device in the release too) necessarily depends on which images share
-  a device; the per-image coins do not.
+* Global batch (DIFFERENCE: the release works per GPU, its `randperm`, pool
+  and FIFO per device). Inside `pmap` with `axis_name`, every device's
+  backgrounds are gathered: the permutation is one draw over the global batch
+  (from `key` alone, each device taking its slice), "images 0..i-1" are the
+  global batch's, and every device pushes the global batch's valid
+  backgrounds, so the FIFO is the same on every device. Per-image draws (coin
+  and FIFO choice) use fold_in(key_img, index_offset + i). So the result does
+  not depend on how the global batch is split over devices or processes.
 """
 
 from __future__ import annotations
@@ -156,11 +157,13 @@ def background_image(image: jax.Array, mask: jax.Array, threshold: float = 0.2,
 
 def mix_with(views: jax.Array, masks: jax.Array, perm: jax.Array, coin_u: jax.Array,
              fifo_u: jax.Array, fifo: BgFifo, prob: float = 0.4, threshold: float = 0.2,
-             gate_donors: bool = True):
+             gate_donors: bool = True, axis_name: str | None = None, index_offset=0):
   """BG-mixup with explicit randomness (the deterministic core, for tests).
 
-  perm: (B,) donor index per image; coin_u, fifo_u: (B,) uniforms in [0, 1).
-  Returns (mixed_views, new_fifo, stats) as `background_mixup`.
+  perm: (B,) donor index per image, into the global batch; coin_u, fifo_u: (B,)
+  uniforms in [0, 1). With `axis_name` (inside pmap) this device's images are
+  the global batch's [index_offset, index_offset + B); without, the batch is
+  the global batch. Returns (mixed_views, new_fifo, stats) as `background_mixup`.
   """
   b = views.shape[0]
   cap = fifo.capacity
@@ -168,24 +171,31 @@ def mix_with(views: jax.Array, masks: jax.Array, perm: jax.Array, coin_u: jax.Ar
   coin = coin_u < prob
   valid = has_rect_bg & coin  # image i is mixed / pushed (release gating)
   donor_ok = valid if gate_donors else has_rect_bg
-  own = donor_ok[perm]
+  if axis_name is None:
+    all_bgs, all_valid, all_donor_ok, mine = bgs, valid, donor_ok, jnp.arange(b)
+  else:  # every device sees the global batch's backgrounds, in global order
+    gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+    all_bgs, all_valid, all_donor_ok = gather(bgs), gather(valid), gather(donor_ok)
+    mine = index_offset + jnp.arange(b)
+  g = all_bgs.shape[0]
+  own = all_donor_ok[perm]
   # The release mixes image i, then pushes bg_i: image i's pool is the FIFO
   # plus the valid backgrounds of images 0..i-1 (the last `cap` of them).
-  valid_i32 = valid.astype(jnp.int32)
-  n_before = jnp.cumsum(valid_i32) - valid_i32
+  all_valid_i32 = all_valid.astype(jnp.int32)
+  n_before = (jnp.cumsum(all_valid_i32) - all_valid_i32)[mine]
   pool = jnp.minimum(fifo.count + n_before, cap)
   age = jnp.minimum(jnp.floor(fifo_u * pool).astype(jnp.int32), jnp.maximum(pool - 1, 0))
   from_batch = age < n_before
-  valid_idx = jnp.nonzero(valid, size=b, fill_value=0)[0]  # batch indices of valid, in order
-  batch_src = valid_idx[jnp.clip(n_before - 1 - age, 0, b - 1)]
+  valid_idx = jnp.nonzero(all_valid, size=g, fill_value=0)[0]  # global indices of valid, in order
+  batch_src = valid_idx[jnp.clip(n_before - 1 - age, 0, g - 1)]
   fifo_src = fifo.images[_fifo_slot_of_age(fifo, jnp.maximum(age - n_before, 0))]
-  queued = jnp.where(from_batch[:, None, None, None], bgs[batch_src], fifo_src)
+  queued = jnp.where(from_batch[:, None, None, None], all_bgs[batch_src], fifo_src)
   use_fifo = valid & ~own & (pool > 0)
   mixed = valid & (own | (pool > 0))
-  donor = jnp.where(own[:, None, None, None], bgs[perm], queued)
+  donor = jnp.where(own[:, None, None, None], all_bgs[perm], queued)
   m = jnp.clip(masks, 0.0, 1.0)[..., None]
   out = jnp.where(mixed[:, None, None, None], m * views + (1.0 - m) * donor, views)
-  new_fifo = fifo_push(fifo, bgs, valid)
+  new_fifo = fifo_push(fifo, all_bgs, all_valid)  # the same on every device
   n_mixed = jnp.sum(mixed.astype(jnp.int32))
   stats = {"bg_mixup/mixed": n_mixed,
            "bg_mixup/from_fifo": jnp.sum(use_fifo.astype(jnp.int32)),
@@ -196,15 +206,16 @@ def mix_with(views: jax.Array, masks: jax.Array, perm: jax.Array, coin_u: jax.Ar
 
 def background_mixup(key: jax.Array, views: jax.Array, masks: jax.Array, index_offset,
                      fifo: BgFifo, prob: float = 0.4, threshold: float = 0.2,
-                     gate_donors: bool = True):
-  """BG-mixup of a (local) batch of views: (mixed_views, new_fifo, stats).
+                     gate_donors: bool = True, axis_name: str | None = None):
+  """BG-mixup of this device's views, donors from the global batch: (mixed, new_fifo, stats).
 
   views: (B, H, W, 3) in [0, 1] (view 1, after colour augmentation); masks:
   (B, H, W) soft foreground masks aligned with the views. With probability
   `prob` (per image, key fold_in(.., index_offset + i)) an image that has a
   background becomes m_i x_i + (1 - m_i) bg_{perm[i]}, perm a random
-  permutation of this batch; donors without a (valid) background are replaced
-  by a random FIFO entry; with an empty pool x_i is kept. stats counts mixed,
+  permutation of the global batch (every device's, with `axis_name` inside
+  pmap); donors without a (valid) background are replaced by a random FIFO
+  entry; with an empty pool x_i is kept. stats counts this device's mixed,
   from_fifo (subset of mixed), kept (= B - mixed), with_background.
   """
   b = views.shape[0]
@@ -212,5 +223,9 @@ def background_mixup(key: jax.Array, views: jax.Array, masks: jax.Array, index_o
   offset = jnp.asarray(index_offset, jnp.int32)
   idx = offset + jnp.arange(b, dtype=jnp.int32)
   u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(k_img, i), (2,)))(idx)
-  perm = jax.random.permutation(jax.random.fold_in(k_perm, offset), b)
-  return mix_with(views, masks, perm, u[:, 0], u[:, 1], fifo, prob, threshold, gate_donors)
+  g = b if axis_name is None else b * jax.lax.axis_size(axis_name)
+  perm = jax.random.permutation(jax.random.fold_in(k_perm, 0), g)
+  if axis_name is not None:
+    perm = jax.lax.dynamic_slice_in_dim(perm, offset, b)
+  return mix_with(views, masks, perm, u[:, 0], u[:, 1], fifo, prob, threshold, gate_donors,
+                  axis_name, offset)

@@ -285,3 +285,35 @@ def contracam(net: models.ContrastiveNet, variables: Mapping[str, Any], images: 
               labels: jax.Array | None = None) -> dict[str, jax.Array]:
   """Jitted `contracam_apply`: one compilation per (net, settings, shapes)."""
   return _contracam_jit(net, settings, variables, images, classifier, labels)
+
+
+@functools.lru_cache(maxsize=16)
+def _contracam_pmap(net: models.ContrastiveNet, settings: CamSettings, num_devices: int):
+  axis = "contracam_images"
+  return jax.pmap(lambda v, x: contracam_apply(net, settings, v, x, axis_name=axis),
+                  axis_name=axis, in_axes=(None, 0), devices=jax.local_devices()[:num_devices])
+
+
+def contracam_on_local_devices(net: models.ContrastiveNet, variables: Mapping[str, Any],
+                               images: jax.Array, settings: CamSettings = CamSettings()
+                               ) -> dict[str, jax.Array]:
+  """`contracam` split over this process's devices: the same maps, each device a share.
+
+  Every device's images are negatives of every other's (global-batch score), so
+  the maps are those of the whole batch on one device, up to rounding. A batch
+  that does not split into shares of >= 2 images, the release's score (which
+  has no cross-device form) and the supervised mode run on one device.
+  """
+  n, b = jax.local_device_count(), images.shape[0]
+  if (n == 1 or b % n or b // n < 2 or settings.official_score
+      or settings.mode == "supervised"):
+    return contracam(net, variables, images, settings)
+  out = _contracam_pmap(net, settings, n)(variables, images.reshape((n, b // n) + images.shape[1:]))
+  merged = {}
+  for k, v in out.items():  # (devices, [T,] b/n, ...) -> ([T,] b, ...)
+    if k in ("cams", "scores"):
+      v = jnp.moveaxis(v, 0, 1)
+      merged[k] = v.reshape((v.shape[0], b) + v.shape[3:])
+    else:
+      merged[k] = v.reshape((b,) + v.shape[2:])
+  return merged

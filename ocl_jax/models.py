@@ -136,7 +136,7 @@ class Conv(nn.Module):
   Why not nn.Conv: two XLA:CPU weak spots, avoided with the same arithmetic.
   - A 3x3 convolution whose output map is smaller than the kernel (layer4 at
     64 px: 2x2) runs through a slow path, 10-50x slower than on a 3x3 map,
-    forward and both gradients (PERF_NOTES): such convolutions are computed as
+    forward and both gradients (BENCHMARKS.md): such convolutions are computed as
     a matmul over gathered patches.
   - An RGB input (3 channels, the stem) is zero-padded to 4 channels, with a
     zero kernel slice: the 7x7 stem's forward is 2.5x faster (63 -> 26 ms at

@@ -98,7 +98,7 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
     outs = {}
     for s in unique:
       net, variables, _ = nets[s.expand_res]
-      out = jax.device_get(contracam.contracam(net, variables, x, s))
+      out = jax.device_get(contracam.contracam_on_local_devices(net, variables, x, s))
       outs[s] = {k: v[:, :n] if k in ("cams", "scores") else v[:n] for k, v in out.items()}
     yield batch, [outs[s] for s in settings_list]
 

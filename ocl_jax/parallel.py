@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import flax.jax_utils
 import jax
 import numpy as np
@@ -26,25 +27,31 @@ def usable_cores() -> int:
 
 
 def use_cpu_devices(count: int, batch_size: int | None = None) -> int:
-  """Split the host CPU into `count` JAX devices (0: one per usable core), at most the
-  largest count that divides `batch_size`, unless XLA_FLAGS already sets a count. Must
+  """Split the host CPU into `count` JAX devices (0: one per usable core, at most the
+  largest count that divides `batch_size`), unless XLA_FLAGS already sets a count. Must
   run before JAX starts its backends; returns the count set (1 = left alone).
 
   Why: XLA:CPU barely uses a second core inside one device's step, while the
   pmapped step runs each device's share of the batch on its own core: on the
   2-core development machine the demo MoCo step ran ~1.3x faster on 2 devices
-  (BENCHMARKS.md). Losses and updates are the same up to rounding (BatchNorm
-  statistics and negatives span the global batch), except BG-mixup and Mixup,
-  whose donors are drawn per device. Only the host platform is split;
-  accelerators are unaffected.
+  (BENCHMARKS.md). Losses and updates are the same up to rounding: BatchNorm
+  statistics, negatives and BG-mixup / Mixup donors all span the global batch.
+  Only the host platform is split; accelerators are unaffected.
   """
   if count < 0:
     raise ValueError(f"cpu_devices must be >= 0 (0: one per core), got {count}")
   if count == 1 or DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
     return 1
+  if count and batch_size and batch_size % count:
+    raise ValueError(f"cpu_devices={count} does not divide the global batch of {batch_size} "
+                     "(config.batch_size); choose a divisor, or 0 for the largest one up to "
+                     "the number of cores")
   n = count or usable_cores()
   if batch_size:
     n = max(d for d in range(1, n + 1) if batch_size % d == 0)
+    if not count and n < usable_cores():
+      logging.info("%d CPU devices: the largest count up to the %d cores that divides the "
+                   "global batch of %d", n, usable_cores(), batch_size)
   if n > 1:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={n}".strip()
   return n

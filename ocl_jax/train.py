@@ -46,7 +46,7 @@ class TrainState:
   queue: Any                # MoCo negatives (K, D); None otherwise
   queue_ptr: Any
   rng: jax.Array            # base key; per-step / per-image keys are folded from it
-  bg_fifo: Any = None       # BG-mixup's recent backgrounds (per device); None when off
+  bg_fifo: Any = None       # BG-mixup's recent backgrounds (the global batch's); None when off
   saliency_bank: Any = None   # SGCL maps per training image (N, m, m); None unless every_k_steps > 1
   saliency_stamp: Any = None  # ... the step each was computed at (N,), -1 = never
 
@@ -192,11 +192,12 @@ def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepConte
       masks = augment.transform_masks(batch["fg_mask"], boxes, flips, ctx.view.crop_size)
       prob, threshold = ctx.bg_mixup
       images, fifo, stats = background_mixup.background_mixup(
-          jax.random.fold_in(step_key, 3), images, masks, offset, fifo, prob, threshold)
+          jax.random.fold_in(step_key, 3), images, masks, offset, fifo, prob, threshold,
+          axis_name=parallel.AXIS)
     if v == 0 and ctx.mix is not None:
       kind, alpha = ctx.mix
       images, lam, perm = image_mixing.mix_images(kind, jax.random.fold_in(step_key, 4), images,
-                                                  offset, alpha)
+                                                  offset, alpha, axis_name=parallel.AXIS)
       mix = (lam, perm)
     views.append(augment.normalize(images))
     crop_boxes.append(boxes)
@@ -261,11 +262,11 @@ def update_from_views(state: TrainState, batch: dict[str, jax.Array], aug: Augme
     out1, stats = _forward(net, params, state.batch_stats, x1)
     aux = {"features": out1["features"]}
     if ctx.method == "moco" and mix is not None:
-      lam, perm = mix
-      offset = parallel.global_offset(x1.shape[0])  # keys are indexed in the global batch
+      lam, perm = mix  # perm: donors' indices in the global batch, like the gathered keys
+      offset = parallel.global_offset(x1.shape[0])
       per_example = objectives.moco_mix_per_example(
           out1["embedding"], jax.lax.all_gather(targets[0], axis, tiled=True), state.queue,
-          offset + jnp.arange(x1.shape[0]), offset + perm, lam, ctx.temperature)
+          offset + jnp.arange(x1.shape[0]), perm, lam, ctx.temperature)
       aux["moco_acc"] = objectives.moco_accuracy(out1["embedding"], targets[0], state.queue)
     elif ctx.method == "moco":
       per_example = objectives.moco_per_example(out1["embedding"], targets[0], state.queue,

@@ -424,3 +424,25 @@ def test_score_across_devices_equals_the_score_of_the_concatenated_batch():
   got = jax.pmap(lambda a, b, n: cc.contrastive_score(a, b, n, 1, axis_name="d"), axis_name="d",
                  devices=jax.local_devices()[:4])(split(q, 0), split(k, 0), split(negs, 1))
   np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-5)
+
+
+def test_contracam_split_over_local_devices_equals_one_device(tiny, runs):
+  """The 4 test devices each take a share of the batch; the maps are the whole batch's.
+  A batch that does not split evenly, and the release's score, run on one device."""
+  net, variables, images, _ = tiny
+  images8 = jnp.concatenate([images, jax.random.normal(jax.random.PRNGKey(3), (2,) + images.shape[1:])])
+  assert jax.local_device_count() == 4
+  settings = cc.CamSettings(iterations=3)
+  got = cc.contracam_on_local_devices(net, variables, images8, settings)
+  want = cc.contracam(net, variables, images8, settings)
+  for k in ("mask", "cams", "scores", "embedding"):
+    assert got[k].shape == want[k].shape, k
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-4, atol=1e-5)
+  odd = cc.contracam_on_local_devices(net, variables, images, settings)  # 6 images, 4 devices
+  np.testing.assert_array_equal(np.asarray(odd["mask"]), runs["t3"]["mask"])
+  official = cc.contracam_on_local_devices(net, variables, images8,
+                                           cc.CamSettings(iterations=3, official_score=True))
+  np.testing.assert_array_equal(
+      np.asarray(official["mask"]),
+      np.asarray(cc.contracam(net, variables, images8, cc.CamSettings(iterations=3,
+                                                                     official_score=True))["mask"]))

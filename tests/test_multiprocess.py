@@ -100,7 +100,9 @@ def _train_flags(data_dir, workdir, steps):
           "--config.optim.warmup_steps=100", f"--config.num_train_steps={steps}",
           "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
           "--config.eval_every_steps=4", "--config.dataset.eval_split=test[:33]",
-          "--config.probe.eval_batches=-1", "--config.view_pictures=0", "--verbosity=0"]
+          "--config.probe.eval_batches=-1", "--config.view_pictures=0", "--verbosity=0",
+          # BG-mixup draws donors and keeps its FIFO over the global batch: 2 x 2 = 1 x 4 too.
+          "--config.bg_mixup.enabled=True", "--config.bg_mixup.prob=0.7"]
 
 
 def _env():
@@ -150,6 +152,9 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path, scenes_data_di
   assert sorted(want) == [1, 2, 3, 4, 5, 6] and sorted(got) == [1, 2, 3, 4]
   assert _scalars(multi_log, "loss", "[p1] ") == got   # every process logs the global mean
   np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-4)
+  mixed_ref, mixed_two = _scalars(ref_log, "bg_mixup/mixed"), _scalars(multi_log, "bg_mixup/mixed",
+                                                                       "[p0] ")
+  assert sum(mixed_ref.values()) > 0 and all(mixed_two[s] == mixed_ref[s] for s in mixed_two)
   # The online probe's evaluation of uneven shards (17 + 16 test images) counts each once.
   acc_ref, acc_two = _scalars(ref_log, "eval_probe_accuracy"), _scalars(multi_log,
                                                                        "eval_probe_accuracy", "[p0] ")

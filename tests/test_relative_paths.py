@@ -72,15 +72,15 @@ def test_every_mode_runs_with_relative_and_home_paths(tiny_config, scenes_data_d
   assert len(os.listdir(elsewhere / "runs" / "cam" / "masks_train")) == 256
   rows = run("eval", "runs/eval", evaluation__checkpoints=("runs/a",))
   assert "scenes/knn/test" in rows["a"]
-  # OA-crop reads the box file by a relative path, into a ~ workdir (the BG-mixup mask folder
-  # is a path field like the box file: tests/test_paths.py).
-  run("train", "~/runs/b", object_aware__crop=True, object_aware__boxes="runs/a/boxes_train.txt")
-  saved = json.load(open(tmp_path / "home" / "runs" / "b" / "export" / "model.json"))["config"]
-  assert saved["object_aware"]["boxes"] == str(a / "boxes_train.txt")
-  # The pipeline's evaluation reads the stages' exports (the README command's failure).
-  rows = run("pipeline", "runs/p", pipeline__stages=("vanilla", "eval"))
+  # The pipeline, into a ~ workdir: its evaluation reads the stages' exports (the README
+  # command's failure). Box files and mask folders are path fields like the others
+  # (tests/test_paths.py); the stage configs carry them absolute.
+  rows = run("pipeline", "~/runs/p", pipeline__stages=("vanilla", "eval"))
   assert set(rows) == {"vanilla"} and "loc/mask_miou" in rows["vanilla"]
-  assert "| vanilla |" in (elsewhere / "runs" / "p" / "results.md").read_text()
+  p = tmp_path / "home" / "runs" / "p"
+  assert "| vanilla |" in (p / "results.md").read_text()
+  saved = json.load(open(p / "vanilla" / "export" / "model.json"))["config"]
+  assert saved["dataset"]["data_dir"] == os.path.abspath(scenes_data_dir)
 
 
 def test_cli_with_a_relative_workdir_keeps_the_console_readable(scenes_data_dir, tmp_path):
