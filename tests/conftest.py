@@ -53,6 +53,28 @@ def make_tiny_config(scenes_data_dir):
   return c
 
 
+def pipeline_test_config(c):
+  """`c` (the tiny config) set up for the pipeline and the ContraCAM / evaluation modes: two
+  steps per stage, one-step ContraCAM, a short probe sweep, a small SGCL saliency map."""
+  c.mode = "pipeline"
+  c.num_train_steps = 2
+  c.log_every_steps = c.checkpoint_every_steps = 2
+  c.eval_every_steps = 0
+  c.contracam.iterations = 1
+  c.contracam.expand_res = 1
+  c.contracam.batch_size = 32
+  c.evaluation.image_size = 32
+  c.evaluation.batch_size = 32
+  c.evaluation.num_l2_values = 3
+  c.evaluation.lbfgs_max_iters = 20
+  c.evaluation.knn_k = 5
+  c.evaluation.protocols = ("linear",)
+  c.pipeline.localization_images = 16
+  c.saliency.resolution, c.saliency.expand_res, c.saliency.map_size = 32, 1, 8
+  c.saliency.coverage_masks, c.saliency.picture_images = "gt", 2
+  return c
+
+
 def train_two_steps(config, workdir, caplog):
   """Train `config` for 2 steps (log and checkpoint at 2, no eval/export): (state, log text).
 

@@ -8,27 +8,11 @@ import pytest
 
 from ocl_jax import pipeline
 from ocl_jax.configuration import ConfigError
+from tests.conftest import pipeline_test_config
 
 
 def _pipeline_config(tiny_config):
-  c = tiny_config
-  c.mode = "pipeline"
-  c.num_train_steps = 2
-  c.log_every_steps = c.checkpoint_every_steps = 2
-  c.eval_every_steps = 0
-  c.contracam.iterations = 1
-  c.contracam.expand_res = 1
-  c.contracam.batch_size = 32
-  c.evaluation.image_size = 32
-  c.evaluation.batch_size = 32
-  c.evaluation.num_l2_values = 3
-  c.evaluation.lbfgs_max_iters = 20
-  c.evaluation.knn_k = 5
-  c.evaluation.protocols = ("linear",)
-  c.pipeline.localization_images = 16
-  c.saliency.resolution, c.saliency.expand_res, c.saliency.map_size = 32, 1, 8
-  c.saliency.coverage_masks, c.saliency.picture_images = "gt", 2
-  return c
+  return pipeline_test_config(tiny_config)
 
 
 def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(tiny_config, tmp_path, caplog, capsys):

@@ -12,26 +12,16 @@ import subprocess
 import sys
 
 from ocl_jax import configuration, main
+from tests.conftest import pipeline_test_config
 
 ROOT = pathlib.Path(__file__).parents[1]
 
 
 def _small(c):
-  c.num_train_steps = 2
-  c.log_every_steps = c.checkpoint_every_steps = 2
-  c.eval_every_steps = 0
-  c.contracam.iterations = 1
-  c.contracam.expand_res = 1
-  c.contracam.batch_size = 32
+  c = pipeline_test_config(c)
   c.contracam.num_pictures = 2
-  c.evaluation.image_size = 32
-  c.evaluation.batch_size = 32
-  c.evaluation.num_l2_values = 2
-  c.evaluation.lbfgs_max_iters = 10
-  c.evaluation.knn_k = 5
   c.evaluation.protocols = ("knn",)
   c.evaluation.max_examples = 64
-  c.pipeline.localization_images = 16
   return c
 
 
