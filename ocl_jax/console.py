@@ -76,9 +76,14 @@ def say(message: str) -> None:
 def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
              unit: str = "it", initial: int = 0, leave: bool = True) -> tqdm.tqdm:
   """A progress bar on process 0's stderr; sparse updates when stderr is a file (CI logs),
-  where a transient bar (`leave=False`, e.g. one split's features) is not drawn at all."""
+  where a transient bar (`leave=False`, e.g. one split's features) is not drawn at all.
+
+  With INFO lines on the console (`--verbosity`) there is no bar: the metrics are logged from
+  a background thread, and a bar redrawn in the middle of a log line would garble it.
+  """
   interactive = sys.stderr.isatty()
   return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
-                   disable=jax.process_index() > 0 or (not interactive and not leave),
+                   disable=(jax.process_index() > 0 or (not interactive and not leave)
+                            or _console_shows_info()),
                    dynamic_ncols=interactive,
                    mininterval=0.5 if interactive else 30.0, file=sys.stderr)

@@ -35,6 +35,7 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   assert first.returncode == 0, first.stderr[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   assert "loss=" in first.stderr and "eval_probe_accuracy=" in first.stderr
+  assert "%|" not in first.stderr  # log lines on the console (--verbosity): no progress bar
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   # Started again with a longer schedule, the run continues from step 4; here with the CPU
   # split into 2 devices by --cpu_devices (the suite's XLA_FLAGS device count removed).
