@@ -1,3 +1,3 @@
 """ocl_jax: object-aware contrastive self-supervised learning in JAX/Flax."""
 
-from ocl_jax import datasets  # noqa: F401  registers the `scenes` TFDS builder
+from ocl_jax.data import scenes  # noqa: F401  registers the `scenes` TFDS builder

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from ocl_jax.models import ARCHITECTURES, DTYPES
-from ocl_jax.objectives import OBJECTIVES
+from ocl_jax.methods.objectives import OBJECTIVES
 
 MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline")
 
@@ -25,7 +25,8 @@ def _check(ok: bool, field: str, message: str, errors: list[str]) -> None:
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                     num_processes: int | None = None) -> None:
   """Raise ConfigError listing every invalid field of `config`."""
-  from ocl_jax import augment, image_mixing  # local: they import jax.numpy only, kept light
+  from ocl_jax.views import augment  # local: they import jax.numpy only, kept light
+  from ocl_jax.views import image_mixing
 
   n_dev = jax.device_count() if num_devices is None else num_devices
   n_proc = jax.process_count() if num_processes is None else num_processes
@@ -95,7 +96,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   _validate_object_aware(config, e)
   sal = config.get("saliency")
   if sal is not None and sal.enabled:
-    from ocl_jax import saliency
+    from ocl_jax.views import saliency
     saliency.validate(sal, e)
     _check(not config.object_aware.crop, "saliency.enabled",
            "saliency-guided crops and OA-crop (object_aware.crop) cannot be combined", e)
@@ -112,17 +113,17 @@ def _validate_evaluation(config: ml_collections.ConfigDict, e: list[str]) -> Non
   ev = config.get("evaluation")
   if ev is None:
     return
-  from ocl_jax import evaluation
-  bad = [p for p in ev.protocols if p not in evaluation.PROTOCOLS]
-  _check(not bad, "evaluation.protocols", f"{bad} not in {evaluation.PROTOCOLS}", e)
-  _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluation.datasets", "is empty", e)
-  _check(ev.image_size > 0, "evaluation.image_size", f"must be > 0, got {ev.image_size}", e)
-  _check(0 < ev.crop_fraction <= 1, "evaluation.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
-  _check(ev.batch_size > 0, "evaluation.batch_size", f"must be > 0, got {ev.batch_size}", e)
-  _check(ev.num_l2_values >= 1, "evaluation.num_l2_values", "must be >= 1", e)
-  _check(ev.lbfgs_max_iters >= 1, "evaluation.lbfgs_max_iters", "must be >= 1", e)
-  _check(ev.knn_k >= 1, "evaluation.knn_k", f"must be >= 1, got {ev.knn_k}", e)
-  _check(ev.knn_temperature > 0, "evaluation.knn_temperature", "must be > 0", e)
+  from ocl_jax.evaluation import evaluate
+  bad = [p for p in ev.protocols if p not in evaluate.PROTOCOLS]
+  _check(not bad, "evaluate.protocols", f"{bad} not in {evaluate.PROTOCOLS}", e)
+  _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluate.datasets", "is empty", e)
+  _check(ev.image_size > 0, "evaluate.image_size", f"must be > 0, got {ev.image_size}", e)
+  _check(0 < ev.crop_fraction <= 1, "evaluate.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
+  _check(ev.batch_size > 0, "evaluate.batch_size", f"must be > 0, got {ev.batch_size}", e)
+  _check(ev.num_l2_values >= 1, "evaluate.num_l2_values", "must be >= 1", e)
+  _check(ev.lbfgs_max_iters >= 1, "evaluate.lbfgs_max_iters", "must be >= 1", e)
+  _check(ev.knn_k >= 1, "evaluate.knn_k", f"must be >= 1, got {ev.knn_k}", e)
+  _check(ev.knn_temperature > 0, "evaluate.knn_temperature", "must be > 0", e)
 
 
 def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> None:
@@ -145,7 +146,7 @@ def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> N
   folders = ev.get("folders") if ev is not None else None
   for key, value in (folders.items() if folders is not None else ()):
     _check(not (isinstance(value, str) and value.startswith("REQUIRED:")),
-           f"evaluation.folders.{key}", f"must be set on the command line: {value}", e)
+           f"evaluate.folders.{key}", f"must be set on the command line: {value}", e)
 
 
 def _validate_object_aware(config: ml_collections.ConfigDict, e: list[str]) -> None:

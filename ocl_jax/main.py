@@ -108,12 +108,12 @@ def initialize_distributed(mode: str, coordinator_address: str | None, num_proce
 
 # config.mode -> "module:function(config, workdir)"; imported on use, so a mode loads only its code.
 MODE_RUNNERS = {
-    "train": "ocl_jax.train:train_and_evaluate",
-    "eval": "ocl_jax.evaluation:run",
+    "train": "ocl_jax.train.loop:train_and_evaluate",
+    "eval": "ocl_jax.evaluation.evaluate:run",
     "pipeline": "ocl_jax.pipeline:run",
-    "save_boxes": "ocl_jax.object_discovery:run",
-    "save_masks": "ocl_jax.object_discovery:run",
-    "eval_localization": "ocl_jax.object_discovery:run",
+    "save_boxes": "ocl_jax.discovery.discover:run",
+    "save_masks": "ocl_jax.discovery.discover:run",
+    "eval_localization": "ocl_jax.discovery.discover:run",
 }
 
 

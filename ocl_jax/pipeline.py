@@ -138,17 +138,17 @@ class Progress:
 
 
 def _run_training(config, workdir, stage) -> dict[str, Any]:
-  from ocl_jax import train
+  from ocl_jax.train import loop
   c = stage_config(config, stage, workdir)
   validate_config(c)
-  state = train.train_and_evaluate(c, stage_dir(workdir, stage))
+  state = loop.train_and_evaluate(c, stage_dir(workdir, stage))
   return {"steps": int(state.step), "export": os.path.join(stage_dir(workdir, stage), "export")}
 
 
 def _run_contracam(config, workdir, stage) -> dict[str, Any]:
-  from ocl_jax import object_discovery
+  from ocl_jax.discovery import discover
   c = stage_config(config, "contracam", workdir)
-  return object_discovery.save_boxes_and_masks(c, stage_dir(workdir, "contracam"))
+  return discover.save_boxes_and_masks(c, stage_dir(workdir, "contracam"))
 
 
 def trained_stages(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -156,23 +156,24 @@ def trained_stages(config: ml_collections.ConfigDict, workdir: str) -> list[str]
 
 
 def _run_eval(config, workdir, stage) -> dict[str, Any]:
-  from ocl_jax import evaluation, object_discovery
+  from ocl_jax.discovery import discover
+  from ocl_jax.evaluation import evaluate
   rows = {}
   for s in trained_stages(config, workdir):
-    module, variables, _ = evaluation.load_frozen_encoder(stage_dir(workdir, s))
-    row = evaluation.evaluate_encoder(config, module, variables)
+    module, variables, _ = evaluate.load_frozen_encoder(stage_dir(workdir, s))
+    row = evaluate.evaluate_encoder(config, module, variables)
     if config.pipeline.localization:
       c = stage_config(config, "contracam", workdir)
       with c.unlocked():
         c.contracam.checkpoint = os.path.join(stage_dir(workdir, s), "export")
         c.contracam.iterations = 1
         c.contracam.max_images = config.pipeline.localization_images
-      loc = object_discovery.evaluate_localization(c, stage_dir(workdir, s))["ContraCAM (T=1)"]
+      loc = discover.evaluate_localization(c, stage_dir(workdir, s))["ContraCAM (T=1)"]
       row.update({f"loc/{k}": v for k, v in loc.items()})
     rows[s] = row
   title = (f"Results of `{config.dataset.name}` pretraining ({config.method}, seed {config.seed}): "
            "accuracy in %, localisation as IoU")
-  table = evaluation.write_results(workdir, rows, {"seed": config.seed, "method": config.method},
+  table = evaluate.write_results(workdir, rows, {"seed": config.seed, "method": config.method},
                                    name="results", title=title)
   console.say(table)
   return {"rows": rows}

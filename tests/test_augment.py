@@ -1,4 +1,4 @@
-"""Tests of ocl_jax.augment against NumPy/SciPy/colorsys references and identities."""
+"""Tests of ocl_jax.views.augment against NumPy/SciPy/colorsys references and identities."""
 
 import colorsys
 import dataclasses
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ocl_jax import augment as A
+from ocl_jax.views import augment as A
 
 RATIO = (3 / 4, 4 / 3)
 

@@ -1,4 +1,4 @@
-"""BG-mixup (ocl_jax/background_mixup.py) against NumPy references."""
+"""BG-mixup (ocl_jax/views/background_mixup.py) against NumPy references."""
 
 import functools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ocl_jax import background_mixup as bgm
+from ocl_jax.views import background_mixup as bgm
 
 H = W = 16
 B = 6

@@ -1,4 +1,4 @@
-"""The benchmark (ocl_jax/bench.py) and its PyTorch reference (ocl_jax/torch_reference.py).
+"""The benchmark (ocl_jax/tools/bench.py) and its PyTorch reference (ocl_jax/tools/torch_reference.py).
 
 The quick bench runs as users run it (a subprocess, 2 CPU devices) on a subset of
 cases; every train case's synthetic batch is checked against the real input
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from ocl_jax import bench, models  # noqa: E402
+from ocl_jax import models  # noqa: E402
+from ocl_jax.tools import bench
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HAS_TORCH = bench.torch_available()
@@ -62,7 +63,7 @@ def test_every_train_case_is_a_valid_config_and_selectable():
 
 def test_synthetic_batches_match_the_input_pipeline(scenes_data_dir):
   """Every train case's synthetic batch has the keys, shapes and dtypes the pipeline yields."""
-  from ocl_jax import input_pipeline
+  from ocl_jax.data import input_pipeline
   base = _quick_base()
   base.dataset.name, base.dataset.data_dir = "scenes/tiny", scenes_data_dir
   train, *_ = bench.select("train", "saliency" in base)
@@ -81,7 +82,7 @@ def test_quick_bench_cli_writes_json_and_table(tmp_path, scenes_data_dir):
   out, table = tmp_path / "bench.json", tmp_path / "bench.md"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   proc = subprocess.run(
-      [sys.executable, "-m", "ocl_jax.bench", "--quick", f"--cases={cases}", f"--out={out}",
+      [sys.executable, "-m", "ocl_jax.tools.bench", "--quick", f"--cases={cases}", f"--out={out}",
        f"--table={table}", f"--data_dir={scenes_data_dir}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -145,13 +146,14 @@ def test_profile_attributes_time_to_convolutions():
 def test_torch_reference_is_the_same_network(arch, small_stem, expand_res):
   """ocl_jax weights loaded into the PyTorch reference give the same map and embedding."""
   import torch
-  from ocl_jax import torch_interop, torch_reference as tr
+  from ocl_jax.interop import pytorch
+  from ocl_jax.tools import torch_reference as tr
   width, size = 4, 32 if small_stem else 64
   net = models.ContrastiveNet(arch=arch, width=width, small_stem=small_stem, proj_hidden_dim=16,
                               proj_dim=8, expand_res=expand_res, axis_name=None)
   x = np.random.default_rng(0).standard_normal((3, size, size, 3)).astype(np.float32)
   v = jax.device_get(models.random_variables(net, jnp.asarray(x), seed=3))
-  state = torch_interop.to_torchvision_state_dict(
+  state = pytorch.to_torchvision_state_dict(
       {"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
       head={"params": v["params"]["projector"], "batch_stats": v["batch_stats"]["projector"]})
   ref = tr.build_net(arch, width, small_stem, 16, 8, expand_res=expand_res).eval()
@@ -169,7 +171,9 @@ def test_torch_reference_is_the_same_network(arch, small_stem, expand_res):
 def test_torch_reference_contracam_matches_ours():
   """The official-style PyTorch ContraCAM (full backward each step) gives our masks."""
   import torch
-  from ocl_jax import contracam as cc, torch_interop, torch_reference as tr
+  from ocl_jax.discovery import contracam as cc
+  from ocl_jax.interop import pytorch
+  from ocl_jax.tools import torch_reference as tr
   spec = models.ModelSpec(arch="resnet10", width=8, small_stem=True, proj_hidden_dim=32, proj_dim=16,
                           pred_hidden_dim=0)
   settings = cc.CamSettings(iterations=3, expand_res=1)
@@ -177,7 +181,7 @@ def test_torch_reference_contracam_matches_ours():
   x = np.random.default_rng(1).standard_normal((6, 32, 32, 3)).astype(np.float32)
   v = jax.device_get(models.random_variables(net, jnp.asarray(x), seed=5, shift_std=0.2))
   ours = cc.contracam(net, v, jnp.asarray(x), settings)["mask"]
-  state = torch_interop.to_torchvision_state_dict(
+  state = pytorch.to_torchvision_state_dict(
       {"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
       head={"params": v["params"]["projector"], "batch_stats": v["batch_stats"]["projector"]})
   ref = tr.build_net("resnet10", 8, True, 32, 16)
@@ -191,7 +195,7 @@ def test_torch_reference_contracam_matches_ours():
 @pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
 def test_torch_reference_train_step_learns(method):
   import torch
-  from ocl_jax import torch_reference as tr
+  from ocl_jax.tools import torch_reference as tr
   torch.manual_seed(0)
   net = tr.build_net("resnet10", 4, True, 0, 8, pred_hidden_dim=16 if method == "byol" else 0)
   step = tr.TrainStep(method, net, lr=0.1, queue_size=16, ema=0.9)

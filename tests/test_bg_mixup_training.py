@@ -8,7 +8,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax import augment, input_pipeline
+from ocl_jax.data import input_pipeline
+from ocl_jax.views import augment
 from ocl_jax.configuration import ConfigError, validate_config
 from tests.conftest import train_two_steps
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ocl_jax import contracam as cc
+from ocl_jax.discovery import contracam as cc
 from ocl_jax import models
 
 SPEC = models.ModelSpec(arch="resnet10", width=4, small_stem=True, proj_hidden_dim=16, proj_dim=8,

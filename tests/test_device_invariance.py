@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from ocl_jax import parallel, train
+from ocl_jax import parallel
+from ocl_jax.train import loop
 from tests.test_train_step import tiny_config
 
 AUGMENTATIONS = {
@@ -66,11 +67,11 @@ def _batch(n, size, seed):
 
 
 def _run(config, num_devices):
-  ctx = train.make_context(config, 10, num_classes=5, num_examples=8 * STEPS)
+  ctx = loop.make_context(config, 10, num_classes=5, num_examples=8 * STEPS)
   devices = jax.local_devices()[:num_devices]
-  p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
+  p_step = jax.pmap(functools.partial(loop.train_step, ctx=ctx), axis_name=parallel.AXIS,
                     devices=devices)
-  state = parallel.replicate(train.create_train_state(0, config, ctx), devices)
+  state = parallel.replicate(loop.create_train_state(0, config, ctx), devices)
   keep = ["image", "aspect", "label", "index"]
   keep += ["fg_mask"] if config.bg_mixup.enabled else []
   keep += ["boxes", "box_valid"] if config.object_aware.crop else []

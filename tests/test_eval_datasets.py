@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ocl_jax import eval_datasets
-from ocl_jax.datasets import scenes
+from ocl_jax.data import eval_datasets
+from ocl_jax.data import scenes
 
 
 def _collect(ds, split, **kw):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ocl_jax import eval_datasets, evaluation
+from ocl_jax.data import eval_datasets
+from ocl_jax.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +29,13 @@ def tiny_export(tmp_path_factory, scenes_data_dir):
 
 def test_features_match_a_direct_forward_in_order(tiny_export):
   config, workdir = tiny_export
-  module, variables, name = evaluation.load_frozen_encoder(workdir)
+  module, variables, name = evaluate.load_frozen_encoder(workdir)
   assert name == os.path.basename(workdir)
   ds = eval_datasets.get_eval_dataset("scenes", scenes_name="scenes/tiny",
                                       data_dir=config.dataset.data_dir)
   batches = eval_datasets.split_batches(ds, "test", image_size=32, crop_fraction=1.0,
                                         batch_size=24, data_dir=config.dataset.data_dir)
-  feats, labels = evaluation.extract_features(module, variables, batches)
+  feats, labels = evaluate.extract_features(module, variables, batches)
   ref = list(tfds.as_numpy(tfds.load("scenes/tiny", split="test", data_dir=config.dataset.data_dir)))
   assert feats.shape[0] == len(ref) == 64
   np.testing.assert_array_equal(labels, [r["label"] for r in ref])
@@ -47,7 +48,7 @@ def test_features_match_a_direct_forward_in_order(tiny_export):
 def test_results_table_hand_case():
   rows = {"vanilla": {"scenes/linear/test": 0.8123, "loc/mask_miou": 0.4567},
           "oacrop": {"scenes/linear/test": 0.85, "scenes/knn/test": 0.5}}
-  table = evaluation.results_table(rows, "T")
+  table = evaluate.results_table(rows, "T")
   assert table.splitlines() == [
       "T", "",
       "| checkpoint | scenes/linear/test | loc/mask_miou | scenes/knn/test |",
@@ -61,7 +62,7 @@ def test_eval_mode_writes_json_and_markdown_rows(tiny_export, tmp_path):
   c = config.copy_and_resolve_references()
   c.mode = "eval"
   c.evaluation.checkpoints = (workdir, os.path.join(workdir, "export"))
-  rows = evaluation.run(c, str(tmp_path))
+  rows = evaluate.run(c, str(tmp_path))
   assert set(rows) == {os.path.basename(workdir), "export"}
   row = rows["export"]
   for split in ("val", "test", "mixed_same", "mixed_rand", "only_fg", "single"):
@@ -93,8 +94,8 @@ def test_labels_without_signal_give_chance_accuracy(tiny_export, tmp_path):
       (tmp_path / "noise" / split / f"class{k}").mkdir(exist_ok=True)
   c = config.copy_and_resolve_references()
   c.evaluation.datasets = (f"folder:{tmp_path / 'noise'}",)
-  module, variables, _ = evaluation.load_frozen_encoder(workdir)
-  row = evaluation.evaluate_encoder(c, module, variables)
+  module, variables, _ = evaluate.load_frozen_encoder(workdir)
+  row = evaluate.evaluate_encoder(c, module, variables)
   name = c.evaluation.datasets[0]
   assert abs(row[f"{name}/linear/test"] - 0.25) < 0.1, row
   assert abs(row[f"{name}/knn/test"] - 0.25) < 0.1, row
@@ -107,9 +108,9 @@ def test_every_tfds_dataset_evaluates_under_mock_data(tiny_export, name):
   c = config.copy_and_resolve_references()
   c.evaluation.datasets = (name,)
   c.evaluation.protocols = ("linear", "knn")
-  module, variables, _ = evaluation.load_frozen_encoder(workdir)
+  module, variables, _ = evaluate.load_frozen_encoder(workdir)
   with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=12):
-    row = evaluation.evaluate_encoder(c, module, variables)
+    row = evaluate.evaluate_encoder(c, module, variables)
   assert f"{name}/linear/test" in row and f"{name}/knn/test" in row
   assert all(0.0 <= v <= 1.0 for k, v in row.items() if not k.endswith("bg_gap"))
 
@@ -144,8 +145,8 @@ def test_imagenet9_probe_scores_objectnet9_and_si_score(tiny_export, tmp_path):
   c.evaluation.folders.imagenet9 = str(bg)
   c.evaluation.folders.objectnet9 = str(tmp_path / "objectnet9")
   c.evaluation.folders.si_score = str(tmp_path / "si")
-  module, variables, _ = evaluation.load_frozen_encoder(workdir)
-  row = evaluation.evaluate_encoder(c, module, variables)
+  module, variables, _ = evaluate.load_frozen_encoder(workdir)
+  row = evaluate.evaluate_encoder(c, module, variables)
   for proto in ("linear", "knn"):
     assert row[f"objectnet9/{proto}/test"] == row[f"imagenet9/{proto}/original"]
     assert row[f"si_score/{proto}/rotation"] == row[f"imagenet9/{proto}/original"]

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax import input_pipeline
+from ocl_jax.data import input_pipeline
 from ocl_jax.configuration import ConfigError, validate_config
 from tests.conftest import make_tiny_config, train_two_steps
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ocl_jax import image_mixing
+from ocl_jax.views import image_mixing
 from ocl_jax.configuration import ConfigError, validate_config
 from tests.conftest import train_two_steps
 

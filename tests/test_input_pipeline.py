@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ocl_jax import input_pipeline
+from ocl_jax.data import input_pipeline
 
 
 def test_train_batches_shapes_and_values(tiny_config):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from ocl_jax import linear_eval as le
+from ocl_jax.evaluation import linear_eval as le
 
 N, D, C = 200, 5, 3
 

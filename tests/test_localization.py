@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from ocl_jax import localization as loc
+from ocl_jax.discovery import localization as loc
 
 
 # ----------------------------------------------------------------------------

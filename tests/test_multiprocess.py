@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ocl_jax import input_pipeline
+from ocl_jax.data import input_pipeline
 from tests.conftest import make_tiny_config
 
 ROOT = pathlib.Path(__file__).parents[1]

@@ -9,7 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax import checkpointing, localization, object_discovery
+from ocl_jax import checkpointing
+from ocl_jax.discovery import discover
+from ocl_jax.discovery import localization
 from ocl_jax.models import ModelSpec
 
 
@@ -39,20 +41,20 @@ def _cam_config(config, source):
 
 def test_checkpoint_and_export_load_the_same_model(model_dirs):
   config, workdir, export_dir, state = model_dirs
-  net_a, vars_a, spec_a = object_discovery.load_model(workdir, expand_res=2)
-  net_b, vars_b, spec_b = object_discovery.load_model(export_dir, expand_res=2)
+  net_a, vars_a, spec_a = discover.load_model(workdir, expand_res=2)
+  net_b, vars_b, spec_b = discover.load_model(export_dir, expand_res=2)
   assert spec_a == spec_b and net_a.expand_res == 2 and spec_a.pred_hidden_dim == 0
   jax.tree_util.tree_map(np.testing.assert_array_equal, vars_a, vars_b)
   np.testing.assert_array_equal(vars_a["params"]["projector"]["fc1"]["kernel"],
                                 state.params["projector"]["fc1"]["kernel"])
   with pytest.raises(FileNotFoundError, match="neither an encoder export"):
-    object_discovery.load_model(os.path.join(workdir, "nothing_here"))
+    discover.load_model(os.path.join(workdir, "nothing_here"))
 
 
 def test_save_boxes_and_masks(model_dirs, tmp_path):
   config, workdir, _, _ = model_dirs
   c = _cam_config(config, workdir)
-  path = object_discovery.save_boxes(c, str(tmp_path))
+  path = discover.save_boxes(c, str(tmp_path))
   table = localization.read_box_file(path)
   ids = [str(ex["image/id"]) for ex in tfds.as_numpy(
       tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir).take(16))]
@@ -60,7 +62,7 @@ def test_save_boxes_and_masks(model_dirs, tmp_path):
   for boxes in table.values():
     assert boxes.shape[1:] == (4,) and np.all((boxes >= 0) & (boxes <= 1))
     assert np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
-  folder = object_discovery.save_masks(c, str(tmp_path))
+  folder = discover.save_masks(c, str(tmp_path))
   files = sorted(os.listdir(folder))
   assert files == sorted(f"{i}.png" for i in ids)
   mask = np.asarray(Image.open(os.path.join(folder, files[0])))
@@ -70,7 +72,7 @@ def test_save_boxes_and_masks(model_dirs, tmp_path):
 def test_evaluate_localization_writes_table_json_and_picture(model_dirs, tmp_path):
   config, _, export_dir, _ = model_dirs
   c = _cam_config(config, export_dir)
-  results = object_discovery.evaluate_localization(c, str(tmp_path))
+  results = discover.evaluate_localization(c, str(tmp_path))
   assert set(results) == {"ContraCAM (T=1)", "ContraCAM (T=2)", "Grad-CAM, signed weights (T=1)",
                           "Centre Gaussian prior"}
   for r in results.values():
@@ -86,7 +88,7 @@ def test_centre_prior_row_matches_direct_computation(model_dirs, tmp_path):
   """The table's baseline row equals the metric computed directly on the true masks."""
   config, _, export_dir, _ = model_dirs
   c = _cam_config(config, export_dir)
-  results = object_discovery.evaluate_localization(c, str(tmp_path))
+  results = discover.evaluate_localization(c, str(tmp_path))
   prior = localization.centre_gaussian_prior(32, 32)
   ious = []
   for ex in tfds.as_numpy(tfds.load("scenes/tiny", split="test", data_dir=c.dataset.data_dir).take(16)):
@@ -100,7 +102,7 @@ def test_localization_batches_read_cub_masks_and_boxes(model_dirs):
   c = config.copy_and_resolve_references()
   c.dataset.name = "caltech_birds2011"
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
-    from ocl_jax import input_pipeline
+    from ocl_jax.data import input_pipeline
     (batch,) = list(input_pipeline.localization_batches(c, "test", batch_size=8))
   assert batch["image"].shape == (5, 32, 32, 3) and batch["gt_mask"].shape == (5, 32, 32)
   assert set(np.unique(batch["gt_mask"])) <= {0.0, 1.0}
@@ -110,7 +112,7 @@ def test_localization_batches_read_cub_masks_and_boxes(model_dirs):
 def test_picture_grid_layout_and_overlay():
   images = np.full((2, 8, 8, 3), 100, np.uint8)
   cams = np.zeros((3, 2, 8, 8), np.float32)
-  grid = object_discovery.picture_grid(images, cams, [np.zeros((0, 4))] * 2, scale=1)
+  grid = discover.picture_grid(images, cams, [np.zeros((0, 4))] * 2, scale=1)
   assert grid.shape == (16, 8 * 5, 3)
   np.testing.assert_array_equal(grid[:, :8], 100)                 # first column: the image
-  np.testing.assert_array_equal(object_discovery.overlay(images[0], cams[0, 0], alpha=0.0), images[0])
+  np.testing.assert_array_equal(discover.overlay(images[0], cams[0, 0], alpha=0.0), images[0])

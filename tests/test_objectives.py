@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ocl_jax import objectives
+from ocl_jax.methods import objectives
 
 
 def _normalized(rng, *shape):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from ocl_jax import augment, parallel, saliency
+from ocl_jax import parallel
+from ocl_jax.views import augment
+from ocl_jax.views import saliency
 
 
 def _supersampled_means(boxes, maps, n=400):

@@ -14,8 +14,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import ocl_jax  # noqa: F401  (registers the builder through the package)
-from ocl_jax.datasets import contact_sheet
-from ocl_jax.datasets import scenes
+from ocl_jax.tools import contact_sheet
+from ocl_jax.data import scenes
 
 TINY = scenes.Scenes.builder_configs['tiny']
 TEST_VARIANTS = ('test_mixed_same', 'test_mixed_rand', 'test_only_fg')

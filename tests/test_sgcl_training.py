@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from ocl_jax import input_pipeline
+from ocl_jax.data import input_pipeline
 from tests.conftest import train_two_steps
 
 

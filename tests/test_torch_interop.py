@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import safetensors
 
-from ocl_jax import export, models, torch_interop
+from ocl_jax import export, models
+from ocl_jax.interop import pytorch
 from ocl_jax.checkpointing import CheckpointMismatchError
 
 BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -110,26 +111,26 @@ def torch_semantics_forward(sd, x_nchw, arch, small_stem=False):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_safetensors_round_trip_is_bit_exact(arch, tmp_path):
   net, variables = _model(arch)
-  path = torch_interop.export_torchvision_safetensors(variables, tmp_path / f"{arch}.safetensors",
+  path = pytorch.export_torchvision_safetensors(variables, tmp_path / f"{arch}.safetensors",
                                                       spec=_spec(arch))
   with safetensors.safe_open(path, framework="np") as f:
     meta = f.metadata()
   assert meta["arch"] == arch and meta["width"] == "8" and meta["small_stem"] == "false"
   assert meta["format"] == "pt" and meta["head"] == "none"
   assert meta["torchvision_equivalent"].startswith("none: width 8")
-  module, imported = torch_interop.import_torchvision_state_dict(path)  # arch and width inferred
+  module, imported = pytorch.import_torchvision_state_dict(path)  # arch and width inferred
   assert (module.stage_sizes, module.block, module.width, module.small_stem) == (
       net.stage_sizes, net.block, 8, False)
   _assert_trees_equal(imported, variables)
   # Given explicitly, the description is checked and gives the same result.
-  _, again = torch_interop.import_torchvision_state_dict(path, arch=arch, width=8, small_stem=False)
+  _, again = pytorch.import_torchvision_state_dict(path, arch=arch, width=8, small_stem=False)
   _assert_trees_equal(again, variables)
 
 
 @pytest.mark.parametrize("arch,num_params", [("resnet18", 11_176_512), ("resnet50", 23_508_032)])
 def test_exported_keys_and_shapes_are_torchvisions(arch, num_params):
   shapes = jax.eval_shape(lambda: _trunk(arch, 64).init(jax.random.PRNGKey(0), _images(1), train=False))
-  sd = torch_interop.to_torchvision_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+  sd = pytorch.to_torchvision_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
   expected = torchvision_keys(arch)
   assert len(expected) == {"resnet18": 122, "resnet50": 320}[arch] - 2  # len(state_dict()) minus fc
   assert sorted(sd) == sorted(expected)
@@ -158,12 +159,12 @@ def test_layouts_give_the_same_features_under_torch_semantics(arch, small_stem):
   x = _images(2, 32 if small_stem else 64)
   apply = jax.jit(lambda v, x: net.apply(v, x, train=False))  # jit: faster than eager here
   expected = np.asarray(apply(variables, x))
-  sd = torch_interop.to_torchvision_state_dict(variables)
+  sd = pytorch.to_torchvision_state_dict(variables)
   reference = jax.jit(lambda sd, x: torch_semantics_forward(sd, x, arch, small_stem))
   got = np.asarray(reference(sd, x.transpose(0, 3, 1, 2)))
   np.testing.assert_allclose(got.transpose(0, 2, 3, 1), expected, rtol=1e-4, atol=1e-5)
   # Imported back, the module computes exactly the original features.
-  module, imported = torch_interop.import_torchvision_state_dict(sd)
+  module, imported = pytorch.import_torchvision_state_dict(sd)
   assert (module.stage_sizes, module.block, module.width, module.small_stem) == (
       net.stage_sizes, net.block, net.width, small_stem)
   np.testing.assert_array_equal(np.asarray(apply(imported, x)), expected)
@@ -171,7 +172,7 @@ def test_layouts_give_the_same_features_under_torch_semantics(arch, small_stem):
 
 def test_moco_checkpoint_layout_loads(tmp_path, caplog):
   _, variables = _model("resnet18", seed=3)
-  sd = torch_interop.to_torchvision_state_dict(variables)
+  sd = pytorch.to_torchvision_state_dict(variables)
   rng = np.random.default_rng(0)
   moco = {f"module.encoder_q.{k}": v for k, v in sd.items()}
   moco.update({"module.encoder_q.fc.0.weight": rng.normal(size=(64, 64)).astype(np.float32),
@@ -182,61 +183,61 @@ def test_moco_checkpoint_layout_loads(tmp_path, caplog):
   moco.update({"module.queue": np.zeros((16, 32), np.float32), "module.queue_ptr": np.zeros(1, np.int64)})
   checkpoint = {"epoch": 200, "arch": "resnet18", "state_dict": moco}  # main_moco.py's save_checkpoint
   with caplog.at_level(logging.INFO):
-    module, imported = torch_interop.import_torchvision_state_dict(checkpoint, arch="resnet18")
+    module, imported = pytorch.import_torchvision_state_dict(checkpoint, arch="resnet18")
   _assert_trees_equal(imported, variables)       # the query encoder, not encoder_k
   assert "MoCo v2's projector" in caplog.text and "encoder_q" in caplog.text
   # A file whose every key carries the prefixes (an encoder_q-only release) loads too.
   path = str(tmp_path / "moco.safetensors")
   from safetensors.numpy import save_file
   save_file({k: v for k, v in moco.items() if k.startswith("module.encoder_q.")}, path)
-  _, from_file = torch_interop.import_torchvision_state_dict(path)
+  _, from_file = pytorch.import_torchvision_state_dict(path)
   _assert_trees_equal(from_file, variables)
   # So do {'model': ...} wrappers and backbone. prefixes (detection checkpoints).
-  _, wrapped = torch_interop.import_torchvision_state_dict({"model": {f"backbone.{k}": v for k, v in sd.items()}})
+  _, wrapped = pytorch.import_torchvision_state_dict({"model": {f"backbone.{k}": v for k, v in sd.items()}})
   _assert_trees_equal(wrapped, variables)
 
 
 def test_wrong_architecture_keys_and_shapes_are_clear_errors(tmp_path):
   _, variables = _model("resnet18")
-  path = torch_interop.export_torchvision_safetensors(variables, tmp_path / "r18.safetensors",
+  path = pytorch.export_torchvision_safetensors(variables, tmp_path / "r18.safetensors",
                                                       spec=_spec("resnet18"))
   with pytest.raises(CheckpointMismatchError, match=r"r18\.safetensors holds a resnet18.*not the requested resnet50"):
-    torch_interop.import_torchvision_state_dict(path, arch="resnet50")
+    pytorch.import_torchvision_state_dict(path, arch="resnet50")
   with pytest.raises(CheckpointMismatchError, match=r"conv1\.weight has shape \(8, 3, 7, 7\).*expects \(16, 3, 7, 7\)"):
-    torch_interop.import_torchvision_state_dict(path, width=16)
+    pytorch.import_torchvision_state_dict(path, width=16)
   with pytest.raises(CheckpointMismatchError, match=r"conv1\.weight.*expects \(8, 3, 3, 3\)"):
-    torch_interop.import_torchvision_state_dict(path, small_stem=True)
-  sd = torch_interop.to_torchvision_state_dict(variables)
+    pytorch.import_torchvision_state_dict(path, small_stem=True)
+  sd = pytorch.to_torchvision_state_dict(variables)
   missing = {k: v for k, v in sd.items() if k != "layer2.1.conv2.weight"}
   with pytest.raises(CheckpointMismatchError, match=r"missing \['layer2\.1\.conv2\.weight'\]"):
-    torch_interop.import_torchvision_state_dict(missing)
+    pytorch.import_torchvision_state_dict(missing)
   with pytest.raises(CheckpointMismatchError, match=r"unexpected \['layer3\.0\.attention\.weight'\]"):
-    torch_interop.import_torchvision_state_dict({**sd, "layer3.0.attention.weight": np.zeros(3, np.float32)})
+    pytorch.import_torchvision_state_dict({**sd, "layer3.0.attention.weight": np.zeros(3, np.float32)})
   bad = {**sd, "layer3.0.bn1.running_var": np.ones(7, np.float32)}
   with pytest.raises(CheckpointMismatchError, match=r"layer3\.0\.bn1\.running_var has shape \(7,\).*expects \(32,\)"):
-    torch_interop.import_torchvision_state_dict(bad)
+    pytorch.import_torchvision_state_dict(bad)
   deeper = {**sd, "layer2.2.conv1.weight": sd["layer2.1.conv1.weight"]}   # 3 blocks in layer2
   with pytest.raises(CheckpointMismatchError, match=r"blocks per stage \(2, 3, 2, 2\)"):
-    torch_interop.import_torchvision_state_dict(deeper)
+    pytorch.import_torchvision_state_dict(deeper)
   with pytest.raises(CheckpointMismatchError, match="no 'conv1.weight'"):
-    torch_interop.import_torchvision_state_dict({"weight": np.zeros(3)})
+    pytorch.import_torchvision_state_dict({"weight": np.zeros(3)})
 
 
 def test_truncated_or_corrupt_safetensors_name_the_file(tmp_path):
   _, variables = _model("resnet10")
-  path = torch_interop.export_torchvision_safetensors(variables, tmp_path / "model.safetensors",
+  path = pytorch.export_torchvision_safetensors(variables, tmp_path / "model.safetensors",
                                                       spec=_spec("resnet10"))
   data = open(path, "rb").read()
   truncated = tmp_path / "truncated.safetensors"
   truncated.write_bytes(data[: len(data) // 2])
   with pytest.raises(ValueError, match=r"truncated\.safetensors: cannot read it as safetensors.*truncated or corrupt"):
-    torch_interop.import_torchvision_state_dict(str(truncated))
+    pytorch.import_torchvision_state_dict(str(truncated))
   garbage = tmp_path / "garbage.safetensors"
   garbage.write_bytes(b"not a safetensors file")
   with pytest.raises(ValueError, match=r"garbage\.safetensors"):
-    torch_interop.import_torchvision_state_dict(str(garbage))
+    pytorch.import_torchvision_state_dict(str(garbage))
   with pytest.raises(FileNotFoundError, match="absent.safetensors"):
-    torch_interop.import_torchvision_state_dict(str(tmp_path / "absent.safetensors"))
+    pytorch.import_torchvision_state_dict(str(tmp_path / "absent.safetensors"))
 
 
 def test_pth_without_torch_is_a_clear_error(tmp_path):
@@ -245,14 +246,14 @@ def test_pth_without_torch_is_a_clear_error(tmp_path):
   path = tmp_path / "checkpoint.pth.tar"
   path.write_bytes(b"\x80\x02}q\x00.")
   with pytest.raises(ImportError, match=r"checkpoint\.pth\.tar needs PyTorch"):
-    torch_interop.import_torchvision_state_dict(str(path))
+    pytorch.import_torchvision_state_dict(str(path))
 
 
 def test_import_to_export_loads_with_load_encoder(tmp_path):
   net, variables = _model("resnet18", seed=5)
-  path = torch_interop.export_torchvision_safetensors(variables, tmp_path / "r18.safetensors",
+  path = pytorch.export_torchvision_safetensors(variables, tmp_path / "r18.safetensors",
                                                       spec=_spec("resnet18"))
-  export_dir = torch_interop.import_to_export(path, tmp_path / "export")
+  export_dir = pytorch.import_to_export(path, tmp_path / "export")
   module, loaded, meta = export.load_encoder(export_dir)
   assert meta["model"]["arch"] == "resnet18" and meta["model"]["width"] == 8
   assert meta["imported_from"]["has_head"] is False and not os.path.exists(os.path.join(export_dir, "head"))
@@ -271,21 +272,21 @@ def test_projector_round_trips_through_fc_sequential(tmp_path):
   x = _images(2, 32)
   v = jax.device_get(models.random_variables(net, x, seed=7))
   src = export.export_encoder(str(tmp_path / "src"), v["params"], v["batch_stats"], spec)
-  path = torch_interop.export_torchvision_safetensors(src, tmp_path / "with_head.safetensors", include_head=True)
+  path = pytorch.export_torchvision_safetensors(src, tmp_path / "with_head.safetensors", include_head=True)
   with safetensors.safe_open(path, framework="np") as f:
     keys, meta = set(f.keys()), f.metadata()
   assert keys - set(torchvision_keys("resnet10")) == {
       "fc.0.weight", *(f"fc.1.{b}" for b in BN_FIELDS), "fc.3.weight", "fc.3.bias"}
   assert meta["small_stem"] == "true" and meta["torchvision_equivalent"].startswith("none: small stem")
   assert json.loads(meta["stage_sizes"]) == [1, 1, 1, 1]
-  dst = torch_interop.import_to_export(path, tmp_path / "dst")
+  dst = pytorch.import_to_export(path, tmp_path / "dst")
   net2, v2, spec2 = export.load_contrastive_net(dst)
   assert spec2 == spec
   _assert_trees_equal(jax.tree_util.tree_map(np.asarray, v2), v)
   np.testing.assert_array_equal(np.asarray(net2.apply(v2, x, train=False)["embedding"]),
                                 np.asarray(net.apply(v, x, train=False)["embedding"]))
   # Without include_head the same export gives the encoder only.
-  plain = torch_interop.export_torchvision_safetensors(src, tmp_path / "plain.safetensors")
+  plain = pytorch.export_torchvision_safetensors(src, tmp_path / "plain.safetensors")
   with safetensors.safe_open(plain, framework="np") as f:
     assert set(f.keys()) == set(torchvision_keys("resnet10"))
 
@@ -294,7 +295,7 @@ def test_against_torchvision_when_torch_is_installed(tmp_path):
   torch = pytest.importorskip("torch")
   torchvision = pytest.importorskip("torchvision")
   net, variables = _model("resnet18", width=64)
-  sd = torch_interop.to_torchvision_state_dict(variables)
+  sd = pytorch.to_torchvision_state_dict(variables)
   tv = torchvision.models.resnet18()
   assert sorted(sd) == sorted(k for k in tv.state_dict() if not k.startswith("fc."))
   result = tv.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
@@ -309,7 +310,7 @@ def test_against_torchvision_when_torch_is_installed(tmp_path):
   # A MoCo-style .pth.tar through torch.load(weights_only=True).
   path = str(tmp_path / "moco.pth.tar")
   torch.save({"epoch": 1, "state_dict": {f"module.encoder_q.{k}": v for k, v in tv.state_dict().items()}}, path)
-  _, imported = torch_interop.import_torchvision_state_dict(path)
+  _, imported = pytorch.import_torchvision_state_dict(path)
   _assert_trees_equal(imported, variables)
 
 
@@ -318,14 +319,14 @@ def test_relative_and_home_paths(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   net, variables = _model("resnet18", seed=5)
-  path = torch_interop.export_torchvision_safetensors(variables, "out/r18.safetensors",
+  path = pytorch.export_torchvision_safetensors(variables, "out/r18.safetensors",
                                                       spec=_spec("resnet18"))
   assert path == str(tmp_path / "out" / "r18.safetensors") and os.path.exists(path)
-  export_dir = torch_interop.import_to_export("out/r18.safetensors", "~/exports/r18")
+  export_dir = pytorch.import_to_export("out/r18.safetensors", "~/exports/r18")
   assert export_dir == str(tmp_path / "home" / "exports" / "r18")
   _, loaded, meta = export.load_encoder("~/exports/r18")
   assert meta["imported_from"]["source"] == path
-  _, again = torch_interop.import_torchvision_state_dict("out/r18.safetensors")
-  again_path = torch_interop.export_torchvision_safetensors("~/exports/r18", "~/again.safetensors")
+  _, again = pytorch.import_torchvision_state_dict("out/r18.safetensors")
+  again_path = pytorch.export_torchvision_safetensors("~/exports/r18", "~/again.safetensors")
   assert again_path == str(tmp_path / "home" / "again.safetensors")
   _assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), variables)

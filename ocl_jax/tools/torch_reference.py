@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the benchmarked work, for `ocl_jax.bench` (optional extra).
+"""Plain-PyTorch reference of the benchmarked work, for `ocl_jax.tools.bench` (optional extra).
 
 Why: a JAX timing on a CPU means little alone; the same network, batch and
 step written the usual PyTorch way (eager, NCHW, `loss.backward()`,

@@ -6,7 +6,7 @@ mask as a white outline, each object's box in its class colour with its class
 name, and the label and background family under each tile. Test-derived rows
 show the same scene indices, so the shifted splits line up under `test`.
 
-  python -m ocl_jax.datasets.contact_sheet --data_dir=D --config=small \
+  python -m ocl_jax.tools.contact_sheet --data_dir=D --config=small \
       --out=docs/scenes_contact_sheet.png
 """
 
@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ocl_jax.datasets import scenes
+from ocl_jax.data import scenes
 
 _BOX_COLORS = [tuple(int(255 * c) for c in scenes._hsv_to_rgb(
     np.array(k / scenes.NUM_CLASSES), np.array(0.8), np.array(1.0)))

@@ -28,7 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ocl_jax import augment, console, eval_datasets, export, linear_eval, parallel, paths
+from ocl_jax import console, export, parallel, paths
+from ocl_jax.data import eval_datasets
+from ocl_jax.evaluation import linear_eval
+from ocl_jax.views import augment
 
 PROTOCOLS = ("linear", "knn")
 RESULTS_NAME = "eval_results"

@@ -25,9 +25,13 @@ import numpy as np
 import optax
 from PIL import Image
 
-from ocl_jax import (augment, background_mixup, checkpointing, console, export, image_mixing,
-                     input_pipeline, objectives, optimizers, parallel, paths, pictures, preemption,
-                     saliency)
+from ocl_jax import checkpointing, console, export, optimizers, parallel, paths, pictures, preemption
+from ocl_jax.data import input_pipeline
+from ocl_jax.methods import objectives
+from ocl_jax.views import augment
+from ocl_jax.views import background_mixup
+from ocl_jax.views import image_mixing
+from ocl_jax.views import saliency
 from ocl_jax.configuration import save_config_json, validate_config
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 

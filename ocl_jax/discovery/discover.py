@@ -21,8 +21,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image, ImageDraw
 
-from ocl_jax import (augment, checkpointing, console, contracam, export, input_pipeline,
-                     localization, paths)
+from ocl_jax import checkpointing, console, export, paths
+from ocl_jax.data import input_pipeline
+from ocl_jax.discovery import contracam
+from ocl_jax.discovery import localization
+from ocl_jax.views import augment
 from ocl_jax.pictures import overlay
 from ocl_jax.models import ContrastiveNet, ModelSpec
 

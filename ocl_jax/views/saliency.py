@@ -24,7 +24,9 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from ocl_jax import augment, contracam, models
+from ocl_jax import models
+from ocl_jax.discovery import contracam
+from ocl_jax.views import augment
 
 # Floor added to crop scores before the power, so a crop on an all-zero map gets
 # a tiny (not zero, not NaN) weight when gamma > 0.

@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ocl_jax import localization
+from ocl_jax.discovery import localization
 
 # Datasets generated locally by their builder (no download): prepared on first use.
 LOCALLY_GENERATED = ("scenes",)
@@ -59,7 +59,7 @@ def get_builder(name: str, data_dir: str | None) -> "tfds.core.DatasetBuilder | 
   """
   if is_folder_dataset(name):
     return FolderSource.open(name)
-  import ocl_jax.datasets  # noqa: F401  (registers the scenes builder)
+  import ocl_jax.data.scenes  # noqa: F401  (registers the scenes builder)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -891,7 +891,7 @@ class FolderSource:
     if not root or not os.path.isdir(root):
       raise DatasetNotFoundError(f"config.dataset.name={name!r}: {root!r} is not a folder of "
                                  f"<class>/<image> folders")
-    from ocl_jax import eval_datasets
+    from ocl_jax.data import eval_datasets
     source = cls(name=name, root=root, class_names=tuple(eval_datasets._subfolders(root)))
     source.files("train")  # an empty folder fails here, when the dataset is chosen
     return source
@@ -912,7 +912,7 @@ class FolderSource:
 
   def files(self, split: str) -> FolderFiles:
     """Every image file of `split`, sorted by class then path (a fresh listing)."""
-    from ocl_jax import eval_datasets
+    from ocl_jax.data import eval_datasets
     path = self.split_dir(split)
     what = f"config.dataset.name={self.name!r}" + ("" if path == self.root else f" split {split!r}")
     pairs = eval_datasets._class_folder_files(path, self.class_names, what)

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ocl_jax import input_pipeline
+from ocl_jax.data import input_pipeline
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # ImageNet-9 (Xiao et al. 2020) class folders; the head of objectnet9 / si_score

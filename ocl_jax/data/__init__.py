@@ -1,0 +1,1 @@
+"""Data: TFDS and image-folder sources, box and mask annotations, train and eval readers, `scenes`."""

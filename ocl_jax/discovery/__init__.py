@@ -1,0 +1,1 @@
+"""Object discovery: ContraCAM, its boxes and masks, and their localization scores."""

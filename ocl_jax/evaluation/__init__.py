@@ -1,0 +1,1 @@
+"""Frozen-encoder evaluation: features, linear probes, kNN and the evaluation datasets."""

@@ -1,0 +1,1 @@
+"""Weights to and from PyTorch / torchvision and the released checkpoints."""

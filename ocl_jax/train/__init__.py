@@ -1,0 +1,1 @@
+"""Contrastive pretraining: the train state, the per-device step and the loop."""
