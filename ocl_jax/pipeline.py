@@ -138,10 +138,10 @@ class Progress:
 
 
 def _run_training(config, workdir, stage) -> dict[str, Any]:
-  from ocl_jax.train import loop
+  from ocl_jax import train
   c = stage_config(config, stage, workdir)
   validate_config(c)
-  state = loop.train_and_evaluate(c, stage_dir(workdir, stage))
+  state = train.train_and_evaluate(c, stage_dir(workdir, stage))
   return {"steps": int(state.step), "export": os.path.join(stage_dir(workdir, stage), "export")}
 
 

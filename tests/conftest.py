@@ -82,13 +82,13 @@ def train_two_steps(config, workdir, caplog):
   """
   import logging
   import numpy as np
-  from ocl_jax.train import loop
+  from ocl_jax import train
   config.num_train_steps = 2
   config.log_every_steps = config.checkpoint_every_steps = 2
   config.eval_every_steps = 0
   config.export_encoder = False
   with caplog.at_level(logging.INFO):
-    state = loop.train_and_evaluate(config, str(workdir))
+    state = train.train_and_evaluate(config, str(workdir))
   assert int(state.step) == 2
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
   return state, caplog.text
@@ -99,10 +99,10 @@ def export_random_init(config, workdir):
   (host state, export dir)."""
   import os
   from ocl_jax import export
-  from ocl_jax.train import loop
+  from ocl_jax import train
   from ocl_jax.models import ModelSpec
-  ctx = loop.make_context(config, 4, 10)
-  state = jax.device_get(loop.create_train_state(0, config, ctx))
+  ctx = train.make_context(config, 4, 10)
+  state = jax.device_get(train.create_train_state(0, config, ctx))
   export_dir = export.export_encoder(os.path.join(workdir, "export"), state.params,
                                      state.batch_stats, ModelSpec.from_config(config), config)
   return state, export_dir

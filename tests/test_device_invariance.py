@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ocl_jax import parallel
-from ocl_jax.train import loop
+from ocl_jax import train
 from tests.test_train_step import tiny_config
 
 AUGMENTATIONS = {
@@ -33,7 +33,7 @@ IN_DEFAULT_SUITE = {("moco", "bgmix+mixup")}
 STEPS = 3
 
 
-def _config(method, augmentation):
+def case_config(method, augmentation):
   sgcl = ()
   fields = dict(AUGMENTATIONS[augmentation])
   if fields.get("saliency.enabled"):
@@ -47,7 +47,7 @@ def _config(method, augmentation):
   return c
 
 
-def _batch(n, size, seed):
+def random_batch(n, size, seed):
   rng = np.random.default_rng(seed)
   batch = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
            "aspect": rng.uniform(0.75, 1.33, n).astype(np.float32),
@@ -66,18 +66,18 @@ def _batch(n, size, seed):
   return batch
 
 
-def _run(config, num_devices):
-  ctx = loop.make_context(config, 10, num_classes=5, num_examples=8 * STEPS)
+def run_steps(config, num_devices):
+  ctx = train.make_context(config, 10, num_classes=5, num_examples=8 * STEPS)
   devices = jax.local_devices()[:num_devices]
-  p_step = jax.pmap(functools.partial(loop.train_step, ctx=ctx), axis_name=parallel.AXIS,
+  p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
                     devices=devices)
-  state = parallel.replicate(loop.create_train_state(0, config, ctx), devices)
+  state = parallel.replicate(train.create_train_state(0, config, ctx), devices)
   keep = ["image", "aspect", "label", "index"]
   keep += ["fg_mask"] if config.bg_mixup.enabled else []
   keep += ["boxes", "box_valid"] if config.object_aware.crop else []
   losses, metrics = [], []
   for s in range(STEPS):
-    batch = _batch(config.batch_size, config.dataset.image_size, s)
+    batch = random_batch(config.batch_size, config.dataset.image_size, s)
     batch = {k: batch[k].reshape((num_devices, -1) + batch[k].shape[1:]) for k in keep}
     state, m = p_step(state, batch)
     losses.append(float(m["loss"][0]))
@@ -89,7 +89,7 @@ def _run(config, num_devices):
   return parallel.unreplicate(state), losses, metrics
 
 
-def _cases():
+def cases():
   for method in ("moco", "byol", "simclr"):
     for augmentation in AUGMENTATIONS:
       if augmentation in MOCO_ONLY and method != "moco":
@@ -98,12 +98,12 @@ def _cases():
       yield pytest.param(method, augmentation, marks=marks, id=f"{method}-{augmentation}")
 
 
-@pytest.mark.parametrize("method, augmentation", list(_cases()))
+@pytest.mark.parametrize("method, augmentation", list(cases()))
 def test_one_two_and_four_devices_agree(method, augmentation):
-  config = _config(method, augmentation)
-  state1, losses1, metrics1 = _run(config, 1)
+  config = case_config(method, augmentation)
+  state1, losses1, metrics1 = run_steps(config, 1)
   for n in (2, 4):
-    state, losses, metrics = _run(config, n)
+    state, losses, metrics = run_steps(config, n)
     np.testing.assert_allclose(losses, losses1, rtol=1e-4, err_msg=f"{n} devices")
     for name in ("params", "batch_stats", "target_params", "queue", "bg_fifo", "saliency_bank"):
       jax.tree_util.tree_map(

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from ocl_jax import checkpointing, export
-from ocl_jax.train import loop
+from ocl_jax import train
 from ocl_jax.configuration import ConfigError, load_sibling_config, validate_config
 from ocl_jax.models import ModelSpec
 
@@ -54,8 +54,8 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   tiny_config.num_train_steps = 6
   spec = ModelSpec.from_config(tiny_config)
   ckpt = checkpointing.Checkpointer(str(workdir), spec, tiny_config)
-  ctx = loop.make_context(tiny_config, 6, 10)
-  template = jax.eval_shape(lambda: loop.create_train_state(0, tiny_config, ctx))
+  ctx = train.make_context(tiny_config, 6, 10)
+  template = jax.eval_shape(lambda: train.create_train_state(0, tiny_config, ctx))
   state = ckpt.restore_or(template)
   assert int(state.step) == 6
   x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
@@ -71,8 +71,8 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
     checkpointing.Checkpointer(str(workdir), ModelSpec.from_config(other), other).restore_or(template)
   other = tiny_config.copy_and_resolve_references()
   other.moco.queue_size = 128
-  ctx2 = loop.make_context(other, 6, 10)
-  template2 = jax.eval_shape(lambda: loop.create_train_state(0, other, ctx2))
+  ctx2 = train.make_context(other, 6, 10)
+  template2 = jax.eval_shape(lambda: train.create_train_state(0, other, ctx2))
   with pytest.raises(checkpointing.CheckpointMismatchError, match="queue"):
     checkpointing.Checkpointer(str(workdir), spec, other).restore_or(template2)
 
@@ -88,7 +88,7 @@ def test_coco_config_trains_under_mock_data(tmp_path):
   config.log_every_steps = config.checkpoint_every_steps = config.eval_every_steps = 2
   config.probe.eval_batches = 1
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-    state = loop.train_and_evaluate(config, str(tmp_path))
+    state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
   assert np.all(np.isfinite(jax.tree_util.tree_leaves(state.params)[0]))
   assert os.listdir(tmp_path / "checkpoints") == ["2"]

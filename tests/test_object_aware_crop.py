@@ -14,7 +14,7 @@ import pytest
 from ocl_jax import parallel
 from ocl_jax.data import input_pipeline
 from ocl_jax.discovery import localization
-from ocl_jax.train import loop
+from ocl_jax import train
 from ocl_jax.views import augment
 from ocl_jax.configuration import ConfigError, load_sibling_config, validate_config
 from tests.conftest import make_tiny_config, train_two_steps
@@ -75,12 +75,12 @@ def test_crops_lie_inside_chosen_regions():
 
 @functools.lru_cache(maxsize=None)
 def _pmapped_views(with_boxes: bool):
-  """augment_views of loop.py on one device, with constant step and key."""
+  """train.augment_views on one device, with constant step and key."""
   ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8), bg_mixup=None, mix=None,
                               saliency=None)
   state = types.SimpleNamespace(rng=jax.random.PRNGKey(5), step=jnp.int32(3), bg_fifo=None)
   def views(b):
-    a = loop.augment_views(state, b, ctx)
+    a = train.augment_views(state, b, ctx)
     return a.x1, a.x2
   return jax.pmap(views, axis_name=parallel.AXIS, devices=jax.local_devices()[:1])
 

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ocl_jax import preemption
-from ocl_jax.train import loop
+from ocl_jax import train
 from tests.conftest import train_two_steps
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -40,8 +40,8 @@ def test_nonfinite_step_stops_the_run_keeping_the_last_good_checkpoint(tiny_conf
   c.log_every_steps = c.checkpoint_every_steps = 1
   c.eval_every_steps = 0
   c.export_encoder = False
-  with pytest.raises(loop.NonFiniteError, match=r"non-finite loss or gradients at step (\d)") as e:
-    loop.train_and_evaluate(c, str(tmp_path))
+  with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradients at step (\d)") as e:
+    train.train_and_evaluate(c, str(tmp_path))
   bad = int(re.search(r"at step (\d)", str(e.value)).group(1))
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert saved == list(range(1, bad))          # every good step, none from the bad one on

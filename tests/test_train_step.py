@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ocl_jax import parallel
-from ocl_jax.train import loop
+from ocl_jax import train
 from ocl_jax.configuration import load_sibling_config
 
 CONFIGS = __file__.rsplit("/tests/", 1)[0] + "/configs/default.py"
@@ -49,10 +49,10 @@ def compiled(method, num_devices, sgcl=()):
   """(config, initial state, pmapped step) per method, device count and SGCL setting,
   compiled once per module."""
   config = tiny_config(method, sgcl)
-  ctx = loop.make_context(config, 10, num_classes=5, num_examples=16)
-  state = loop.create_train_state(0, config, ctx)
+  ctx = train.make_context(config, 10, num_classes=5, num_examples=16)
+  state = train.create_train_state(0, config, ctx)
   devices = jax.local_devices()[:num_devices]
-  p_step = jax.pmap(functools.partial(loop.train_step, ctx=ctx), axis_name=parallel.AXIS,
+  p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
                     devices=devices)
   return config, state, p_step, devices
 

@@ -14,7 +14,7 @@ peak (a large float32 matmul timed in the same run). When PyTorch is installed
 as the official code computes it, are timed in plain PyTorch in the same run
 (`ocl_jax/tools/torch_reference.py`) and the ratio is printed.
 
-Train steps are the project's own: `loop.make_context` / `create_train_state`
+Train steps are the project's own: `train.make_context` / `create_train_state`
 / `train_step`, pmapped with donated state and replicated with
 `parallel.replicate` as `train_and_evaluate` does, built from configs/demo.py
 (or --config) with per-case overrides, and fed device-resident synthetic
@@ -317,13 +317,13 @@ def synthetic_batch(config: ml_collections.ConfigDict, n_dev: int, seed: int) ->
 
 def _train_step(config: ml_collections.ConfigDict, num_examples: int = 1000):
   """(ctx, replicated state, pmapped step) exactly as train_and_evaluate builds them."""
-  from ocl_jax.train import loop
+  from ocl_jax import train
   from ocl_jax.configuration import validate_config
   validate_config(config)
-  ctx = loop.make_context(config, 1000, 10, num_examples) if "saliency" in config else \
-      loop.make_context(config, 1000, 10)
-  state = parallel.replicate(loop.create_train_state(config.seed, config, ctx))
-  p_step = jax.pmap(functools.partial(loop.train_step, ctx=ctx), axis_name=parallel.AXIS,
+  ctx = train.make_context(config, 1000, 10, num_examples) if "saliency" in config else \
+      train.make_context(config, 1000, 10)
+  state = parallel.replicate(train.create_train_state(config.seed, config, ctx))
+  p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
                     donate_argnums=(0,))
   return ctx, state, p_step
 
@@ -390,14 +390,14 @@ def bench_train(name: str, config: ml_collections.ConfigDict, args: argparse.Nam
 
 def _views_given_step(config: ml_collections.ConfigDict, batches: list[dict[str, jax.Array]]
                       ) -> tuple[Callable[[], Any], float]:
-  """A call of `loop.update_from_views` (pmapped, state donated) on views augmented once
+  """A call of `train.update_from_views` (pmapped, state donated) on views augmented once
   beforehand: the same work as the PyTorch reference step, which is handed ready views.
   Not for SGCL configs (bench_train skips them): that step needs the online saliency."""
-  from ocl_jax.train import loop
+  from ocl_jax import train
   ctx, state, _ = _train_step(config)
-  augment = jax.pmap(functools.partial(loop.augment_views, ctx=ctx), axis_name=parallel.AXIS)
+  augment = jax.pmap(functools.partial(train.augment_views, ctx=ctx), axis_name=parallel.AXIS)
   views = [augment(state, b) for b in batches]
-  p_update = jax.pmap(functools.partial(loop.update_from_views, ctx=ctx), axis_name=parallel.AXIS,
+  p_update = jax.pmap(functools.partial(train.update_from_views, ctx=ctx), axis_name=parallel.AXIS,
                       donate_argnums=(0,))
   start = time.perf_counter()
   compiled = p_update.lower(state, batches[0], views[0]).compile()
@@ -637,8 +637,8 @@ def profile_train(config: ml_collections.ConfigDict, steps: int, trace_dir: str,
                   ) -> dict[str, Any]:
   """Trace `steps` train steps with jax.profiler: per-op time from the trace's XLA op events,
   each op labelled from the optimised HLO (its JAX source and a category); plus the
-  on-device augmentation (loop.augment_views) timed alone."""
-  from ocl_jax.train import loop
+  on-device augmentation (train.augment_views) timed alone."""
+  from ocl_jax import train
   n_dev = jax.local_device_count()
   ctx, state, p_step = _train_step(config)
   batch = _to_devices(synthetic_batch(config, n_dev, 0))
@@ -654,7 +654,7 @@ def profile_train(config: ml_collections.ConfigDict, steps: int, trace_dir: str,
   wall = time.perf_counter() - start
   jax.profiler.stop_trace()
   summary = summarize_trace(trace_dir, compiled.as_text(), wall, steps, top)
-  views = jax.pmap(lambda st, b: tuple(loop.augment_views(st, b, ctx)[:2]), axis_name=parallel.AXIS)
+  views = jax.pmap(lambda st, b: tuple(train.augment_views(st, b, ctx)[:2]), axis_name=parallel.AXIS)
   aug = time_calls(lambda: views(state, batch), max(steps, 3), 1)
   summary["augmentation_alone_ms"] = 1e3 * statistics.median(aug)
   return summary
@@ -975,7 +975,7 @@ def format_profile(case: str, profile: dict[str, Any]) -> str:
     return f"profile of {case}: {profile['error']}"
   lines = [f"\nProfile of {case}: {profile['wall_ms_per_step']:.1f} ms/step wall, "
            f"{profile['op_ms_per_step']:.1f} ms/step in XLA ops ({profile['note']}); the "
-           f"augmentation alone (loop.augment_views): {profile['augmentation_alone_ms']:.1f} ms",
+           f"augmentation alone (train.augment_views): {profile['augmentation_alone_ms']:.1f} ms",
            "| category | ms/step | share |", "|---|---|---|"]
   for k, v in profile["by_category"].items():
     lines.append(f"| {k} | {v['ms_per_step']:.1f} | {100 * v['share']:.1f}% |")

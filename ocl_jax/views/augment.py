@@ -287,7 +287,7 @@ def crop_and_resize(image: jax.Array, box: jax.Array, size: int) -> jax.Array:
   onto the output's outer edges, so a full box at the same size is the
   identity.
   """
-  return _hwc(_crop_resize_flip_chw(_to_float(image), box, size, None))
+  return _hwc(_crop_resize_flip_chw(to_float(image), box, size, None))
 
 
 def flip_left_right(image: jax.Array, do_flip) -> jax.Array:
@@ -517,7 +517,7 @@ def gaussian_blur(image: jax.Array, sigma, kernel_size: int) -> jax.Array:
 # Views.
 
 
-def _to_float(images: jax.Array) -> jax.Array:
+def to_float(images: jax.Array) -> jax.Array:
   images = jnp.asarray(images)
   if images.dtype == jnp.uint8:
     return images.astype(jnp.float32) / 255.0
@@ -536,7 +536,7 @@ def augment_view(key: jax.Array, image: jax.Array, aspect, cfg: ViewConfig,
   RandomResizedCrop size but is re-centred on the map (saliency_centred_box),
   drawing from `centre_key`, so every other random number stays as without.
   """
-  image = _to_float(image)
+  image = to_float(image)
   # Every random number of the view in one draw (see _crop_from_uniforms).
   u = jax.random.uniform(key, (_CROP_UNIFORMS + _JITTER_UNIFORMS + 5,))
   u_crop, u_jit, u = u[:_CROP_UNIFORMS], u[_CROP_UNIFORMS:-5], u[-5:]
@@ -576,7 +576,7 @@ def augment_batch(key: jax.Array, images: jax.Array, aspects, cfg: ViewConfig,
   draws from fold_in(centre_key, index_offset + i)).
   Returns (views (B, S, S, 3), boxes (B, 4), flips (B,)).
   """
-  images = _to_float(images)
+  images = to_float(images)
   batch = images.shape[0]
   aspects = jnp.broadcast_to(jnp.asarray(aspects, jnp.float32), (batch,))
   idx = jnp.asarray(index_offset, jnp.int32) + jnp.arange(batch, dtype=jnp.int32)
@@ -602,7 +602,7 @@ def transform_masks(masks: jax.Array, boxes: jax.Array, flips: jax.Array, size: 
   """
   def one(mask, box, flip):
     return flip_left_right(crop_and_resize(mask[..., None], box, size), flip)[..., 0]
-  return jax.vmap(one)(_to_float(masks), boxes, flips)
+  return jax.vmap(one)(to_float(masks), boxes, flips)
 
 
 FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)

@@ -94,7 +94,7 @@ def compute_saliency(net: models.ContrastiveNet, variables: Mapping[str, Any], i
   images of the global batch (all devices along `axis_name`) are each other's
   negatives in the score.
   """
-  x = augment._to_float(images)
+  x = augment.to_float(images)
   r = settings.resolution
   if x.shape[1:3] != (r, r):
     x = jax.image.resize(x, (x.shape[0], r, r, x.shape[-1]), "linear", antialias=True)

@@ -1,0 +1,29 @@
+"""A checkpoint written by an earlier version of the code restores and resumes.
+
+tests/data/checkpoint_fixture holds the checkpoints of a 2-step run of the tiny scenes config
+(MoCo v2 with BG-mixup: queue and FIFO in the state; tests/make_checkpoint_fixture.py). The
+current code must restore it into its own TrainState and train on to step 4.
+"""
+
+import logging
+import shutil
+
+import jax
+import numpy as np
+
+from ocl_jax import train
+from tests import make_checkpoint_fixture
+
+
+def test_fixture_restores_and_resumes(scenes_data_dir, tmp_path, caplog):
+  workdir = tmp_path / "work"
+  shutil.copytree(make_checkpoint_fixture.PATH, workdir / "checkpoints")
+  config = make_checkpoint_fixture.fixture_config(scenes_data_dir)
+  config.num_train_steps = 4
+  with caplog.at_level(logging.INFO):
+    state = train.train_and_evaluate(config, str(workdir))
+  assert "Restored checkpoint" in caplog.text and "/2" in caplog.text
+  assert int(state.step) == 4
+  assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
+  assert state.queue is not None and state.bg_fifo is not None
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
