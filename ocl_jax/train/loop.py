@@ -26,7 +26,9 @@ import optax
 from PIL import Image
 
 from ocl_jax import checkpointing, console, export, optimizers, parallel, paths, pictures, preemption
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import eval_data
+from ocl_jax.data import sources
+from ocl_jax.data import train_data
 from ocl_jax.methods import objectives
 from ocl_jax.views import augment
 from ocl_jax.views import background_mixup
@@ -427,7 +429,7 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
 def evaluate_probe(p_eval, state, config, ctx) -> float:
   max_batches = None if config.probe.eval_batches < 0 else config.probe.eval_batches
   correct = count = 0
-  for batch in input_pipeline.eval_batches(config, config.dataset.eval_split, max_batches=max_batches):
+  for batch in eval_data.eval_batches(config, config.dataset.eval_split, max_batches=max_batches):
     r = p_eval(state, batch)
     correct += int(r["correct"][0])
     count += int(r["count"][0])
@@ -532,9 +534,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   validate_config(config)
-  data = input_pipeline.create_train_data(config)
+  data = train_data.create_train_data(config)
   total_steps = total_train_steps(config, data.steps_per_epoch)
-  ctx = make_context(config, total_steps, input_pipeline.num_classes(data.builder), data.index_size)
+  ctx = make_context(config, total_steps, sources.num_classes(data.builder), data.index_size)
   spec = ModelSpec.from_config(config)
 
   # Metrics to the log and (process 0) TensorBoard; the full hyperparameters to TensorBoard and
