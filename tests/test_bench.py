@@ -63,14 +63,14 @@ def test_every_train_case_is_a_valid_config_and_selectable():
 
 def test_synthetic_batches_match_the_input_pipeline(scenes_data_dir):
   """Every train case's synthetic batch has the keys, shapes and dtypes the pipeline yields."""
-  from ocl_jax.data import input_pipeline
+  from ocl_jax.data import train_data
   base = _quick_base()
   base.dataset.name, base.dataset.data_dir = "scenes/tiny", scenes_data_dir
   train, *_ = bench.select("train", "saliency" in base)
   n_dev = jax.local_device_count()
   for name in train:
     config = bench.case_config(base, bench.TRAIN_CASES[name])
-    real = next(input_pipeline.create_train_data(config).iterate(0))
+    real = next(train_data.create_train_data(config).iterate(0))
     fake = bench.synthetic_batch(config, n_dev, 0)
     assert sorted(fake) == sorted(real), name
     for k in real:

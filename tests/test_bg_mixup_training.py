@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import train_data
 from ocl_jax.views import augment
 from ocl_jax.configuration import ConfigError, validate_config
 from tests.conftest import train_two_steps
@@ -37,7 +37,7 @@ def _bg_config(tiny_config, masks="gt"):
 
 def test_masks_from_dataset_and_from_a_folder(tiny_config, tmp_path):
   c = _bg_config(tiny_config)
-  data = input_pipeline.create_train_data(c)
+  data = train_data.create_train_data(c)
   ds = data.epoch(0).unbatch().take(8)
   ref = {int(ex["image/id"]): ex["mask"][..., 0] for ex in tfds.as_numpy(
       tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir))}
@@ -56,7 +56,7 @@ def test_masks_from_dataset_and_from_a_folder(tiny_config, tmp_path):
   for i, m in soft.items():
     Image.fromarray(m).save(folder / f"{i}.png")
   c.bg_mixup.masks = str(folder)
-  data = input_pipeline.create_train_data(c)
+  data = train_data.create_train_data(c)
   for ex in tfds.as_numpy(data.epoch(0).unbatch().take(8)):
     (image_id,) = [i for i, im in images.items() if np.array_equal(im, ex["image"])]
     np.testing.assert_array_equal(ex["fg_mask"], soft[image_id])
@@ -100,7 +100,7 @@ def test_mask_of_the_wrong_shape_is_an_error_naming_the_file(tiny_config, tmp_pa
     shape = (16, 40) if i == ids[0] else (20, 20)   # other sizes than the images are fine
     Image.fromarray(np.full(shape, 200, np.uint8)).save(folder / f"{i}.png")
   c = _bg_config(tiny_config, masks=str(folder))
-  data = input_pipeline.create_train_data(c)
+  data = train_data.create_train_data(c)
   with pytest.raises(tf.errors.InvalidArgumentError, match=f"{ids[0]}.png"):
     for _ in tfds.as_numpy(data.epoch(0)):
       pass

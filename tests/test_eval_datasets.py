@@ -9,14 +9,16 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ocl_jax.data import eval_data
 from ocl_jax.data import eval_datasets
 from ocl_jax.data import scenes
+from ocl_jax.data import sources
 
 
 def _collect(ds, split, **kw):
   """All batches of one pass, concatenated; checks the fixed batch shape and padding."""
   kw = {"image_size": 8, "crop_fraction": 0.875, "batch_size": 4, **kw}
-  batches = list(eval_datasets.split_batches(ds, split, **kw))
+  batches = list(eval_data.split_batches(ds, split, **kw))
   for b in batches:
     assert set(b) == {"image", "label", "valid"}
     size, bs = kw["image_size"], kw["batch_size"]
@@ -49,11 +51,11 @@ def test_scenes_splits_counts_order_and_padding(scenes_data_dir):
     got = _collect(ds, split, image_size=32, crop_fraction=1.0, batch_size=24)
     ref = list(tfds.as_numpy(builder.as_dataset(split=split)))
     assert len(got["label"]) == builder.info.splits[split].num_examples == len(ref)
-    assert eval_datasets.split_size(ds, split) == len(ref)
+    assert eval_data.split_size(ds, split) == len(ref)
     np.testing.assert_array_equal(got["label"], [ex["label"] for ex in ref])
     if split == "test":  # same size, crop fraction 1: the images themselves, in order
       np.testing.assert_array_equal(got["image"], np.stack([ex["image"] for ex in ref]))
-  assert eval_datasets.last_skipped(ds, "test") == ()
+  assert eval_data.last_skipped(ds, "test") == ()
   small = _collect(ds, "val", image_size=16, crop_fraction=0.5, batch_size=5, max_examples=7)
   assert small["image"].shape == (7, 16, 16, 3)
 
@@ -113,7 +115,7 @@ def test_resize_center_crop_matches_numpy_on_a_non_square_folder_image(tmp_path)
   assert np.abs(got["image"][0] - resized[2:18, 13:29]).mean() > 10
   # Portrait, odd sizes (long side truncated: 20 * 47 // 30 = 31) and grayscale input.
   tall = (rng.rand(47, 30, 1) * 255).astype(np.uint8)
-  out = eval_datasets.resize_center_crop(tf.constant(tall), 15, 0.75).numpy()
+  out = eval_data.resize_center_crop(tf.constant(tall), 15, 0.75).numpy()
   ref = _np_resize_center_crop(np.repeat(tall, 3, -1), 15, 0.75)
   assert out.shape == (15, 15, 3) and np.abs(out.astype(int) - ref).max() <= 1
 
@@ -132,7 +134,7 @@ def test_coco_crop_box_selection_margin_and_clipping():
       [0.5, 0.5, 0.4, 0.9],     # degenerate (ymax < ymin): dropped
   ], np.float32)
   labels = np.array([3, 4, 7, 9, 1, 5])  # one extra label (mock data): ignored
-  boxes, kept = eval_datasets.coco_crop_boxes(tf.constant(bbox), tf.constant(labels))
+  boxes, kept = eval_data.coco_crop_boxes(tf.constant(bbox), tf.constant(labels))
   np.testing.assert_array_equal(kept.numpy(), [3, 7, 9])
   np.testing.assert_allclose(boxes.numpy(), [
       [0.1, 0.02, 0.8, 0.58],
@@ -140,9 +142,9 @@ def test_coco_crop_box_selection_margin_and_clipping():
       [0.18, 0.18, 0.32, 0.32],
   ], atol=1e-6)
   # Pixel windows round outwards and stay inside the image (top, left, h, w).
-  window = eval_datasets.box_pixels(tf.constant([0.1, 0.02, 0.8, 0.58]), 50, 20).numpy()
+  window = eval_data.box_pixels(tf.constant([0.1, 0.02, 0.8, 0.58]), 50, 20).numpy()
   np.testing.assert_array_equal(window, [1, 2, 29 - 1, 16 - 2])
-  window = eval_datasets.box_pixels(tf.constant([0.99, 0.99, 1.0, 1.0]), 10, 10).numpy()
+  window = eval_data.box_pixels(tf.constant([0.99, 0.99, 1.0, 1.0]), 10, 10).numpy()
   np.testing.assert_array_equal(window, [9, 9, 1, 1])
 
 
@@ -162,20 +164,20 @@ def test_tfds_sets_under_mock_data(name):
       got = _collect(ds, split, image_size=12, batch_size=8)
       assert np.all((got["label"] >= 0) & (got["label"] < num_classes))
       if name == "coco_crop":
-        assert eval_datasets.split_size(ds, split) is None
+        assert eval_data.split_size(ds, split) is None
         builder = tfds.builder("coco/2017")
-        expected = [int(eval_datasets.coco_crop_boxes(ex["objects"]["bbox"],
-                                                      ex["objects"]["label"])[1].shape[0])
+        expected = [int(eval_data.coco_crop_boxes(ex["objects"]["bbox"],
+                                                  ex["objects"]["label"])[1].shape[0])
                     for ex in builder.as_dataset(split=split)]
         assert len(got["label"]) == sum(expected) > 0
       else:
-        assert len(got["label"]) == eval_datasets.split_size(ds, split) == 5
+        assert len(got["label"]) == eval_data.split_size(ds, split) == 5
 
 
 def test_tfds_set_not_prepared_is_a_clear_error(tmp_path):
   ds = eval_datasets.get_eval_dataset("cifar10", data_dir=str(tmp_path))
-  with pytest.raises(eval_datasets.input_pipeline.DatasetNotFoundError, match=str(tmp_path)):
-    next(eval_datasets.split_batches(ds, "test", image_size=8, crop_fraction=1.0, batch_size=2))
+  with pytest.raises(sources.DatasetNotFoundError, match=str(tmp_path)):
+    next(eval_data.split_batches(ds, "test", image_size=8, crop_fraction=1.0, batch_size=2))
 
 
 # ----------------------------------------------------------------------------
@@ -209,13 +211,13 @@ def test_imagenet9_layout_splits_and_variants(tmp_path):
   train = _collect(ds, "train", batch_size=7)
   np.testing.assert_array_equal(train["label"], np.repeat([0, 1, 2], 9))
   np.testing.assert_array_equal(train["image"][:, 4, 4, 0], 10 * (train["label"] + 1))
-  assert eval_datasets.split_size(ds, "train") == 27
+  assert eval_data.split_size(ds, "train") == 27
   for v in eval_datasets.IMAGENET9_VARIANTS:
     got = _collect(ds, ds.tests[v])
     np.testing.assert_array_equal(got["label"], [0, 0, 1, 1, 2, 2])
     assert np.all(np.abs(got["image"][:, 4, 4].astype(int) - 100 - 10 * (got["label"][:, None] + 1))
                   <= 2)  # JPEG
-    assert eval_datasets.last_skipped(ds, v) == ()
+    assert eval_data.last_skipped(ds, v) == ()
 
 
 def test_objectnet9_and_si_score_use_the_imagenet9_head(tmp_path):
@@ -264,12 +266,12 @@ def test_unreadable_files_are_skipped_counted_and_logged(tmp_path, caplog):
   with open(f"{root}/test/a/notes.txt", "w") as f:   # not an image name: never listed
     f.write("x")
   ds = eval_datasets.get_eval_dataset(f"folder:{root}")
-  assert eval_datasets.split_size(ds, "test") == 6
-  assert eval_datasets.last_skipped(ds, "test") is None   # no pass yet
+  assert eval_data.split_size(ds, "test") == 6
+  assert eval_data.last_skipped(ds, "test") is None   # no pass yet
   with caplog.at_level(logging.WARNING):
     got = _collect(ds, "test", batch_size=4)
   assert len(got["label"]) == 4 and np.all(got["label"] == 0)
-  skipped = eval_datasets.last_skipped(ds, "test")
+  skipped = eval_data.last_skipped(ds, "test")
   assert sorted(os.path.basename(p) for p in skipped) == ["1_truncated.jpg", "2_corrupt.JPG"]
   assert "skipped 2 of 6" in caplog.text and "1_truncated.jpg" in caplog.text
   # The folder without val: every 10th training file is held out.

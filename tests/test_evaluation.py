@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from ocl_jax.data import eval_data
 from ocl_jax.data import eval_datasets
 from ocl_jax.evaluation import evaluate
 
@@ -33,8 +34,8 @@ def test_features_match_a_direct_forward_in_order(tiny_export):
   assert name == os.path.basename(workdir)
   ds = eval_datasets.get_eval_dataset("scenes", scenes_name="scenes/tiny",
                                       data_dir=config.dataset.data_dir)
-  batches = eval_datasets.split_batches(ds, "test", image_size=32, crop_fraction=1.0,
-                                        batch_size=24, data_dir=config.dataset.data_dir)
+  batches = eval_data.split_batches(ds, "test", image_size=32, crop_fraction=1.0,
+                                    batch_size=24, data_dir=config.dataset.data_dir)
   feats, labels = evaluate.extract_features(module, variables, batches)
   ref = list(tfds.as_numpy(tfds.load("scenes/tiny", split="test", data_dir=config.dataset.data_dir)))
   assert feats.shape[0] == len(ref) == 64

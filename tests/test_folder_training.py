@@ -9,7 +9,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import annotations
+from ocl_jax.data import eval_data
+from ocl_jax.data import folders
+from ocl_jax.data import sources
+from ocl_jax.data import train_data
 from ocl_jax.configuration import ConfigError, validate_config
 from tests.conftest import make_tiny_config, train_two_steps
 
@@ -49,15 +53,15 @@ def _config(root, batch_size=8):
 
 
 def test_image_ids():
-  assert input_pipeline.folder_image_id("02_wheeled vehicle/n0402_77.JPEG") == \
+  assert folders.folder_image_id("02_wheeled vehicle/n0402_77.JPEG") == \
       "02_wheeled_vehicle__n0402_77"
-  assert input_pipeline.folder_image_id("a/b/c.d.png") == "a__b__c.d"
+  assert folders.folder_image_id("a/b/c.d.png") == "a__b__c.d"
 
 
 def test_train_stream_is_right_deterministic_resumable_and_skips_bad_files(folder, caplog):
   root, expected = folder
-  data = input_pipeline.create_train_data(_config(root))
-  assert input_pipeline.num_classes(data.builder) == 3
+  data = train_data.create_train_data(_config(root))
+  assert sources.num_classes(data.builder) == 3
   assert data.num_examples == 16 and data.steps_per_epoch == 2   # listed files, corrupt included
   epochs = []
   for e in range(2):
@@ -73,12 +77,12 @@ def test_train_stream_is_right_deterministic_resumable_and_skips_bad_files(folde
     epochs.append(ids)
   assert epochs[0] != epochs[1]                            # reshuffled per epoch
   again = [ex["id"].decode() for ex in tfds.as_numpy(
-      input_pipeline.create_train_data(_config(root)).epoch(0).unbatch())]
+      train_data.create_train_data(_config(root)).epoch(0).unbatch())]
   assert again == epochs[0]                                # a function of (seed, epoch)
   other = _config(root)
   other.seed = 1
   assert [ex["id"].decode() for ex in tfds.as_numpy(
-      input_pipeline.create_train_data(other).epoch(0).unbatch())] != epochs[0]
+      train_data.create_train_data(other).epoch(0).unbatch())] != epochs[0]
 
   # Resuming at step 3 gives exactly the continuation, across the epoch boundary.
   with caplog.at_level(logging.WARNING):
@@ -97,7 +101,7 @@ def test_localization_and_eval_batches_use_the_same_ids(folder, caplog):
   root, expected = folder
   c = _config(root)
   with caplog.at_level(logging.WARNING):
-    batches = list(input_pipeline.localization_batches(c, "train", 4))
+    batches = list(eval_data.localization_batches(c, "train", 4))
   ids = [i for b in batches for i in b["id"]]
   assert ids == sorted(expected)                           # listing order, corrupt file skipped
   assert "skipped 1 of 16" in caplog.text and "broken.jpg" in caplog.text
@@ -106,17 +110,17 @@ def test_localization_and_eval_batches_use_the_same_ids(folder, caplog):
     for image_id, label in zip(b["id"], b["label"]):
       assert label == expected[image_id][0]
   # ContraCAM counts a split through open_split: the listed files.
-  builder = input_pipeline.get_builder(c.dataset.name, None)
-  assert int(input_pipeline.open_split(builder, "train").cardinality()) == 16
+  builder = sources.get_builder(c.dataset.name, None)
+  assert int(sources.open_split(builder, "train").cardinality()) == 16
   # Other splits are sibling folders: original/val.
-  val = list(input_pipeline.localization_batches(c, "val", 8))
+  val = list(eval_data.localization_batches(c, "val", 8))
   assert list(val[0]["id"]) == ["00_dog__im0", "01_bird__im0", "02_cat__im0"]
-  batches = list(input_pipeline.eval_batches(c, "val", batch_size=8))
+  batches = list(eval_data.eval_batches(c, "val", batch_size=8))
   valid = np.concatenate([b["valid"].reshape(-1) for b in batches])
   labels = np.concatenate([b["label"].reshape(-1) for b in batches])
   assert valid.sum() == 3 and list(labels[valid > 0]) == [0, 1, 2]
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match="no split 'test'"):
-    list(input_pipeline.eval_batches(c, "test"))
+  with pytest.raises(sources.DatasetNotFoundError, match="no split 'test'"):
+    list(eval_data.eval_batches(c, "test"))
 
 
 def _write_masks(folder, ids):
@@ -148,8 +152,8 @@ def test_missing_mask_names_the_id_and_the_folder(folder, tmp_path):
   c.bg_mixup.enabled = True
   c.bg_mixup.masks = str(tmp_path / "masks")
   _write_masks(tmp_path / "masks", [i for i in expected if i != "02_cat__im3"])
-  data = input_pipeline.create_train_data(c)
-  with pytest.raises(input_pipeline.MaskLookupError,
+  data = train_data.create_train_data(c)
+  with pytest.raises(annotations.MaskLookupError,
                      match=f"02_cat__im3 .*{re.escape(str(tmp_path / 'masks'))}"):
     list(itertools.islice(data.iterate(0), data.steps_per_epoch))   # every id is in an epoch
 
@@ -158,12 +162,12 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
   c = _config(tmp_path / "nope")
   with pytest.raises(ConfigError, match="config.dataset.name"):
     validate_config(c, num_devices=4, num_processes=1)
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match="config.dataset.name"):
-    input_pipeline.create_train_data(c)
+  with pytest.raises(sources.DatasetNotFoundError, match="config.dataset.name"):
+    train_data.create_train_data(c)
   (tmp_path / "empty" / "some_class").mkdir(parents=True)
   c = _config(tmp_path / "empty")
   with pytest.raises(ValueError, match="config.dataset.name.*no images"):
-    input_pipeline.create_train_data(c)
+    train_data.create_train_data(c)
   c.dataset.train_split = "train[:50%]"
   with pytest.raises(ConfigError, match="config.dataset.train_split"):
     validate_config(c, num_devices=4, num_processes=1)

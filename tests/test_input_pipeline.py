@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import eval_data
+from ocl_jax.data import preprocess
+from ocl_jax.data import sources
+from ocl_jax.data import train_data
 
 
 def test_train_batches_shapes_and_values(tiny_config):
-  data = input_pipeline.create_train_data(tiny_config)
+  data = train_data.create_train_data(tiny_config)
   assert data.num_examples == 256 and data.steps_per_epoch == 256 // 16
   batch = next(data.iterate())
   n = jax.local_device_count()
@@ -27,7 +30,7 @@ def _flat(batch):
 def test_order_is_a_function_of_seed_and_step(tiny_config):
   """Resuming at step s yields exactly the batches an uninterrupted run sees from s on,
   across an epoch boundary; epochs are reshuffled; another seed gives another order."""
-  data = input_pipeline.create_train_data(tiny_config)
+  data = train_data.create_train_data(tiny_config)
   spe = data.steps_per_epoch
   full = [_flat(b) for b in itertools.islice(data.iterate(0), spe + 3)]
   resumed = [_flat(b) for b in itertools.islice(data.iterate(spe - 2), 5)]
@@ -38,12 +41,12 @@ def test_order_is_a_function_of_seed_and_step(tiny_config):
   assert len(np.unique(epoch, axis=0)) == spe * 16
   assert not np.array_equal(full[0], full[spe])   # epoch 2 is reshuffled
   tiny_config.seed = 1
-  other = next(input_pipeline.create_train_data(tiny_config).iterate(0))
+  other = next(train_data.create_train_data(tiny_config).iterate(0))
   assert not np.array_equal(_flat(other), full[0])
 
 
 def test_eval_batches_pad_and_mask_without_dropping(tiny_config):
-  batches = list(input_pipeline.eval_batches(tiny_config, "test", batch_size=24))
+  batches = list(eval_data.eval_batches(tiny_config, "test", batch_size=24))
   masks = np.concatenate([b["valid"].reshape(-1) for b in batches])
   assert masks.sum() == 64 and len(masks) == 3 * 24     # 64 examples, last batch padded
   labels = np.concatenate([b["label"].reshape(-1) for b in batches])[masks > 0]
@@ -54,21 +57,21 @@ def test_eval_batches_pad_and_mask_without_dropping(tiny_config):
 
 def test_missing_dataset_names_the_directory(tmp_path):
   builder = tfds.builder("coco/2017", data_dir=str(tmp_path))
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match=str(tmp_path)) as e:
-    input_pipeline.open_split(builder, "train")
+  with pytest.raises(sources.DatasetNotFoundError, match=str(tmp_path)) as e:
+    sources.open_split(builder, "train")
   assert "tfds build coco/2017" in str(e.value)
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
-  with pytest.raises(input_pipeline.DatasetNotFoundError, match="config.dataset.name"):
-    input_pipeline.get_builder("no_such_dataset_xyz", str(tmp_path))
+  with pytest.raises(sources.DatasetNotFoundError, match="config.dataset.name"):
+    sources.get_builder("no_such_dataset_xyz", str(tmp_path))
 
 
 def test_coco_label_is_class_of_largest_instance():
   with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
     builder = tfds.builder("coco/2017")
     ds = builder.as_dataset(split="train")
-    pre = input_pipeline.make_preprocess(builder, 48)
+    pre = preprocess.make_preprocess(builder, 48)
     for ex in ds.take(4):
       out = pre(ex)
       assert out["image"].shape == (48, 48, 3)

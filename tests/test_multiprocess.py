@@ -17,7 +17,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import eval_data
+from ocl_jax.data import train_data
 from tests.conftest import make_tiny_config
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -37,7 +38,7 @@ def _process_batches(config, monkeypatch, count, start, steps):
   out = []
   for p in range(count):
     _as_process(monkeypatch, p, count)
-    data = input_pipeline.create_train_data(config)
+    data = train_data.create_train_data(config)
     assert data.local_batch == config.batch_size // count
     out.append([_flat(b) for b in itertools.islice(data.iterate(start), steps)])
   monkeypatch.undo()
@@ -55,7 +56,7 @@ def _assert_slices_make_up(config, monkeypatch, start, steps):
 
 
 def test_process_slices_make_up_the_global_batches(tiny_config, monkeypatch):
-  spe = input_pipeline.create_train_data(tiny_config).steps_per_epoch
+  spe = train_data.create_train_data(tiny_config).steps_per_epoch
   _assert_slices_make_up(tiny_config, monkeypatch, 0, 3)
   _assert_slices_make_up(tiny_config, monkeypatch, spe - 1, 2)  # resumed, across an epoch
 
@@ -75,13 +76,13 @@ def test_folder_process_slices_make_up_the_global_batches(tmp_path, monkeypatch)
 
 def test_eval_batches_of_uneven_shards_have_equal_counts(tiny_config, monkeypatch):
   split = "test[:33]"   # 17 + 16 examples: 3 and 2 batches of 8 before padding
-  ref = [_flat(b) for b in input_pipeline.eval_batches(tiny_config, split)]
+  ref = [_flat(b) for b in eval_data.eval_batches(tiny_config, split)]
   shards = []
   for p in range(2):
     _as_process(monkeypatch, p, 2)
-    shards.append([_flat(b) for b in input_pipeline.eval_batches(tiny_config, split)])
+    shards.append([_flat(b) for b in eval_data.eval_batches(tiny_config, split)])
     assert len(shards[-1]) == 3 and all(b["image"].shape[0] == 8 for b in shards[-1])
-    capped = list(input_pipeline.eval_batches(tiny_config, split, max_batches=2))
+    capped = list(eval_data.eval_batches(tiny_config, split, max_batches=2))
     assert len(capped) == 2
   monkeypatch.undo()
   valid = lambda batches, key: np.concatenate([b[key][b["valid"] > 0] for b in batches])

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 from ocl_jax import parallel
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import annotations
+from ocl_jax.data import preprocess
+from ocl_jax.data import sources
+from ocl_jax.data import train_data
 from ocl_jax.discovery import localization
 from ocl_jax import train
 from ocl_jax.views import augment
@@ -105,10 +108,10 @@ def test_full_image_boxes_equal_plain_views():
 
 def _examples(config, builder, region_boxes, take=None):
   """(raw id, raw yxyx bbox, preprocessed example) of the train split, in file order."""
-  ds = input_pipeline.open_split(builder, "train")
+  ds = sources.open_split(builder, "train")
   if take:
     ds = ds.take(take)
-  pre = input_pipeline.make_preprocess(builder, config.dataset.image_size, region_boxes)
+  pre = preprocess.make_preprocess(builder, config.dataset.image_size, region_boxes)
   ds = ds.map(lambda ex: (ex["image/id"], ex["objects"]["bbox"], pre(ex)))
   return list(ds.as_numpy_iterator())
 
@@ -123,14 +126,14 @@ def _oa_config(scenes_data_dir, boxes="gt", tolerate=False):
 
 def test_gt_boxes_match_dataset_objects(scenes_data_dir):
   c = _oa_config(scenes_data_dir)
-  builder = input_pipeline.get_builder(c.dataset.name, c.dataset.data_dir)
+  builder = sources.get_builder(c.dataset.name, c.dataset.data_dir)
   raw = _examples(c, builder, None, take=64)
   areas = np.concatenate([(b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) for _, b, _ in raw])
   # Filter at the median area so some instances are kept and some dropped; K=2 also truncates.
   c.object_aware.gt_min_area = float(np.median(areas))
   c.object_aware.max_boxes = 2
   c.object_aware.gt_margin = 0.3
-  source = input_pipeline.create_region_boxes(c, builder)
+  source = annotations.create_region_boxes(c, builder)
   truncated = 0
   for _, bbox, ex in _examples(c, builder, source, take=64):
     xyxy = bbox[:, [1, 0, 3, 2]].astype(np.float64)
@@ -162,14 +165,14 @@ def _write_boxes(path, ids, skip=()):
 
 def test_box_file_boxes_match_ids(scenes_data_dir, tmp_path):
   c = _oa_config(scenes_data_dir)
-  builder = input_pipeline.get_builder(c.dataset.name, c.dataset.data_dir)
+  builder = sources.get_builder(c.dataset.name, c.dataset.data_dir)
   ids = [i for i, _, _ in _examples(c, builder, None)]
   path = str(tmp_path / "boxes_train.txt")
   table = _write_boxes(path, ids)
   c.object_aware.boxes = path
   c.object_aware.max_boxes = 2
   validate_config(c, num_devices=4, num_processes=1)
-  source = input_pipeline.create_region_boxes(c, builder)
+  source = annotations.create_region_boxes(c, builder)
   examples = _examples(c, builder, source)
   assert len(examples) == len(ids)
   for image_id, _, ex in examples:
@@ -180,22 +183,22 @@ def test_box_file_boxes_match_ids(scenes_data_dir, tmp_path):
     assert not ex["box_missing"]
 
   # The training stream carries them too (box_missing stays on the host).
-  batch = next(input_pipeline.create_train_data(c).iterate())
+  batch = next(train_data.create_train_data(c).iterate())
   assert batch["boxes"].shape == (4, 4, 2, 4) and batch["box_valid"].shape == (4, 4, 2)
   assert "box_missing" not in batch
 
 
 def test_box_file_missing_ids(scenes_data_dir, tmp_path):
   c = _oa_config(scenes_data_dir)
-  builder = input_pipeline.get_builder(c.dataset.name, c.dataset.data_dir)
+  builder = sources.get_builder(c.dataset.name, c.dataset.data_dir)
   ids = [i for i, _, _ in _examples(c, builder, None)]
   path = str(tmp_path / "partial.txt")
   skipped = set(ids[::2])
   _write_boxes(path, ids, skip=skipped)
   c.object_aware.boxes = path
 
-  data = input_pipeline.create_train_data(c)
-  with pytest.raises(input_pipeline.BoxLookupError) as info:
+  data = train_data.create_train_data(c)
+  with pytest.raises(annotations.BoxLookupError) as info:
     next(data.iterate())  # half the ids are missing: the first batch has one
   message = str(info.value)
   assert path in message
@@ -203,12 +206,12 @@ def test_box_file_missing_ids(scenes_data_dir, tmp_path):
 
   # Tolerated: missing ids are counted and cropped from the whole image.
   c.object_aware.tolerate_box_errors = True
-  source = input_pipeline.create_region_boxes(c, builder)
+  source = annotations.create_region_boxes(c, builder)
   examples = _examples(c, builder, source)
   missing = [image_id for image_id, _, ex in examples if ex["box_missing"]]
   assert set(missing) == skipped
   assert all(not ex["box_valid"].any() for i, _, ex in examples if i in skipped)
-  data = input_pipeline.create_train_data(c)
+  data = train_data.create_train_data(c)
   it = data.iterate()
   for _ in range(data.steps_per_epoch + 1):
     next(it)

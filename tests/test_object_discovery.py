@@ -102,8 +102,8 @@ def test_localization_batches_read_cub_masks_and_boxes(model_dirs):
   c = config.copy_and_resolve_references()
   c.dataset.name = "caltech_birds2011"
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
-    from ocl_jax.data import input_pipeline
-    (batch,) = list(input_pipeline.localization_batches(c, "test", batch_size=8))
+    from ocl_jax.data import eval_data
+    (batch,) = list(eval_data.localization_batches(c, "test", batch_size=8))
   assert batch["image"].shape == (5, 32, 32, 3) and batch["gt_mask"].shape == (5, 32, 32)
   assert set(np.unique(batch["gt_mask"])) <= {0.0, 1.0}
   assert batch["gt_box_valid"].sum(1).tolist() == [1] * 5   # CUB: one box per image

@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import train_data
 from tests.conftest import train_two_steps
 
 
@@ -19,7 +19,7 @@ def _sgcl(config, **fields):
 
 def test_train_batches_carry_each_images_position_in_the_split(tiny_config):
   c = _sgcl(tiny_config, every_k_steps=4)
-  data = input_pipeline.create_train_data(c)
+  data = train_data.create_train_data(c)
   assert data.with_index and data.index_size == data.num_examples
   seen = []
   for _, batch in zip(range(data.steps_per_epoch), data.iterate(0)):

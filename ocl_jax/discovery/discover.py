@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 from PIL import Image, ImageDraw
 
 from ocl_jax import checkpointing, console, export, paths
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import eval_data
+from ocl_jax.data import sources
 from ocl_jax.discovery import contracam
 from ocl_jax.discovery import localization
 from ocl_jax.views import augment
@@ -69,8 +70,8 @@ def _to_input(images_uint8: np.ndarray) -> jax.Array:
 
 def _count(config: ml_collections.ConfigDict, split: str) -> int | None:
   d = config.dataset
-  builder = input_pipeline.get_builder(d.name, d.data_dir)
-  n = int(input_pipeline.open_split(builder, split).cardinality())
+  builder = sources.get_builder(d.name, d.data_dir)
+  n = int(sources.open_split(builder, split).cardinality())
   limit = config.contracam.max_images
   if n < 0:
     return None
@@ -90,7 +91,7 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
       nets[s.expand_res] = load_model(source, s.expand_res)
   n = _count(config, split)
   total = None if n is None else math.ceil(n / c.batch_size)
-  batches = input_pipeline.localization_batches(config, split, c.batch_size, c.max_images)
+  batches = eval_data.localization_batches(config, split, c.batch_size, c.max_images)
   previous = None
   for batch in console.progress(batches, total=total, desc=f"ContraCAM {split}", unit="batch"):
     x = _to_input(batch["image"])

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from ocl_jax import console, export, parallel, paths
+from ocl_jax.data import eval_data
 from ocl_jax.data import eval_datasets
 from ocl_jax.evaluation import linear_eval
 from ocl_jax.views import augment
@@ -127,11 +128,11 @@ def _split_features(config, module, variables, ds, split) -> tuple[np.ndarray, n
   e = config.evaluation
   bs = _eval_batch_size(config)
   limit = e.max_examples if e.max_examples > 0 else None
-  batches = eval_datasets.split_batches(ds, split, image_size=e.image_size,
-                                        crop_fraction=e.crop_fraction, batch_size=bs,
-                                        data_dir=_data_dir(config), max_examples=limit)
+  batches = eval_data.split_batches(ds, split, image_size=e.image_size,
+                                    crop_fraction=e.crop_fraction, batch_size=bs,
+                                    data_dir=_data_dir(config), max_examples=limit)
   out = extract_features(module, variables, batches, desc=f"{ds.name} {split}")
-  skipped = eval_datasets.last_skipped(ds, split)
+  skipped = eval_data.last_skipped(ds, split)
   if skipped:
     logging.warning("%s %s: %d unreadable images skipped (not counted in the accuracy)", ds.name,
                     split, len(skipped))

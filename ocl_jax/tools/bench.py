@@ -527,13 +527,13 @@ def bench_input(config: ml_collections.ConfigDict, args: argparse.Namespace, pea
   prefetch_to_device as train_and_evaluate feeds it, with the time the loop spent waiting
   in next(batches). `kept`: the moco case's compiled step and state, reused if its config fits."""
   from ocl_jax import parallel
-  from ocl_jax.data import input_pipeline
+  from ocl_jax.data import train_data
   c = ml_collections.ConfigDict(config.to_dict())
   if args.dataset:
     c.dataset.name = args.dataset
   if args.data_dir:
     c.dataset.data_dir = args.data_dir
-  data = input_pipeline.create_train_data(c)
+  data = train_data.create_train_data(c)
   n = max(args.input_batches, 2)
   it = data.iterate(0)
   start = time.perf_counter()

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ocl_jax import checkpointing, console, export, parallel, paths, pictures, preemption
 from ocl_jax.configuration import save_config_json, validate_config
-from ocl_jax.data import input_pipeline
+from ocl_jax.data import eval_data, sources, train_data
 from ocl_jax.models import ModelSpec
 from ocl_jax.train import step as step_lib
 from ocl_jax.train.state import StepContext, TrainState, create_train_state, make_context
@@ -49,7 +49,7 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
 def evaluate_probe(p_eval, state, config, ctx) -> float:
   max_batches = None if config.probe.eval_batches < 0 else config.probe.eval_batches
   correct = count = 0
-  for batch in input_pipeline.eval_batches(config, config.dataset.eval_split, max_batches=max_batches):
+  for batch in eval_data.eval_batches(config, config.dataset.eval_split, max_batches=max_batches):
     r = p_eval(state, batch)
     correct += int(r["correct"][0])
     count += int(r["count"][0])
@@ -154,9 +154,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   validate_config(config)
-  data = input_pipeline.create_train_data(config)
+  data = train_data.create_train_data(config)
   total_steps = total_train_steps(config, data.steps_per_epoch)
-  ctx = make_context(config, total_steps, input_pipeline.num_classes(data.builder), data.index_size)
+  ctx = make_context(config, total_steps, sources.num_classes(data.builder), data.index_size)
   spec = ModelSpec.from_config(config)
 
   # Metrics to the log and (process 0) TensorBoard; the full hyperparameters to TensorBoard and
