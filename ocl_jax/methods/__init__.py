@@ -76,25 +76,30 @@ class Method:
 # The registry
 # ---------------------------------------------------------------------------
 
-_REGISTRY: dict[str, type[Method]] = {}
+REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
   """Class decorator: makes `cls` available as `config.method = cls.name`."""
   if not cls.name:
     raise ValueError(f"{cls.__name__} has no `name`")
-  _REGISTRY[cls.name] = cls
+  REGISTRY[cls.name] = cls
   return cls
 
 
+def unregister(name: str) -> None:
+  """Removes a registered method (tests, notebooks)."""
+  del REGISTRY[name]
+
+
 def names() -> tuple[str, ...]:
-  return tuple(_REGISTRY)
+  return tuple(REGISTRY)
 
 
 def get(name: str) -> type[Method]:
-  if name not in _REGISTRY:
+  if name not in REGISTRY:
     raise KeyError(f"unknown method {name!r}; registered: {names()}")
-  return _REGISTRY[name]
+  return REGISTRY[name]
 
 
 def create(config: ml_collections.ConfigDict) -> Method:

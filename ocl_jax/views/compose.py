@@ -23,13 +23,14 @@ from ocl_jax.views import augment, background_mixup, image_mixing, saliency
 # ---------------------------------------------------------------------------
 
 # Fixed numbers, so that adding a stream never changes the others' draws.
-KEY_STREAMS = {
+BUILTIN_STREAMS = {
     "crop_view0": 0, "crop_view1": 1,        # crop, flip, colour of each global view
     "oa_region": 2,                          # OA-crop: the box each image is cropped inside
     "bg_mixup": 3, "mix": 4,                 # view-0 transforms
     "centre_view0": 5, "centre_view1": 6,    # SGCL: saliency-guided crop centres
     "local_crop": 7, "local_centre": 8,      # SGCL's local crops (then folded with their number)
 }
+KEY_STREAMS = dict(BUILTIN_STREAMS)  # and those of transforms registered later
 
 
 def stream(step_key: jax.Array, name: str, index: int | None = None) -> jax.Array:
@@ -55,21 +56,43 @@ class TransformInput(NamedTuple):
 # (key, images, params, input, carried) -> (images, updates to carried)
 Transform = Callable[[jax.Array, jax.Array, Any, TransformInput, dict[str, Any]],
                      tuple[jax.Array, dict[str, Any]]]
-TRANSFORMS: dict[str, Transform] = {}
+# config -> the transform's params, or None when the config leaves it off
+ParamsFromConfig = Callable[[ml_collections.ConfigDict], Any]
 
 
-def register_transform(name: str) -> Callable[[Transform], Transform]:
-  """Registers a view-0 transform; `name` is also its key stream (add it to KEY_STREAMS)."""
+class ViewTransform(NamedTuple):
+  apply: Transform
+  params_from_config: ParamsFromConfig
+
+
+TRANSFORMS: dict[str, ViewTransform] = {}  # applied in registration order
+
+
+def register_transform(name: str, params_from_config: ParamsFromConfig,
+                       stream: int | None = None) -> Callable[[Transform], Transform]:
+  """Registers a view-0 transform; it draws from key stream `name` (numbered `stream` when
+  it is not one of KEY_STREAMS yet)."""
   if name not in KEY_STREAMS:
-    raise ValueError(f"view transform {name!r} has no key stream in KEY_STREAMS")
+    if stream is None or stream in KEY_STREAMS.values():
+      raise ValueError(f"view transform {name!r} needs a key stream number not in use "
+                       f"({sorted(KEY_STREAMS.values())})")
+    KEY_STREAMS[name] = stream
 
   def decorate(fn: Transform) -> Transform:
-    TRANSFORMS[name] = fn
+    TRANSFORMS[name] = ViewTransform(fn, params_from_config)
     return fn
   return decorate
 
 
-@register_transform("bg_mixup")
+def unregister_transform(name: str) -> None:
+  """Removes a transform registered with its own stream (tests, notebooks)."""
+  del TRANSFORMS[name]
+  if name not in BUILTIN_STREAMS:
+    del KEY_STREAMS[name]
+
+
+@register_transform("bg_mixup", lambda c: (float(c.bg_mixup.prob), float(c.bg_mixup.threshold))
+                    if c.bg_mixup.enabled else None)
 def bg_mixup_transform(key, images, params, inp, carried):
   """docs/method.md#bg-mixup: the foreground over another image's background."""
   prob, threshold = params
@@ -80,7 +103,8 @@ def bg_mixup_transform(key, images, params, inp, carried):
   return images, {"bg_fifo": fifo, "bg_stats": stats, "fg_masks": masks}
 
 
-@register_transform("mix")
+@register_transform("mix", lambda c: (c.mix.kind, float(c.mix.alpha))
+                    if c.mix.kind != "none" else None)
 def mix_transform(key, images, params, inp, carried):
   """The Mixup / CutMix baseline: view 0 mixed with a permuted global batch."""
   kind, alpha = params
@@ -105,11 +129,10 @@ class ViewPlan:
   def from_config(cls, config: ml_collections.ConfigDict, num_examples: int = 0) -> "ViewPlan":
     """`num_examples` (the train split) sizes SGCL's saliency bank."""
     transforms = []
-    if config.bg_mixup.enabled:
-      transforms.append(("bg_mixup", (float(config.bg_mixup.prob),
-                                      float(config.bg_mixup.threshold))))
-    if config.mix.kind != "none":
-      transforms.append(("mix", (config.mix.kind, float(config.mix.alpha))))
+    for name, transform in TRANSFORMS.items():
+      params = transform.params_from_config(config)
+      if params is not None:
+        transforms.append((name, params))
     sal = config.get("saliency")
     return cls(view=augment.ViewConfig.from_config(config.augment), transforms=tuple(transforms),
                saliency=saliency.SaliencySettings.from_config(sal, num_examples)
@@ -156,7 +179,8 @@ def augment_views(step_key: jax.Array, batch: dict[str, jax.Array], plan: ViewPl
     if v == 0:
       inp = TransformInput(batch, boxes, flips, offset, plan.view)
       for name, params in plan.transforms:
-        images, updates = TRANSFORMS[name](stream(step_key, name), images, params, inp, carried)
+        images, updates = TRANSFORMS[name].apply(stream(step_key, name), images, params, inp,
+                                                  carried)
         carried.update(updates)
     views.append(augment.normalize(images))
     crop_boxes.append(boxes)
