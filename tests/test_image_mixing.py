@@ -38,7 +38,7 @@ def test_mixup_lambdas_follow_the_global_index_not_the_split():
 
 
 def test_mixup_beta_alpha_other_than_one():
-  lams = [float(image_mixing._symmetric_beta(jax.random.PRNGKey(i), 0.2)) for i in range(20)]
+  lams = [float(image_mixing.symmetric_beta(jax.random.PRNGKey(i), 0.2)) for i in range(20)]
   assert all(0.5 <= v <= 1.0 for v in lams)
   assert np.mean(lams) > 0.8       # Beta(0.2, 0.2) is U-shaped: lambda mostly near 1
 

@@ -6,7 +6,8 @@ import dataclasses
 
 import ml_collections
 
-from ocl_jax.methods import Method, objectives, register
+from ocl_jax.methods import objectives
+from ocl_jax.methods.base import Method, register
 
 
 @register

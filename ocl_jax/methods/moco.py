@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from ocl_jax import parallel
-from ocl_jax.methods import Method, objectives, register
+from ocl_jax.methods import objectives
+from ocl_jax.methods.base import Method, register
 from ocl_jax.models import l2_normalize
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 KINDS = ("none", "mixup", "cutmix")
 
 
-def _symmetric_beta(key: jax.Array, alpha: float) -> jax.Array:
+def symmetric_beta(key: jax.Array, alpha: float) -> jax.Array:
   """lambda ~ Beta(alpha, alpha) folded to [0.5, 1]; alpha = 1 is the uniform (no gamma draws)."""
   if alpha == 1.0:
     lam = jax.random.uniform(key)
@@ -59,7 +59,7 @@ def mixup(key: jax.Array, images: jax.Array, index_offset, alpha: float = 1.0,
   n = images.shape[0]
   everyone, perm = global_donors(k_perm, images, index_offset, axis_name)
   keys = jax.vmap(lambda i: jax.random.fold_in(k_lam, index_offset + i))(jnp.arange(n))
-  lam = jax.vmap(lambda k: _symmetric_beta(k, alpha))(keys)
+  lam = jax.vmap(lambda k: symmetric_beta(k, alpha))(keys)
   shape = (n,) + (1,) * (images.ndim - 1)
   mixed = lam.reshape(shape) * images + (1.0 - lam.reshape(shape)) * everyone[perm]
   return mixed, lam, perm
@@ -91,7 +91,7 @@ def cutmix(key: jax.Array, images: jax.Array, index_offset, alpha: float = 1.0,
   k_perm, k_lam, k_box = jax.random.split(key, 3)
   n, h, w = images.shape[:3]
   everyone, perm = global_donors(k_perm, images, index_offset, axis_name)
-  lam = _symmetric_beta(jax.random.fold_in(k_lam, 0), alpha)
+  lam = symmetric_beta(jax.random.fold_in(k_lam, 0), alpha)
   rows, cols = cutmix_box(jax.random.uniform(jax.random.fold_in(k_box, 0), (2,)), lam, h, w)
   r, c = jnp.arange(h), jnp.arange(w)
   inside = (((r >= rows[0]) & (r < rows[1]))[:, None] & ((c >= cols[0]) & (c < cols[1]))[None, :])
