@@ -4,10 +4,8 @@ import functools
 import math
 import pathlib
 import re
-import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,8 +15,7 @@ from ocl_jax.data import preprocess
 from ocl_jax.data import sources
 from ocl_jax.data import train_data
 from ocl_jax.discovery import localization
-from ocl_jax import train
-from ocl_jax.views import augment
+from ocl_jax.views import augment, compose
 from ocl_jax.configuration import ConfigError, load_sibling_config, validate_config
 from tests.conftest import make_tiny_config, train_two_steps
 
@@ -78,12 +75,11 @@ def test_crops_lie_inside_chosen_regions():
 
 @functools.lru_cache(maxsize=None)
 def _pmapped_views(with_boxes: bool):
-  """train.augment_views on one device, with constant step and key."""
-  ctx = types.SimpleNamespace(view=augment.ViewConfig(crop_size=8), bg_mixup=None, mix=None,
-                              saliency=None)
-  state = types.SimpleNamespace(rng=jax.random.PRNGKey(5), step=jnp.int32(3), bg_fifo=None)
+  """compose.augment_views on one device, with a constant step key."""
+  plan = compose.ViewPlan(view=augment.ViewConfig(crop_size=8))
+  step_key = jax.random.fold_in(jax.random.PRNGKey(5), 3)
   def views(b):
-    a = train.augment_views(state, b, ctx)
+    a = compose.augment_views(step_key, b, plan)
     return a.x1, a.x2
   return jax.pmap(views, axis_name=parallel.AXIS, devices=jax.local_devices()[:1])
 
