@@ -62,8 +62,7 @@ class CamSettings:
     if isinstance(self.iterations, bool) or int(self.iterations) != self.iterations or self.iterations < 1:
       raise ValueError(f"CamSettings.iterations must be an integer >= 1, got {self.iterations!r}")
     object.__setattr__(self, "iterations", int(self.iterations))
-    if self.expand_res not in (1, 2, 4):
-      raise ValueError(f"CamSettings.expand_res must be 1, 2 or 4, got {self.expand_res!r}")
+    models.check_expand_res(self.expand_res, "CamSettings.expand_res")
     object.__setattr__(self, "expand_res", int(self.expand_res))
     if self.mode not in MODES:
       raise ValueError(f"CamSettings.mode must be one of {MODES}, got {self.mode!r}")

@@ -21,7 +21,8 @@ def patch_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Ar
   oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   patches = jnp.stack([
-      jax.lax.slice(xp, (0, i, j, 0), (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, cin),
+      jax.lax.slice(xp, (0, i, j, 0),
+                    (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, cin),
                     (1, stride, stride, 1))
       for i in range(kh) for j in range(kw)], axis=3)  # (B, oh, ow, kh*kw, C)
   return jnp.einsum("bhwkc,kco->bhwo", patches, kernel.reshape(kh * kw, cin, cout))
@@ -29,7 +30,8 @@ def patch_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Ar
 
 def _pool_geometry(x: jax.Array, window: int, stride: int) -> tuple[int, int, int]:
   pad = window // 2
-  return pad, (x.shape[1] + 2 * pad - window) // stride + 1, (x.shape[2] + 2 * pad - window) // stride + 1
+  return (pad, (x.shape[1] + 2 * pad - window) // stride + 1,
+          (x.shape[2] + 2 * pad - window) // stride + 1)
 
 
 def _pool_windows(xp: jax.Array, window: int, stride: int, oh: int, ow: int):
@@ -37,8 +39,8 @@ def _pool_windows(xp: jax.Array, window: int, stride: int, oh: int, ow: int):
   b, _, _, c = xp.shape
   for i in range(window):
     for j in range(window):
-      yield i, j, jax.lax.slice(xp, (0, i, j, 0), (b, i + stride * (oh - 1) + 1,
-                                                   j + stride * (ow - 1) + 1, c), (1, stride, stride, 1))
+      end = (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, c)
+      yield i, j, jax.lax.slice(xp, (0, i, j, 0), end, (1, stride, stride, 1))
 
 
 def _max_pool_value(x: jax.Array, window: int, stride: int) -> jax.Array:

@@ -66,8 +66,8 @@ class ContrastiveNet(nn.Module):
 
   def setup(self):
     stages, block = ARCHITECTURES[self.arch]
-    self.encoder = ResNet(stages, block, self.width, self.small_stem, self.expand_res, self.axis_name,
-                          self.dtype)
+    self.encoder = ResNet(stages, block, self.width, self.small_stem, self.expand_res,
+                          self.axis_name, self.dtype)
     self.projector = MLPHead(self.proj_hidden_dim, self.proj_dim, self.axis_name, self.dtype)
     if self.pred_hidden_dim:
       self.predictor = MLPHead(self.pred_hidden_dim, self.proj_dim, self.axis_name, self.dtype)
@@ -120,7 +120,8 @@ class ModelSpec:
     d = feature_dim(m.arch, m.width)
     return cls(arch=m.arch, width=int(m.width), small_stem=bool(m.small_stem),
                proj_hidden_dim=int(m.proj_hidden_dim or d), proj_dim=int(m.proj_dim),
-               pred_hidden_dim=int(m.pred_hidden_dim if config.method == "byol" else 0), dtype=dtype)
+               pred_hidden_dim=int(m.pred_hidden_dim if config.method == "byol" else 0),
+               dtype=dtype)
 
   def build(self, expand_res: int = 1, axis_name: str | None = "batch") -> ContrastiveNet:
     return ContrastiveNet(arch=self.arch, width=self.width, small_stem=self.small_stem,
@@ -136,7 +137,8 @@ class ModelSpec:
     return d
 
 
-def random_variables(net: nn.Module, example: jax.Array, seed: int = 0, shift_std: float = 0.1) -> Any:
+def random_variables(net: nn.Module, example: jax.Array, seed: int = 0,
+                     shift_std: float = 0.1) -> Any:
   """Variables of `net` drawn in NumPy, for benchmarks and tests (no compiled init).
 
   Kernels uniform +-1/sqrt(fan_in) (the torch default); BN scales and running

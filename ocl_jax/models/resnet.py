@@ -30,6 +30,26 @@ ARCHITECTURES: dict[str, tuple[Sequence[int], str]] = {
     "resnet50": ((3, 4, 6, 3), "bottleneck"),
 }
 
+# ContraCAM's finer maps: 1 (none), 2 (layer4 at stride 1) or 4 (layer3 and layer4 at stride 1).
+EXPAND_RES = (1, 2, 4)
+
+
+def check_expand_res(expand_res: int, field: str = "expand_res") -> None:
+  """ValueError unless expand_res is one of EXPAND_RES: the one place the rule is written."""
+  if expand_res not in EXPAND_RES:
+    raise ValueError(f"{field} must be 1, 2 or 4, got {expand_res!r}")
+
+
+def block_stride(stage: int, block: int, expand_res: int = 1) -> int:
+  """Stride of block `block` of stage `stage` (0-based): 2 on each later stage's first block,
+  except layer4's (expand_res >= 2) and layer3's (expand_res == 4), so the same parameters
+  give a 2x (4x) finer map. The JAX trunk, the torch reference and the FLOP count share it."""
+  if stage == 0 or block > 0:
+    return 1
+  if stage == 3 and expand_res >= 2 or stage == 2 and expand_res == 4:
+    return 1
+  return 2
+
 
 def batch_norm(train: bool, axis_name: str | None, zero_init: bool = False, name: str | None = None,
                dtype: str = "float32") -> nn.BatchNorm:
@@ -70,7 +90,8 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s = self.kernel_size, self.strides
-    kernel = self.param("kernel", torch_default_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param("kernel", torch_default_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
     x, kernel = x.astype(DTYPES[self.dtype]), kernel.astype(DTYPES[self.dtype])
     if x.shape[-1] == 3:
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1)))
@@ -92,7 +113,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = lambda f, k, s, name: Conv(f, k, s, self.dtype, name=name)
-    bn = lambda name, zero_init=False: batch_norm(train, self.axis_name, zero_init, name, self.dtype)
+    bn = lambda name, zero_init=False: batch_norm(train, self.axis_name, zero_init, name,
+                                                  self.dtype)
     y = conv(self.filters, 3, self.strides, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
     y = conv(self.filters, 3, 1, "conv2")(y)
@@ -113,7 +135,8 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = lambda f, k, s, name: Conv(f, k, s, self.dtype, name=name)
-    bn = lambda name, zero_init=False: batch_norm(train, self.axis_name, zero_init, name, self.dtype)
+    bn = lambda name, zero_init=False: batch_norm(train, self.axis_name, zero_init, name,
+                                                  self.dtype)
     out = self.filters * self.expansion
     y = conv(self.filters, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
@@ -143,8 +166,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-    if self.expand_res not in (1, 2, 4):
-      raise ValueError(f"expand_res must be 1, 2 or 4, got {self.expand_res}")
+    check_expand_res(self.expand_res)
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
     if self.small_stem:  # CIFAR-style: 3x3 stride 1, no max-pool
@@ -157,16 +179,13 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
     for stage, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
-        strides = 2 if stage > 0 and b == 0 else 1
-        if b == 0 and (stage == 3 and self.expand_res >= 2 or stage == 2 and self.expand_res == 4):
-          strides = 1
-        x = block_cls(self.width * 2**stage, strides, self.axis_name, self.dtype,
-                      name=f"layer{stage + 1}_{b}")(x, train)
+        x = block_cls(self.width * 2**stage, block_stride(stage, b, self.expand_res),
+                      self.axis_name, self.dtype, name=f"layer{stage + 1}_{b}")(x, train)
     return x
 
 
-
 def feature_dim(arch: str, width: int) -> int:
+  """Channels of the layer4 map (the pooled feature) of `arch` at `width`."""
   stages, block = ARCHITECTURES[arch]
   return width * 8 * (4 if block == "bottleneck" else 1)
 
