@@ -662,7 +662,7 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(")
 
 
-def _hlo_index(hlo_text: str) -> dict[str, tuple[str, list[str]]]:
+def hlo_index(hlo_text: str) -> dict[str, tuple[str, list[str]]]:
   """HLO instruction name -> (opcode[:fusion kind][(convolution)], the JAX op_names it
   computes): a fusion's are those of the instructions of the computation it calls, and
   '(convolution)' marks a fusion that holds a convolution."""
@@ -731,7 +731,7 @@ def summarize_trace(trace_dir: str, hlo_text: str, wall: float, steps: int, top:
   if not paths:
     return {"error": f"no trace written under {trace_dir}"}
   data = jax.profiler.ProfileData.from_file(paths[-1])
-  index = _hlo_index(hlo_text)
+  index = hlo_index(hlo_text)
   per_op: dict[str, float] = {}
   for plane in data.planes:
     if not plane.name.startswith("/host:CPU"):
