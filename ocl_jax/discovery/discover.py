@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 from absl import logging
 from clu import metric_writers
@@ -26,8 +26,6 @@ from ocl_jax.discovery import contracam
 from ocl_jax.discovery import localization
 from ocl_jax.views import augment
 from ocl_jax.pictures import overlay
-
-MODES = ("save_boxes", "save_masks", "eval_localization")
 
 
 def cam_settings(config: ml_collections.ConfigDict, **overrides) -> contracam.CamSettings:
@@ -248,16 +246,24 @@ def write_picture(config, workdir, batch, out) -> str:
   return path
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """The ContraCAM mode `config.mode` (MODES) into `workdir`."""
+# The modes of ocl_jax.main (its MODE_RUNNERS point here): relative and `~` paths resolved.
+
+
+def run_save_boxes(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--config.mode=save_boxes: WORKDIR/boxes_<split>.txt."""
+  return save_boxes(paths.resolve_config(config), paths.resolve(workdir))
+
+
+def run_save_masks(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--config.mode=save_masks: WORKDIR/masks_<split>/."""
+  return save_masks(paths.resolve_config(config), paths.resolve(workdir))
+
+
+def run_eval_localization(config: ml_collections.ConfigDict,
+                          workdir: str) -> dict[str, dict[str, float]]:
+  """--config.mode=eval_localization: the results table, also shown on the console."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
-  if config.mode == "save_boxes":
-    return save_boxes(config, workdir)
-  if config.mode == "save_masks":
-    return save_masks(config, workdir)
-  if config.mode == "eval_localization":
-    results = evaluate_localization(config, workdir)
-    with open(os.path.join(workdir, f"localization_{localization_tag(config)}.md")) as f:
-      console.say(f.read().rstrip())
-    return results
-  raise ValueError(f"config.mode={config.mode!r} is not one of {MODES}")
+  results = evaluate_localization(config, workdir)
+  with open(os.path.join(workdir, f"localization_{localization_tag(config)}.md")) as f:
+    console.say(f.read().rstrip())
+  return results
