@@ -1,13 +1,19 @@
-"""Config validation: every bad value is reported, naming its field, before anything compiles."""
+"""Config validation: every bad value is reported, naming its field, before anything compiles.
+
+`validate_config` runs once, at the entry point (ocl_jax.main; the pipeline for its stage
+configs). Settings objects validate their own section in from_config; it gathers them.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import jax
 import ml_collections
 
-from ocl_jax.models import ARCHITECTURES, DTYPES
+from ocl_jax.discovery import contracam
+from ocl_jax.models import ModelSpec
 from ocl_jax.methods.objectives import OBJECTIVES
 
 MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline")
@@ -22,9 +28,21 @@ def _check(ok: bool, field: str, message: str, errors: list[str]) -> None:
     errors.append(f"config.{field}: {message}")
 
 
+def _gather(build: Callable[[], Any], errors: list[str], prefix: str = "") -> None:
+  """Run a settings object's from_config, appending each line of its ValueError to `errors`."""
+  try:
+    build()
+  except ValueError as err:
+    errors.extend(prefix + line for line in str(err).splitlines())
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                     num_processes: int | None = None) -> None:
-  """Raise ConfigError listing every invalid field of `config`."""
+  """Raise ConfigError listing every invalid field of `config`, once, at the entry point.
+
+  Sections with a settings object (model: ModelSpec, contracam: CamSettings, augment:
+  ViewConfig) are checked by its from_config; the rest and the cross-section rules here.
+  """
   from ocl_jax.views import augment  # local: they import jax.numpy only, kept light
   from ocl_jax.views import image_mixing
 
@@ -42,15 +60,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
       q = config.moco.queue_size
       _check(q > 0 and q % b == 0, "moco.queue_size",
              f"{q} must be a positive multiple of batch_size={b} (whole batches are enqueued)", e)
-  _check(config.model.arch in ARCHITECTURES, "model.arch",
-         f"{config.model.arch!r} is not one of {sorted(ARCHITECTURES)}", e)
-  _check(config.model.width > 0, "model.width", f"must be > 0, got {config.model.width}", e)
-  _check(config.model.proj_dim > 0, "model.proj_dim", f"must be > 0, got {config.model.proj_dim}", e)
-  _check(config.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", "must be >= 0", e)
-  dtype = config.model.get("dtype", "float32")
-  _check(dtype in DTYPES, "model.dtype", f"{dtype!r} is not one of {sorted(DTYPES)}", e)
-  _check(config.model.pred_hidden_dim > 0 or config.method != "byol", "model.pred_hidden_dim",
-         "BYOL needs a predictor (> 0)", e)
+  _gather(lambda: ModelSpec.from_config(config), e)
   for f in ("moco.temperature", "simclr.temperature"):
     v = config[f.split(".")[0]][f.split(".")[1]]
     _check(v > 0, f, f"must be > 0, got {v}", e)
@@ -85,14 +95,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   if mix.kind != "none":
     _check(config.method == "moco", "mix.kind", f"{mix.kind} is a MoCo baseline; method is {config.method!r}", e)
     _check(mix.alpha > 0, "mix.alpha", f"must be > 0, got {mix.alpha}", e)
-  cc = config.contracam
-  _check(cc.iterations >= 1, "contracam.iterations", f"T must be >= 1, got {cc.iterations}", e)
-  _check(cc.mask_iterations >= 1, "contracam.mask_iterations", f"T must be >= 1, got {cc.mask_iterations}", e)
-  _check(cc.expand_res in (1, 2, 4), "contracam.expand_res", f"must be 1, 2 or 4, got {cc.expand_res}", e)
-  _check(cc.batch_size >= 2, "contracam.batch_size", "the contrastive score needs >= 2 images", e)
-  for f in ("clean_threshold", "box_min_obj_scale", "eval_min_obj_scale", "box_threshold", "box_min_area"):
-    _check(0.0 <= cc[f] <= 1.0, f"contracam.{f}", f"must be in [0, 1], got {cc[f]}", e)
-  _check(cc.box_margin >= 0, "contracam.box_margin", f"must be >= 0, got {cc.box_margin}", e)
+  _gather(lambda: contracam.CamSettings.from_config(config), e)
   _validate_object_aware(config, e)
   sal = config.get("saliency")
   if sal is not None and sal.enabled:
@@ -101,10 +104,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(not config.object_aware.crop, "saliency.enabled",
            "saliency-guided crops and OA-crop (object_aware.crop) cannot be combined", e)
   _validate_evaluation(config, e)
-  try:
-    augment.ViewConfig.from_config(config.augment)
-  except ValueError as err:
-    e.append(f"config.augment: {err}")
+  _gather(lambda: augment.ViewConfig.from_config(config.augment), e, "config.augment: ")
   if e:
     raise ConfigError("Invalid configuration:\n  " + "\n  ".join(e))
 

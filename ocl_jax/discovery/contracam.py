@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from ocl_jax import models
@@ -74,6 +75,32 @@ class CamSettings:
       raise ValueError(f"CamSettings.temperature must be a finite number > 0, got {self.temperature!r}")
     if not (self.eps >= 0 and math.isfinite(self.eps)):
       raise ValueError(f"CamSettings.eps must be a finite number >= 0, got {self.eps!r}")
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **overrides: Any) -> "CamSettings":
+    """config.contracam's settings, `overrides` replacing fields; ValueError naming every bad
+    field of the section, one a line, with the box / mask options the modes read beside it."""
+    c = config.contracam
+    errors = []
+    checks = [(c.mask_iterations >= 1, "mask_iterations",
+               f"T must be >= 1, got {c.mask_iterations}"),
+              (c.batch_size >= 2, "batch_size", "the contrastive score needs >= 2 images"),
+              (c.box_margin >= 0, "box_margin", f"must be >= 0, got {c.box_margin}")]
+    for f in ("clean_threshold", "box_min_obj_scale", "eval_min_obj_scale", "box_threshold",
+              "box_min_area"):
+      checks.append((0.0 <= c[f] <= 1.0, f, f"must be in [0, 1], got {c[f]}"))
+    for ok, field, message in checks:
+      if not ok:
+        errors.append(f"config.contracam.{field}: {message}")
+    fields = dict(iterations=c.iterations, expand_res=c.expand_res, official_score=c.official_score)
+    fields.update(overrides)
+    try:
+      settings = cls(**fields)
+    except ValueError as err:
+      errors.insert(0, f"config.contracam: {err}")
+    if errors:
+      raise ValueError("\n".join(errors))
+    return settings
 
   @property
   def clamp(self) -> bool:

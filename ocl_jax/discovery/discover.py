@@ -28,11 +28,7 @@ from ocl_jax.views import augment
 from ocl_jax.pictures import overlay
 
 
-def cam_settings(config: ml_collections.ConfigDict, **overrides) -> contracam.CamSettings:
-  c = config.contracam
-  fields = dict(iterations=c.iterations, expand_res=c.expand_res, official_score=c.official_score)
-  fields.update(overrides)
-  return contracam.CamSettings(**fields)
+cam_settings = contracam.CamSettings.from_config
 
 
 def _to_input(images_uint8: np.ndarray) -> jax.Array:

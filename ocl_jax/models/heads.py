@@ -111,12 +111,23 @@ class ModelSpec:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ModelSpec":
+    """The spec of config.model; ValueError naming every bad field of the section, one a line
+    (configuration.validate_config gathers them)."""
     m = config.model
-    if m.arch not in ARCHITECTURES:
-      raise ValueError(f"config.model.arch={m.arch!r} is not one of {sorted(ARCHITECTURES)}")
     dtype = m.get("dtype", "float32")
-    if dtype not in DTYPES:
-      raise ValueError(f"config.model.dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    errors = []
+    for ok, field, message in [
+        (m.arch in ARCHITECTURES, "arch", f"{m.arch!r} is not one of {sorted(ARCHITECTURES)}"),
+        (m.width > 0, "width", f"must be > 0, got {m.width}"),
+        (m.proj_dim > 0, "proj_dim", f"must be > 0, got {m.proj_dim}"),
+        (m.proj_hidden_dim >= 0, "proj_hidden_dim", "must be >= 0"),
+        (dtype in DTYPES, "dtype", f"{dtype!r} is not one of {sorted(DTYPES)}"),
+        (m.pred_hidden_dim > 0 or config.method != "byol", "pred_hidden_dim",
+         "BYOL needs a predictor (> 0)")]:
+      if not ok:
+        errors.append(f"config.model.{field}: {message}")
+    if errors:
+      raise ValueError("\n".join(errors))
     d = feature_dim(m.arch, m.width)
     return cls(arch=m.arch, width=int(m.width), small_stem=bool(m.small_stem),
                proj_hidden_dim=int(m.proj_hidden_dim or d), proj_dim=int(m.proj_dim),

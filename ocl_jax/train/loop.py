@@ -32,7 +32,7 @@ from ocl_jax.views import augment
 from ocl_jax.views import background_mixup
 from ocl_jax.views import image_mixing
 from ocl_jax.views import saliency
-from ocl_jax.configuration import save_config_json, validate_config
+from ocl_jax.configuration import save_config_json
 from ocl_jax.models import ContrastiveNet, ModelSpec, l2_normalize
 
 
@@ -531,7 +531,6 @@ def check_finite(host_metrics: list[dict[str, Any]], first_step: int, policy: st
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
-  validate_config(config)
   data = input_pipeline.create_train_data(config)
   total_steps = total_train_steps(config, data.steps_per_epoch)
   ctx = make_context(config, total_steps, input_pipeline.num_classes(data.builder), data.index_size)
