@@ -115,15 +115,15 @@ def _validate_evaluation(config: ml_collections.ConfigDict, e: list[str]) -> Non
     return
   from ocl_jax.evaluation import evaluate
   bad = [p for p in ev.protocols if p not in evaluate.PROTOCOLS]
-  _check(not bad, "evaluate.protocols", f"{bad} not in {evaluate.PROTOCOLS}", e)
-  _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluate.datasets", "is empty", e)
-  _check(ev.image_size > 0, "evaluate.image_size", f"must be > 0, got {ev.image_size}", e)
-  _check(0 < ev.crop_fraction <= 1, "evaluate.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
-  _check(ev.batch_size > 0, "evaluate.batch_size", f"must be > 0, got {ev.batch_size}", e)
-  _check(ev.num_l2_values >= 1, "evaluate.num_l2_values", "must be >= 1", e)
-  _check(ev.lbfgs_max_iters >= 1, "evaluate.lbfgs_max_iters", "must be >= 1", e)
-  _check(ev.knn_k >= 1, "evaluate.knn_k", f"must be >= 1, got {ev.knn_k}", e)
-  _check(ev.knn_temperature > 0, "evaluate.knn_temperature", "must be > 0", e)
+  _check(not bad, "evaluation.protocols", f"{bad} not in {evaluate.PROTOCOLS}", e)
+  _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluation.datasets", "is empty", e)
+  _check(ev.image_size > 0, "evaluation.image_size", f"must be > 0, got {ev.image_size}", e)
+  _check(0 < ev.crop_fraction <= 1, "evaluation.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
+  _check(ev.batch_size > 0, "evaluation.batch_size", f"must be > 0, got {ev.batch_size}", e)
+  _check(ev.num_l2_values >= 1, "evaluation.num_l2_values", "must be >= 1", e)
+  _check(ev.lbfgs_max_iters >= 1, "evaluation.lbfgs_max_iters", "must be >= 1", e)
+  _check(ev.knn_k >= 1, "evaluation.knn_k", f"must be >= 1, got {ev.knn_k}", e)
+  _check(ev.knn_temperature > 0, "evaluation.knn_temperature", "must be > 0", e)
 
 
 def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> None:
@@ -146,7 +146,7 @@ def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> N
   folders = ev.get("folders") if ev is not None else None
   for key, value in (folders.items() if folders is not None else ()):
     _check(not (isinstance(value, str) and value.startswith("REQUIRED:")),
-           f"evaluate.folders.{key}", f"must be set on the command line: {value}", e)
+           f"evaluation.folders.{key}", f"must be set on the command line: {value}", e)
 
 
 def _validate_object_aware(config: ml_collections.ConfigDict, e: list[str]) -> None:
