@@ -100,11 +100,10 @@ def _load_export(path: str, expand_res: int, head: bool, name: str) -> LoadedMod
   spec = ModelSpec(**meta["model"])
   with ocp.StandardCheckpointer() as ckptr:
     trunk = ckptr.restore(os.path.join(path, "variables"))
+  encoder = _build(spec, expand_res, head=False)
+  check_variables(encoder, trunk, f"export {path}")
   if not head:
-    module = _build(spec, expand_res, head=False)
-    check_variables(module, trunk, f"export {path}")
-    return LoadedModel(module, trunk, spec, meta, name)
-  check_variables(_build(spec, expand_res, head=False), trunk, f"export {path}")
+    return LoadedModel(encoder, trunk, spec, meta, name)
   head_path = os.path.join(path, "head")
   if not os.path.isdir(head_path):
     raise CheckpointMismatchError(f"export {path} has no projector (head/); re-export it from a "

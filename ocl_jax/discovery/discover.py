@@ -28,6 +28,7 @@ from ocl_jax.views import augment
 from ocl_jax.pictures import overlay
 
 
+# config.contracam's CamSettings (keyword overrides), validating the section.
 cam_settings = contracam.CamSettings.from_config
 
 
