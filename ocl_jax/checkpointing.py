@@ -58,15 +58,22 @@ def check_variables(module: Any, variables: Any, source: str) -> None:
 
 
 class Checkpointer:
-  """Periodic saves of the train state into `workdir/checkpoints`, keeping the newest N."""
+  """Periodic saves of the train state into `workdir/checkpoints`, keeping the newest N.
 
-  def __init__(self, workdir: str, spec: ModelSpec, config: ml_collections.ConfigDict):
+  Without `spec` and `config` it only reads (`restore_latest`, for inference)
+  and creates nothing.
+  """
+
+  def __init__(self, workdir: str, spec: ModelSpec | None = None,
+               config: ml_collections.ConfigDict | None = None):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.spec = spec
     self.config = config
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+    if config is None:
+      options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -96,6 +103,19 @@ class Checkpointer:
     check_same_structure(restored, template, source)
     logging.info("Restored %s", source)
     return restored
+
+  def restore_latest(self) -> tuple[int, dict[str, Any], Any]:
+    """(step, metadata, state as saved) of the newest checkpoint, whatever model it holds.
+
+    For inference, which takes the model from the metadata; resuming uses restore_or.
+    """
+    step = self.manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    state = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return step, meta, state
 
   def save(self, step: int, state: Any) -> None:
     meta = {"model": self.spec.to_dict(), "method": self.config.method, "step": int(step),

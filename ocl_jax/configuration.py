@@ -1,14 +1,20 @@
-"""Config validation: every bad value is reported, naming its field, before anything compiles."""
+"""Config validation: every bad value is reported, naming its field, before anything compiles.
+
+`validate_config` runs once, at the entry point (ocl_jax.main; the pipeline for its stage
+configs). Settings objects validate their own section in from_config; it gathers them.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import jax
 import ml_collections
 
-from ocl_jax.models import ARCHITECTURES, DTYPES
-from ocl_jax.methods.objectives import OBJECTIVES
+from ocl_jax import methods
+from ocl_jax.discovery import contracam
+from ocl_jax.models import ModelSpec
 
 MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline")
 
@@ -22,9 +28,21 @@ def _check(ok: bool, field: str, message: str, errors: list[str]) -> None:
     errors.append(f"config.{field}: {message}")
 
 
+def _gather(build: Callable[[], Any], errors: list[str], prefix: str = "") -> None:
+  """Run a settings object's from_config, appending each line of its ValueError to `errors`."""
+  try:
+    build()
+  except ValueError as err:
+    errors.extend(prefix + line for line in str(err).splitlines())
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                     num_processes: int | None = None) -> None:
-  """Raise ConfigError listing every invalid field of `config`."""
+  """Raise ConfigError listing every invalid field of `config`, once, at the entry point.
+
+  Sections with a settings object (model: ModelSpec, contracam: CamSettings, augment:
+  ViewConfig) are checked by its from_config; the rest and the cross-section rules here.
+  """
   from ocl_jax.views import augment  # local: they import jax.numpy only, kept light
   from ocl_jax.views import image_mixing
 
@@ -32,31 +50,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   n_proc = jax.process_count() if num_processes is None else num_processes
   e: list[str] = []
   _check(config.mode in MODES, "mode", f"{config.mode!r} is not one of {MODES}", e)
-  _check(config.method in OBJECTIVES, "method", f"{config.method!r} is not one of {OBJECTIVES}", e)
+  known = methods.names()
+  _check(config.method in known, "method", f"{config.method!r} is not one of {known}", e)
   b = config.batch_size
   _check(isinstance(b, int) and b > 0, "batch_size", f"must be a positive integer, got {b!r}", e)
   if isinstance(b, int) and b > 0:
     _check(b % n_dev == 0, "batch_size", f"{b} is not divisible by the {n_dev} devices", e)
     _check(b % n_proc == 0, "batch_size", f"{b} is not divisible by the {n_proc} processes", e)
-    if config.method == "moco":
-      q = config.moco.queue_size
-      _check(q > 0 and q % b == 0, "moco.queue_size",
-             f"{q} must be a positive multiple of batch_size={b} (whole batches are enqueued)", e)
-  _check(config.model.arch in ARCHITECTURES, "model.arch",
-         f"{config.model.arch!r} is not one of {sorted(ARCHITECTURES)}", e)
-  _check(config.model.width > 0, "model.width", f"must be > 0, got {config.model.width}", e)
-  _check(config.model.proj_dim > 0, "model.proj_dim", f"must be > 0, got {config.model.proj_dim}", e)
-  _check(config.model.proj_hidden_dim >= 0, "model.proj_hidden_dim", "must be >= 0", e)
-  dtype = config.model.get("dtype", "float32")
-  _check(dtype in DTYPES, "model.dtype", f"{dtype!r} is not one of {sorted(DTYPES)}", e)
-  _check(config.model.pred_hidden_dim > 0 or config.method != "byol", "model.pred_hidden_dim",
-         "BYOL needs a predictor (> 0)", e)
-  for f in ("moco.temperature", "simclr.temperature"):
-    v = config[f.split(".")[0]][f.split(".")[1]]
-    _check(v > 0, f, f"must be > 0, got {v}", e)
-  for f in ("moco.momentum", "byol.momentum"):
-    v = config[f.split(".")[0]][f.split(".")[1]]
-    _check(0.0 <= v <= 1.0, f, f"EMA momentum must be in [0, 1], got {v}", e)
+  _gather(lambda: ModelSpec.from_config(config), e)
+  method = methods.get(config.method) if config.method in known else None
+  for field, message in method.check_config(config) if method else ():
+    _check(False, field, message, e)
   o = config.optim
   _check(o.name in ("sgd", "lars"), "optim.name", f"{o.name!r} is not 'sgd' or 'lars'", e)
   _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}", e)
@@ -83,16 +87,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   mix = config.mix
   _check(mix.kind in image_mixing.KINDS, "mix.kind", f"{mix.kind!r} is not one of {image_mixing.KINDS}", e)
   if mix.kind != "none":
-    _check(config.method == "moco", "mix.kind", f"{mix.kind} is a MoCo baseline; method is {config.method!r}", e)
+    mixers = tuple(n for n in known if methods.get(n).supports_mix)
+    _check(method is None or method.supports_mix, "mix.kind",
+           f"{mix.kind} is a MoCo baseline (methods with a two-target loss: {mixers}); "
+           f"method is {config.method!r}", e)
     _check(mix.alpha > 0, "mix.alpha", f"must be > 0, got {mix.alpha}", e)
-  cc = config.contracam
-  _check(cc.iterations >= 1, "contracam.iterations", f"T must be >= 1, got {cc.iterations}", e)
-  _check(cc.mask_iterations >= 1, "contracam.mask_iterations", f"T must be >= 1, got {cc.mask_iterations}", e)
-  _check(cc.expand_res in (1, 2, 4), "contracam.expand_res", f"must be 1, 2 or 4, got {cc.expand_res}", e)
-  _check(cc.batch_size >= 2, "contracam.batch_size", "the contrastive score needs >= 2 images", e)
-  for f in ("clean_threshold", "box_min_obj_scale", "eval_min_obj_scale", "box_threshold", "box_min_area"):
-    _check(0.0 <= cc[f] <= 1.0, f"contracam.{f}", f"must be in [0, 1], got {cc[f]}", e)
-  _check(cc.box_margin >= 0, "contracam.box_margin", f"must be >= 0, got {cc.box_margin}", e)
+  _gather(lambda: contracam.CamSettings.from_config(config), e)
   _validate_object_aware(config, e)
   sal = config.get("saliency")
   if sal is not None and sal.enabled:
@@ -101,10 +101,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     _check(not config.object_aware.crop, "saliency.enabled",
            "saliency-guided crops and OA-crop (object_aware.crop) cannot be combined", e)
   _validate_evaluation(config, e)
-  try:
-    augment.ViewConfig.from_config(config.augment)
-  except ValueError as err:
-    e.append(f"config.augment: {err}")
+  _gather(lambda: augment.ViewConfig.from_config(config.augment), e, "config.augment: ")
   if e:
     raise ConfigError("Invalid configuration:\n  " + "\n  ".join(e))
 
@@ -115,15 +112,15 @@ def _validate_evaluation(config: ml_collections.ConfigDict, e: list[str]) -> Non
     return
   from ocl_jax.evaluation import evaluate
   bad = [p for p in ev.protocols if p not in evaluate.PROTOCOLS]
-  _check(not bad, "evaluate.protocols", f"{bad} not in {evaluate.PROTOCOLS}", e)
-  _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluate.datasets", "is empty", e)
-  _check(ev.image_size > 0, "evaluate.image_size", f"must be > 0, got {ev.image_size}", e)
-  _check(0 < ev.crop_fraction <= 1, "evaluate.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
-  _check(ev.batch_size > 0, "evaluate.batch_size", f"must be > 0, got {ev.batch_size}", e)
-  _check(ev.num_l2_values >= 1, "evaluate.num_l2_values", "must be >= 1", e)
-  _check(ev.lbfgs_max_iters >= 1, "evaluate.lbfgs_max_iters", "must be >= 1", e)
-  _check(ev.knn_k >= 1, "evaluate.knn_k", f"must be >= 1, got {ev.knn_k}", e)
-  _check(ev.knn_temperature > 0, "evaluate.knn_temperature", "must be > 0", e)
+  _check(not bad, "evaluation.protocols", f"{bad} not in {evaluate.PROTOCOLS}", e)
+  _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluation.datasets", "is empty", e)
+  _check(ev.image_size > 0, "evaluation.image_size", f"must be > 0, got {ev.image_size}", e)
+  _check(0 < ev.crop_fraction <= 1, "evaluation.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
+  _check(ev.batch_size > 0, "evaluation.batch_size", f"must be > 0, got {ev.batch_size}", e)
+  _check(ev.num_l2_values >= 1, "evaluation.num_l2_values", "must be >= 1", e)
+  _check(ev.lbfgs_max_iters >= 1, "evaluation.lbfgs_max_iters", "must be >= 1", e)
+  _check(ev.knn_k >= 1, "evaluation.knn_k", f"must be >= 1, got {ev.knn_k}", e)
+  _check(ev.knn_temperature > 0, "evaluation.knn_temperature", "must be > 0", e)
 
 
 def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> None:
@@ -146,7 +143,7 @@ def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> N
   folders = ev.get("folders") if ev is not None else None
   for key, value in (folders.items() if folders is not None else ()):
     _check(not (isinstance(value, str) and value.startswith("REQUIRED:")),
-           f"evaluate.folders.{key}", f"must be set on the command line: {value}", e)
+           f"evaluation.folders.{key}", f"must be set on the command line: {value}", e)
 
 
 def _validate_object_aware(config: ml_collections.ConfigDict, e: list[str]) -> None:

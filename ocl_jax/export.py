@@ -4,6 +4,9 @@ Layout of an export directory (stable):
   model.json   {"format": "ocl_jax.encoder/1", "model": ModelSpec, "config": training config}
   variables/   Orbax checkpoint of {"params": ..., "batch_stats": ...} of the encoder trunk
   head/        the same for the projector, which ContraCAM's contrastive score needs
+
+`load_model` reads an export or a training workdir's newest checkpoint: every
+mode that needs a trained model (eval, ContraCAM, the pipeline, interop) loads it there.
 """
 
 from __future__ import annotations
@@ -11,14 +14,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
+from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from ocl_jax import paths
-from ocl_jax.checkpointing import CheckpointMismatchError, check_variables
+from ocl_jax.checkpointing import CheckpointMismatchError, Checkpointer, check_variables
 from ocl_jax.models import ARCHITECTURES, ContrastiveNet, ModelSpec, ResNet
 
 FORMAT = "ocl_jax.encoder/1"
@@ -50,37 +54,86 @@ def _read_meta(path: str) -> dict[str, Any]:
   with open(meta_path) as f:
     meta = json.load(f)
   if meta.get("format") != FORMAT:
-    raise CheckpointMismatchError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    raise CheckpointMismatchError(
+        f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
   return meta
 
 
-def load_encoder(path: str, expand_res: int = 1) -> tuple[ResNet, dict[str, Any], dict[str, Any]]:
-  """(encoder module, variables, metadata) of an export; `module.apply(variables, x, train=False)`
-  gives the layer4 feature map."""
-  path = paths.resolve(path)
+class LoadedModel(NamedTuple):
+  """A model ready for inference (`module.apply(variables, x, train=False)`)."""
+  module: ResNet | ContrastiveNet  # the trunk (layer4 map), or with head=True encoder + projector
+  variables: dict[str, Any]
+  spec: ModelSpec                  # with head=True, without predictor (pred_hidden_dim 0)
+  meta: dict[str, Any]             # the export's model.json or the checkpoint's metadata
+  name: str                        # the source folder's name, for results tables
+
+
+def load_model(source: str, expand_res: int = 1, head: bool = False) -> LoadedModel:
+  """The one loader: an export dir (model.json), or a training workdir's newest checkpoint
+  (through checkpointing.Checkpointer), else the workdir's export/.
+
+  head=False gives the encoder trunk (evaluation's frozen features); head=True encoder +
+  projector as a ContrastiveNet without predictor, the score ContraCAM differentiates.
+  """
+  source = paths.resolve(source)
+  name = os.path.basename(os.path.normpath(source))
+  ckpt_dir = os.path.join(source, "checkpoints")
+  if os.path.exists(os.path.join(source, "model.json")):
+    return _load_export(source, expand_res, head, name)
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    return _load_checkpoint(source, expand_res, head, name)
+  if os.path.exists(os.path.join(source, "export", "model.json")):
+    return _load_export(os.path.join(source, "export"), expand_res, head, name)
+  raise FileNotFoundError(f"{source} is neither an encoder export (model.json) nor a training "
+                          "workdir (checkpoints/ or export/)")
+
+
+def _build(spec: ModelSpec, expand_res: int, head: bool) -> ResNet | ContrastiveNet:
+  if head:
+    return spec.build(expand_res=expand_res, axis_name=None)
+  stages, block = ARCHITECTURES[spec.arch]
+  return ResNet(stages, block, spec.width, spec.small_stem, expand_res, axis_name=None)
+
+
+def _load_export(path: str, expand_res: int, head: bool, name: str) -> LoadedModel:
   meta = _read_meta(path)
   spec = ModelSpec(**meta["model"])
-  stages, block = ARCHITECTURES[spec.arch]
-  module = ResNet(stages, block, spec.width, spec.small_stem, expand_res, axis_name=None)
   with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(os.path.join(path, "variables"))
-  check_variables(module, variables, f"export {path}")
-  return module, variables, meta
-
-
-def load_contrastive_net(path: str, expand_res: int = 1) -> tuple[ContrastiveNet, dict[str, Any], ModelSpec]:
-  """Encoder + projector of an export as a ContrastiveNet (no predictor), for ContraCAM."""
-  path = paths.resolve(path)
-  module, trunk, meta = load_encoder(path, expand_res)
+    trunk = ckptr.restore(os.path.join(path, "variables"))
+  encoder = _build(spec, expand_res, head=False)
+  check_variables(encoder, trunk, f"export {path}")
+  if not head:
+    return LoadedModel(encoder, trunk, spec, meta, name)
   head_path = os.path.join(path, "head")
   if not os.path.isdir(head_path):
     raise CheckpointMismatchError(f"export {path} has no projector (head/); re-export it from a "
                                   "training checkpoint to run ContraCAM")
-  spec = dataclasses.replace(ModelSpec(**meta["model"]), pred_hidden_dim=0)
-  net = spec.build(expand_res=expand_res, axis_name=None)
+  spec = dataclasses.replace(spec, pred_hidden_dim=0)
+  net = _build(spec, expand_res, head=True)
   with ocp.StandardCheckpointer() as ckptr:
-    head = ckptr.restore(head_path)
-  variables = {"params": {"encoder": trunk["params"], "projector": head["params"]},
-               "batch_stats": {"encoder": trunk["batch_stats"], "projector": head["batch_stats"]}}
+    projector = ckptr.restore(head_path)
+  variables = {"params": {"encoder": trunk["params"], "projector": projector["params"]},
+               "batch_stats": {"encoder": trunk["batch_stats"],
+                               "projector": projector["batch_stats"]}}
   check_variables(net, variables, f"export {path}")
-  return net, variables, spec
+  return LoadedModel(net, variables, spec, meta, name)
+
+
+def _load_checkpoint(workdir: str, expand_res: int, head: bool, name: str) -> LoadedModel:
+  ckpt = Checkpointer(workdir)
+  try:
+    step, meta, state = ckpt.restore_latest()
+  finally:
+    ckpt.close()
+  spec = ModelSpec(**meta["model"])
+  parts = ("encoder", "projector") if head else ("encoder",)
+  variables = {"params": {k: state["params"][k] for k in parts},
+               "batch_stats": {k: state["batch_stats"][k] for k in parts}}
+  if head:
+    spec = dataclasses.replace(spec, pred_hidden_dim=0)
+  else:
+    variables = {k: v["encoder"] for k, v in variables.items()}
+  module = _build(spec, expand_res, head)
+  check_variables(module, variables, f"checkpoint {ckpt.directory}/{step}")
+  logging.info("Loaded %s step %d (%s)", ckpt.directory, step, spec)
+  return LoadedModel(module, variables, spec, meta, name)

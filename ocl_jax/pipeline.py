@@ -34,7 +34,7 @@ from absl import logging
 import jax
 import ml_collections
 
-from ocl_jax import console, paths
+from ocl_jax import console, export, paths
 from ocl_jax.configuration import ConfigError, validate_config
 
 TRAINING_STAGES = ("vanilla", "oacrop", "bgmix", "sgcl")
@@ -160,7 +160,7 @@ def _run_eval(config, workdir, stage) -> dict[str, Any]:
   from ocl_jax.evaluation import evaluate
   rows = {}
   for s in trained_stages(config, workdir):
-    module, variables, _ = evaluate.load_frozen_encoder(stage_dir(workdir, s))
+    module, variables = export.load_model(os.path.join(stage_dir(workdir, s), "export"))[:2]
     row = evaluate.evaluate_encoder(config, module, variables)
     if config.pipeline.localization:
       c = stage_config(config, "contracam", workdir)

@@ -134,7 +134,7 @@ def test_profile_attributes_time_to_convolutions():
   v = models.random_variables(net, x)
   loss = lambda p: net.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0]["embedding"].sum()
   compiled = jax.jit(jax.grad(loss)).lower(v["params"]).compile()
-  index = bench._hlo_index(compiled.as_text())
+  index = bench.hlo_index(compiled.as_text())
   cats = {bench.op_category(names, opcode) for opcode, names in index.values()}
   assert "network forward: convolutions" in cats and "network backward: convolutions" in cats
   assert bench.op_category(["jit(f)/psum"], "all-reduce").startswith("cross-device")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from ocl_jax import export
 from ocl_jax.data import eval_data
 from ocl_jax.data import eval_datasets
 from ocl_jax.evaluation import evaluate
@@ -30,7 +31,7 @@ def tiny_export(tmp_path_factory, scenes_data_dir):
 
 def test_features_match_a_direct_forward_in_order(tiny_export):
   config, workdir = tiny_export
-  module, variables, name = evaluate.load_frozen_encoder(workdir)
+  module, variables, _, _, name = export.load_model(workdir)
   assert name == os.path.basename(workdir)
   ds = eval_datasets.get_eval_dataset("scenes", scenes_name="scenes/tiny",
                                       data_dir=config.dataset.data_dir)
@@ -95,7 +96,7 @@ def test_labels_without_signal_give_chance_accuracy(tiny_export, tmp_path):
       (tmp_path / "noise" / split / f"class{k}").mkdir(exist_ok=True)
   c = config.copy_and_resolve_references()
   c.evaluation.datasets = (f"folder:{tmp_path / 'noise'}",)
-  module, variables, _ = evaluate.load_frozen_encoder(workdir)
+  module, variables = export.load_model(workdir)[:2]
   row = evaluate.evaluate_encoder(c, module, variables)
   name = c.evaluation.datasets[0]
   assert abs(row[f"{name}/linear/test"] - 0.25) < 0.1, row
@@ -109,7 +110,7 @@ def test_every_tfds_dataset_evaluates_under_mock_data(tiny_export, name):
   c = config.copy_and_resolve_references()
   c.evaluation.datasets = (name,)
   c.evaluation.protocols = ("linear", "knn")
-  module, variables, _ = evaluate.load_frozen_encoder(workdir)
+  module, variables = export.load_model(workdir)[:2]
   with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=12):
     row = evaluate.evaluate_encoder(c, module, variables)
   assert f"{name}/linear/test" in row and f"{name}/knn/test" in row
@@ -146,7 +147,7 @@ def test_imagenet9_probe_scores_objectnet9_and_si_score(tiny_export, tmp_path):
   c.evaluation.folders.imagenet9 = str(bg)
   c.evaluation.folders.objectnet9 = str(tmp_path / "objectnet9")
   c.evaluation.folders.si_score = str(tmp_path / "si")
-  module, variables, _ = evaluate.load_frozen_encoder(workdir)
+  module, variables = export.load_model(workdir)[:2]
   row = evaluate.evaluate_encoder(c, module, variables)
   for proto in ("linear", "knn"):
     assert row[f"objectnet9/{proto}/test"] == row[f"imagenet9/{proto}/original"]

@@ -82,7 +82,7 @@ def test_warm_start_keeps_the_init_logits_under_another_standardisation():
   x, y = _blobs(2)
   first = le.fit_logistic_regression(x, y, C, l2=1e-1)
   mean, std = np.linspace(-1, 1, D).astype(np.float32), np.linspace(0.5, 2, D).astype(np.float32)
-  kernel, bias = le._warm_start(first, mean, std, D, C)
+  kernel, bias = le.warm_start(first, mean, std, D, C)
   moved = le.LinearClassifier(kernel, bias, mean, std)
   np.testing.assert_allclose(moved.logits(x), first.logits(x), rtol=1e-5, atol=1e-5)
   # A warm start from the optimum stays there.

@@ -49,7 +49,7 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   assert "6" in os.listdir(workdir / "checkpoints")
 
   # The export holds the encoder of the final state: same features as the checkpoint's.
-  module, variables, meta = export.load_encoder(str(workdir / "export"))
+  module, variables, _, meta, _ = export.load_model(str(workdir / "export"))
   assert meta["model"]["arch"] == "resnet10" and meta["config"]["method"] == "moco"
   tiny_config.num_train_steps = 6
   spec = ModelSpec.from_config(tiny_config)

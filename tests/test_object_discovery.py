@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ocl_jax import checkpointing
+from ocl_jax import checkpointing, export
 from ocl_jax.discovery import discover
 from ocl_jax.discovery import localization
 from ocl_jax.models import ModelSpec
@@ -41,14 +41,14 @@ def _cam_config(config, source):
 
 def test_checkpoint_and_export_load_the_same_model(model_dirs):
   config, workdir, export_dir, state = model_dirs
-  net_a, vars_a, spec_a = discover.load_model(workdir, expand_res=2)
-  net_b, vars_b, spec_b = discover.load_model(export_dir, expand_res=2)
+  net_a, vars_a, spec_a, _, _ = export.load_model(workdir, expand_res=2, head=True)
+  net_b, vars_b, spec_b, _, _ = export.load_model(export_dir, expand_res=2, head=True)
   assert spec_a == spec_b and net_a.expand_res == 2 and spec_a.pred_hidden_dim == 0
   jax.tree_util.tree_map(np.testing.assert_array_equal, vars_a, vars_b)
   np.testing.assert_array_equal(vars_a["params"]["projector"]["fc1"]["kernel"],
                                 state.params["projector"]["fc1"]["kernel"])
   with pytest.raises(FileNotFoundError, match="neither an encoder export"):
-    discover.load_model(os.path.join(workdir, "nothing_here"))
+    export.load_model(os.path.join(workdir, "nothing_here"))
 
 
 def test_save_boxes_and_masks(model_dirs, tmp_path):

@@ -249,12 +249,12 @@ def test_pth_without_torch_is_a_clear_error(tmp_path):
     pytorch.import_torchvision_state_dict(str(path))
 
 
-def test_import_to_export_loads_with_load_encoder(tmp_path):
+def test_import_to_export_loads_with_load_model(tmp_path):
   net, variables = _model("resnet18", seed=5)
   path = pytorch.export_torchvision_safetensors(variables, tmp_path / "r18.safetensors",
                                                       spec=_spec("resnet18"))
   export_dir = pytorch.import_to_export(path, tmp_path / "export")
-  module, loaded, meta = export.load_encoder(export_dir)
+  module, loaded, _, meta, _ = export.load_model(export_dir)
   assert meta["model"]["arch"] == "resnet18" and meta["model"]["width"] == 8
   assert meta["imported_from"]["has_head"] is False and not os.path.exists(os.path.join(export_dir, "head"))
   _assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), variables)
@@ -262,7 +262,7 @@ def test_import_to_export_loads_with_load_encoder(tmp_path):
   np.testing.assert_array_equal(np.asarray(module.apply(loaded, x, train=False)),
                                 np.asarray(net.apply(variables, x, train=False)))
   with pytest.raises(CheckpointMismatchError, match="no projector"):
-    export.load_contrastive_net(export_dir)
+    export.load_model(export_dir, head=True)
 
 
 def test_projector_round_trips_through_fc_sequential(tmp_path):
@@ -280,7 +280,7 @@ def test_projector_round_trips_through_fc_sequential(tmp_path):
   assert meta["small_stem"] == "true" and meta["torchvision_equivalent"].startswith("none: small stem")
   assert json.loads(meta["stage_sizes"]) == [1, 1, 1, 1]
   dst = pytorch.import_to_export(path, tmp_path / "dst")
-  net2, v2, spec2 = export.load_contrastive_net(dst)
+  net2, v2, spec2 = export.load_model(dst, head=True)[:3]
   assert spec2 == spec
   _assert_trees_equal(jax.tree_util.tree_map(np.asarray, v2), v)
   np.testing.assert_array_equal(np.asarray(net2.apply(v2, x, train=False)["embedding"]),
@@ -324,7 +324,7 @@ def test_relative_and_home_paths(tmp_path, monkeypatch):
   assert path == str(tmp_path / "out" / "r18.safetensors") and os.path.exists(path)
   export_dir = pytorch.import_to_export("out/r18.safetensors", "~/exports/r18")
   assert export_dir == str(tmp_path / "home" / "exports" / "r18")
-  _, loaded, meta = export.load_encoder("~/exports/r18")
+  _, loaded, _, meta, _ = export.load_model("~/exports/r18")
   assert meta["imported_from"]["source"] == path
   _, again = pytorch.import_torchvision_state_dict("out/r18.safetensors")
   again_path = pytorch.export_torchvision_safetensors("~/exports/r18", "~/again.safetensors")

@@ -98,7 +98,7 @@ class Layout:
   params: np.ndarray  # (n, MAX_OBJECTS, 3) float in [0, 1]: texture jitter
 
 
-def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
   """Vectorised HSV -> RGB, so colour families can be defined by hue."""
   h = np.mod(h, 1.0) * 6.0
   k = np.mod(np.array([5.0, 3.0, 1.0]) + h[..., None], 6.0)
@@ -160,8 +160,8 @@ def sample_layout(rng: np.random.Generator, n: int, image_size: int,
   sat = rng.uniform(0.55, 0.95, classes.shape)
   val = rng.uniform(0.7, 1.0, classes.shape)
   dark = val * rng.uniform(0.35, 0.6, classes.shape)
-  colors = np.stack([_hsv_to_rgb(hue, sat, val),
-                     _hsv_to_rgb(hue + 0.05, sat, dark)], axis=2)
+  colors = np.stack([hsv_to_rgb(hue, sat, val),
+                     hsv_to_rgb(hue + 0.05, sat, dark)], axis=2)
   params = rng.random((n, MAX_OBJECTS, 3))
 
   # Random paint order; empty slots stay at the end.
@@ -464,9 +464,9 @@ def render_backgrounds(rng: np.random.Generator, families: np.ndarray,
     step = rng.uniform(0.15, 0.3, m)
     val2 = np.where(val > 0.55, val - step, val + step)
     colors[img] = np.stack([
-        _hsv_to_rgb(hue, rng.uniform(0.1, 0.4, m), val),
-        _hsv_to_rgb(hue + rng.uniform(-0.08, 0.08, m),
-                    rng.uniform(0.1, 0.4, m), val2)], axis=1)
+        hsv_to_rgb(hue, rng.uniform(0.1, 0.4, m), val),
+        hsv_to_rgb(hue + rng.uniform(-0.08, 0.08, m),
+                   rng.uniform(0.1, 0.4, m), val2)], axis=1)
     shade[img] = _quantise(background_pattern(fam, rng, m, size))
   return shade, colors
 

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from ocl_jax import models
@@ -62,8 +63,7 @@ class CamSettings:
     if isinstance(self.iterations, bool) or int(self.iterations) != self.iterations or self.iterations < 1:
       raise ValueError(f"CamSettings.iterations must be an integer >= 1, got {self.iterations!r}")
     object.__setattr__(self, "iterations", int(self.iterations))
-    if self.expand_res not in (1, 2, 4):
-      raise ValueError(f"CamSettings.expand_res must be 1, 2 or 4, got {self.expand_res!r}")
+    models.check_expand_res(self.expand_res, "CamSettings.expand_res")
     object.__setattr__(self, "expand_res", int(self.expand_res))
     if self.mode not in MODES:
       raise ValueError(f"CamSettings.mode must be one of {MODES}, got {self.mode!r}")
@@ -75,6 +75,32 @@ class CamSettings:
       raise ValueError(f"CamSettings.temperature must be a finite number > 0, got {self.temperature!r}")
     if not (self.eps >= 0 and math.isfinite(self.eps)):
       raise ValueError(f"CamSettings.eps must be a finite number >= 0, got {self.eps!r}")
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **overrides: Any) -> "CamSettings":
+    """config.contracam's settings, `overrides` replacing fields; ValueError naming every bad
+    field of the section, one a line, with the box / mask options the modes read beside it."""
+    c = config.contracam
+    errors = []
+    checks = [(c.mask_iterations >= 1, "mask_iterations",
+               f"T must be >= 1, got {c.mask_iterations}"),
+              (c.batch_size >= 2, "batch_size", "the contrastive score needs >= 2 images"),
+              (c.box_margin >= 0, "box_margin", f"must be >= 0, got {c.box_margin}")]
+    for f in ("clean_threshold", "box_min_obj_scale", "eval_min_obj_scale", "box_threshold",
+              "box_min_area"):
+      checks.append((0.0 <= c[f] <= 1.0, f, f"must be in [0, 1], got {c[f]}"))
+    for ok, field, message in checks:
+      if not ok:
+        errors.append(f"config.contracam.{field}: {message}")
+    fields = dict(iterations=c.iterations, expand_res=c.expand_res, official_score=c.official_score)
+    fields.update(overrides)
+    try:
+      settings = cls(**fields)
+    except ValueError as err:
+      errors.insert(0, f"config.contracam: {err}")
+    if errors:
+      raise ValueError("\n".join(errors))
+    return settings
 
   @property
   def clamp(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterator
+from typing import Iterator
 
 from absl import logging
 from clu import metric_writers
@@ -18,50 +18,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image, ImageDraw
 
-from ocl_jax import checkpointing, console, export, paths
+from ocl_jax import console, export, paths
 from ocl_jax.data import eval_data
 from ocl_jax.data import sources
 from ocl_jax.discovery import contracam
 from ocl_jax.discovery import localization
 from ocl_jax.views import augment
 from ocl_jax.pictures import overlay
-from ocl_jax.models import ContrastiveNet, ModelSpec
-
-MODES = ("save_boxes", "save_masks", "eval_localization")
 
 
-def load_model(source: str, expand_res: int = 1) -> tuple[ContrastiveNet, dict[str, Any], ModelSpec]:
-  """Encoder + projector from an export dir (model.json) or a training workdir (newest checkpoint)."""
-  source = paths.resolve(source)
-  if os.path.exists(os.path.join(source, "model.json")):
-    return export.load_contrastive_net(source, expand_res)
-  ckpt_dir = os.path.join(source, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"{source} is neither an encoder export (model.json) nor a training "
-                            "workdir (checkpoints/); set --config.contracam.checkpoint")
-  with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-  spec = ModelSpec(**{**meta["model"], "pred_hidden_dim": 0})
-  net = spec.build(expand_res=expand_res, axis_name=None)
-  variables = {"params": {k: state["params"][k] for k in ("encoder", "projector")},
-               "batch_stats": {k: state["batch_stats"][k] for k in ("encoder", "projector")}}
-  checkpointing.check_variables(net, variables, f"checkpoint {ckpt_dir}/{step}")
-  logging.info("ContraCAM model: %s step %d (%s)", ckpt_dir, step, spec)
-  return net, variables, spec
-
-
-def cam_settings(config: ml_collections.ConfigDict, **overrides) -> contracam.CamSettings:
-  c = config.contracam
-  fields = dict(iterations=c.iterations, expand_res=c.expand_res, official_score=c.official_score)
-  fields.update(overrides)
-  return contracam.CamSettings(**fields)
+# config.contracam's CamSettings (keyword overrides), validating the section.
+cam_settings = contracam.CamSettings.from_config
 
 
 def _to_input(images_uint8: np.ndarray) -> jax.Array:
@@ -88,7 +57,7 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
   nets = {}
   for s in unique:
     if s.expand_res not in nets:
-      nets[s.expand_res] = load_model(source, s.expand_res)
+      nets[s.expand_res] = export.load_model(source, s.expand_res, head=True)
   n = _count(config, split)
   total = None if n is None else math.ceil(n / c.batch_size)
   batches = eval_data.localization_batches(config, split, c.batch_size, c.max_images)
@@ -101,7 +70,7 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
     previous = x
     outs = {}
     for s in unique:
-      net, variables, _ = nets[s.expand_res]
+      net, variables = nets[s.expand_res][:2]
       out = jax.device_get(contracam.contracam_on_local_devices(net, variables, x, s))
       outs[s] = {k: v[:, :n] if k in ("cams", "scores") else v[:n] for k, v in out.items()}
     yield batch, [outs[s] for s in settings_list]
@@ -275,16 +244,24 @@ def write_picture(config, workdir, batch, out) -> str:
   return path
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
-  """The ContraCAM mode `config.mode` (MODES) into `workdir`."""
+# The modes of ocl_jax.main (its MODE_RUNNERS point here): relative and `~` paths resolved.
+
+
+def run_save_boxes(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--config.mode=save_boxes: WORKDIR/boxes_<split>.txt."""
+  return save_boxes(paths.resolve_config(config), paths.resolve(workdir))
+
+
+def run_save_masks(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--config.mode=save_masks: WORKDIR/masks_<split>/."""
+  return save_masks(paths.resolve_config(config), paths.resolve(workdir))
+
+
+def run_eval_localization(config: ml_collections.ConfigDict,
+                          workdir: str) -> dict[str, dict[str, float]]:
+  """--config.mode=eval_localization: the results table, also shown on the console."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
-  if config.mode == "save_boxes":
-    return save_boxes(config, workdir)
-  if config.mode == "save_masks":
-    return save_masks(config, workdir)
-  if config.mode == "eval_localization":
-    results = evaluate_localization(config, workdir)
-    with open(os.path.join(workdir, f"localization_{localization_tag(config)}.md")) as f:
-      console.say(f.read().rstrip())
-    return results
-  raise ValueError(f"config.mode={config.mode!r} is not one of {MODES}")
+  results = evaluate_localization(config, workdir)
+  with open(os.path.join(workdir, f"localization_{localization_tag(config)}.md")) as f:
+    console.say(f.read().rstrip())
+  return results

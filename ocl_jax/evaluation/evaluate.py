@@ -95,18 +95,6 @@ def gather_over_processes(features: np.ndarray, labels: np.ndarray) -> tuple[np.
           np.concatenate([all_l[p, :c] for p, c in enumerate(counts)]))
 
 
-def load_frozen_encoder(source: str) -> tuple[Any, Any, str]:
-  """(module, variables, name) from an export dir or a training workdir (its export/)."""
-  source = paths.resolve(source)
-  path = source
-  if not os.path.exists(os.path.join(path, "model.json")) and os.path.exists(
-      os.path.join(path, "export", "model.json")):
-    path = os.path.join(path, "export")
-  module, variables, _ = export.load_encoder(path)
-  name = os.path.basename(os.path.normpath(source if path == source else os.path.dirname(path)))
-  return module, variables, name
-
-
 def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
   n = jax.local_device_count()
   b = max(config.evaluation.batch_size // jax.process_count(), n)
@@ -245,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     with open(path) as f:
       rows = json.load(f).get("rows", {})
   for source in sources:
-    module, variables, name = load_frozen_encoder(source)
+    module, variables, _, _, name = export.load_model(source)
     logging.info("Evaluating %s (%s)", name, source)
     rows[name] = evaluate_encoder(config, module, variables)
     table = write_results(workdir, rows, {"datasets": list(config.evaluation.datasets),

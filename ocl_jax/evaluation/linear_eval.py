@@ -182,8 +182,8 @@ def _lbfgs_solve(x: jax.Array, labels: jax.Array, mask: jax.Array, l2: jax.Array
   return params[0], params[1], optax.tree.get(state, "count")
 
 
-def _warm_start(init: LinearClassifier, mean: jax.Array, std: jax.Array,
-                dim: int, num_classes: int) -> tuple[jax.Array, jax.Array]:
+def warm_start(init: LinearClassifier, mean: jax.Array, std: jax.Array,
+               dim: int, num_classes: int) -> tuple[jax.Array, jax.Array]:
   """`init`'s (kernel, bias) re-expressed for the standardisation (mean, std): same logits."""
   if init.kernel.shape != (dim, num_classes):
     raise ValueError(f"init: kernel has shape {init.kernel.shape}, expected "
@@ -218,7 +218,7 @@ def _fit(data: _ProbeData, l2: float, max_iters: int, tol: float,
     kernel = jnp.zeros((dim, data.num_classes), jnp.float32)
     bias = jnp.zeros((data.num_classes,), jnp.float32)
   else:
-    kernel, bias = _warm_start(init, data.mean, data.std, dim, data.num_classes)
+    kernel, bias = warm_start(init, data.mean, data.std, dim, data.num_classes)
   kernel, bias, iters = _lbfgs_solve(
       data.x, data.labels, data.mask, jnp.float32(l2), kernel.astype(jnp.float32),
       bias.astype(jnp.float32), jnp.int32(max_iters), jnp.float32(tol))

@@ -5,7 +5,7 @@ and most published self-supervised ResNets (MoCo v2, ...) are PyTorch
 checkpoints. This module writes an ocl_jax encoder as a `.safetensors` file in
 torchvision's ResNet naming and layouts, and reads such state dicts (or
 `.pth`/`.pt` files when torch is installed) back into an ocl_jax `ResNet`, or
-into an encoder export that `export.load_encoder` and ContraCAM read.
+into an encoder export that `export.load_model` and ContraCAM read.
 
 Key mapping (ocl_jax path -> torchvision key; conv kernels HWIO <-> OIHW,
 dense kernels (in, out) <-> (out, in)):
@@ -185,11 +185,10 @@ def export_torchvision_safetensors(source: str | os.PathLike | Mapping[str, Any]
   if isinstance(source, (str, os.PathLike)):
     origin = paths.resolve(source)
     if include_head:
-      _, variables, spec = export_lib.load_contrastive_net(origin)
+      _, variables, spec, _, _ = export_lib.load_model(origin, head=True)
       trunk, head = _split(variables)
     else:
-      _, trunk, meta = export_lib.load_encoder(origin)
-      spec = ModelSpec(**meta["model"])
+      _, trunk, spec, _, _ = export_lib.load_model(origin)
   else:
     if spec is None:
       raise ValueError("export_torchvision_safetensors: pass `spec` (arch, width, small_stem) "

@@ -163,7 +163,7 @@ def resnet_forward_flops(arch: str, width: int, small_stem: bool, size: int, exp
   forward: every convolution, the RGB stem as the 4 channels ocl_jax.models feeds it, and
   the projector's two dense layers when `head` = (hidden, out) is given. BN, ReLU and
   pooling are not counted."""
-  from ocl_jax.models import ARCHITECTURES
+  from ocl_jax.models import ARCHITECTURES, block_stride
   stages, block = ARCHITECTURES[arch]
   flops = 0.0
 
@@ -181,9 +181,7 @@ def resnet_forward_flops(arch: str, width: int, small_stem: bool, size: int, exp
   for stage, n in enumerate(stages):
     f = width * 2**stage
     for b in range(n):
-      stride = 2 if stage > 0 and b == 0 else 1
-      if b == 0 and (stage == 3 and expand_res >= 2 or stage == 2 and expand_res == 4):
-        stride = 1
+      stride = block_stride(stage, b, expand_res)
       if block == "basic":
         out = f
         o = conv(s, 3, stride, cin, f)
@@ -664,7 +662,7 @@ _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+([\w\-]+)\(")
 
 
-def _hlo_index(hlo_text: str) -> dict[str, tuple[str, list[str]]]:
+def hlo_index(hlo_text: str) -> dict[str, tuple[str, list[str]]]:
   """HLO instruction name -> (opcode[:fusion kind][(convolution)], the JAX op_names it
   computes): a fusion's are those of the instructions of the computation it calls, and
   '(convolution)' marks a fusion that holds a convolution."""
@@ -733,7 +731,7 @@ def summarize_trace(trace_dir: str, hlo_text: str, wall: float, steps: int, top:
   if not paths:
     return {"error": f"no trace written under {trace_dir}"}
   data = jax.profiler.ProfileData.from_file(paths[-1])
-  index = _hlo_index(hlo_text)
+  index = hlo_index(hlo_text)
   per_op: dict[str, float] = {}
   for plane in data.planes:
     if not plane.name.startswith("/host:CPU"):

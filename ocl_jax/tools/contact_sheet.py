@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ocl_jax.data import scenes
 
-_BOX_COLORS = [tuple(int(255 * c) for c in scenes._hsv_to_rgb(
+_BOX_COLORS = [tuple(int(255 * c) for c in scenes.hsv_to_rgb(
     np.array(k / scenes.NUM_CLASSES), np.array(0.8), np.array(1.0)))
                for k in range(scenes.NUM_CLASSES)]
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from ocl_jax.models import ARCHITECTURES, feature_dim
+from ocl_jax.models import ARCHITECTURES, block_stride, feature_dim
 
 
 class BasicBlock(nn.Module):
@@ -96,9 +96,7 @@ class ResNet(nn.Module):
     for stage, n in enumerate(stage_sizes):
       blocks = []
       for b in range(n):
-        stride = 2 if stage > 0 and b == 0 else 1
-        if b == 0 and (stage == 3 and expand_res >= 2 or stage == 2 and expand_res == 4):
-          stride = 1
+        stride = block_stride(stage, b, expand_res)
         blocks.append(cls(in_ch, width * 2**stage, stride))
         in_ch = width * 2**stage * cls.expansion
       setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))

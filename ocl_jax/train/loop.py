@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ocl_jax import checkpointing, console, export, parallel, paths, pictures, preemption
-from ocl_jax.configuration import save_config_json, validate_config
+from ocl_jax.configuration import save_config_json
 from ocl_jax.data import eval_data, sources, train_data
 from ocl_jax.models import ModelSpec
 from ocl_jax.train import step as step_lib
@@ -153,7 +153,6 @@ def check_finite(host_metrics: list[dict[str, Any]], first_step: int, policy: st
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
-  validate_config(config)
   data = train_data.create_train_data(config)
   total_steps = total_train_steps(config, data.steps_per_epoch)
   ctx = make_context(config, total_steps, sources.num_classes(data.builder), data.index_size)
