@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from ocl_jax.data import eval_data
 from ocl_jax.data import eval_datasets
-from ocl_jax.data import scenes
+from ocl_jax.data import scenes_render
 from ocl_jax.data import sources
 
 
@@ -40,7 +40,7 @@ def _collect(ds, split, **kw):
 
 def test_scenes_splits_counts_order_and_padding(scenes_data_dir):
   ds = eval_datasets.get_eval_dataset("scenes", scenes_name="scenes/tiny", data_dir=scenes_data_dir)
-  assert ds.class_names == scenes.CLASS_NAMES and ds.num_classes == 10 and ds.head_from is None
+  assert ds.class_names == scenes_render.CLASS_NAMES and ds.num_classes == 10 and ds.head_from is None
   assert (ds.train, ds.val) == ("train_labeled", "val")
   assert ds.tests == {"test": "test", "mixed_same": "test_mixed_same",
                       "mixed_rand": "test_mixed_rand", "only_fg": "test_only_fg",

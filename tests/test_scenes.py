@@ -15,7 +15,7 @@ from PIL import Image
 
 import ocl_jax  # noqa: F401  (registers the builder through the package)
 from ocl_jax.tools import contact_sheet
-from ocl_jax.data import scenes
+from ocl_jax.data import scenes, scenes_render
 
 TINY = scenes.Scenes.builder_configs['tiny']
 TEST_VARIANTS = ('test_mixed_same', 'test_mixed_rand', 'test_only_fg')
@@ -87,7 +87,7 @@ def test_feature_types(tiny):
   for examples in splits.values():
     for ex in examples:
       assert set(np.unique(ex['mask'])) <= {0, 1}
-      assert 1 <= len(ex['objects']['label']) <= scenes.MAX_OBJECTS
+      assert 1 <= len(ex['objects']['label']) <= scenes_render.MAX_OBJECTS
       assert 0 <= ex['label'] < 10
 
 
@@ -174,7 +174,7 @@ def test_only_fg_background_is_black(tiny):
 def test_mixed_same_uses_class_family(tiny):
   _, splits = tiny
   for ex in splits['test_mixed_same']:
-    assert ex['background'] == scenes.CLASS_FAMILY[ex['label']]
+    assert ex['background'] == scenes_render.CLASS_FAMILY[ex['label']]
 
 
 def test_test_single_has_one_object(tiny):
@@ -229,11 +229,11 @@ def test_generation_is_deterministic_in_the_seed():
 
 def test_boxes_match_object_pixels():
   """Vectorised boxes/areas against a per-object loop over the index map."""
-  layout = scenes.sample_layout(np.random.default_rng(3), 200, 48, 0.8)
-  index, _ = scenes.render_objects(layout, 48)
-  areas, boxes = scenes.visible_objects(index)
+  layout = scenes_render.sample_layout(np.random.default_rng(3), 200, 48, 0.8)
+  index, _ = scenes_render.render_objects(layout, 48)
+  areas, boxes = scenes_render.visible_objects(index)
   for i in range(200):
-    for slot in range(scenes.MAX_OBJECTS):
+    for slot in range(scenes_render.MAX_OBJECTS):
       ys, xs = np.nonzero(index[i] == slot)
       assert areas[i, slot] == len(ys)
       if len(ys):
@@ -252,14 +252,14 @@ def test_label_is_largest_visible_object(big_train):
 
 
 def test_later_objects_occlude_earlier_ones():
-  layout = scenes.sample_layout(np.random.default_rng(2), 300, 48, 0.8)
-  index, _ = scenes.render_objects(layout, 48)
-  visible, _ = scenes.visible_objects(index)
+  layout = scenes_render.sample_layout(np.random.default_rng(2), 300, 48, 0.8)
+  index, _ = scenes_render.render_objects(layout, 48)
+  visible, _ = scenes_render.visible_objects(index)
   top = (layout.classes >= 0).sum(1) - 1  # last painted slot
-  for slot in range(scenes.MAX_OBJECTS):
+  for slot in range(scenes_render.MAX_OBJECTS):
     alone = dataclasses.replace(
         layout, classes=np.where(np.arange(3) == slot, layout.classes, -1))
-    full, _ = scenes.visible_objects(scenes.render_objects(alone, 48)[0])
+    full, _ = scenes_render.visible_objects(scenes_render.render_objects(alone, 48)[0])
     assert np.all(visible[:, slot] <= full[:, slot])
     on_top = top == slot
     np.testing.assert_array_equal(visible[on_top, slot], full[on_top, slot])
@@ -273,10 +273,10 @@ def _binomial_ok(hits: int, n: int, p: float) -> bool:
 
 def test_background_bias(big_train):
   train = big_train
-  match = train['background'] == scenes.CLASS_FAMILY[train['label']]
+  match = train['background'] == scenes_render.CLASS_FAMILY[train['label']]
   assert _binomial_ok(match.sum(), match.size, 0.9), match.mean()
   rand = _batches(BIG, 'test_mixed_rand')
-  match = rand['background'] == scenes.CLASS_FAMILY[rand['label']]
+  match = rand['background'] == scenes_render.CLASS_FAMILY[rand['label']]
   assert _binomial_ok(match.sum(), match.size, 0.1), match.mean()
   # without bias every family is used about equally often
   counts = np.bincount(rand['background'], minlength=10)
@@ -284,16 +284,16 @@ def test_background_bias(big_train):
 
 
 def test_context_bias():
-  layout = scenes.sample_layout(np.random.default_rng(0), 4000, 96, 0.8)
+  layout = scenes_render.sample_layout(np.random.default_rng(0), 4000, 96, 0.8)
   valid = layout.classes >= 0
   pairs = valid.sum(1) == 2
   primary = np.argmax(np.where(valid, layout.radii, -1), axis=1)
   rows = np.nonzero(pairs)[0]
   p_cls = layout.classes[rows, primary[rows]]
   other = layout.classes[rows, 1 - primary[rows]]  # two objects: slots 0, 1
-  hits = (other == scenes.PARTNER[p_cls]).sum()
+  hits = (other == scenes_render.PARTNER[p_cls]).sum()
   assert _binomial_ok(hits, len(rows), 0.8), hits / len(rows)
-  assert np.all(scenes.PARTNER != np.arange(10))
+  assert np.all(scenes_render.PARTNER != np.arange(10))
 
 
 def test_class_counts_roughly_uniform(big_train):
@@ -311,27 +311,27 @@ def test_shapes_are_distinct():
   c = (np.arange(64, dtype=np.float32) + 0.5) / 32 - 1
   v, u = np.meshgrid(c, c, indexing='ij')
   masks = []
-  for cls in range(scenes.NUM_CLASSES):
+  for cls in range(scenes_render.NUM_CLASSES):
     rot = []
     for a in np.linspace(0, 2 * np.pi, 24, endpoint=False):
       ru, rv = np.cos(a) * u + np.sin(a) * v, np.cos(a) * v - np.sin(a) * u
-      rot.append(scenes.shape_mask(cls, ru, rv))
+      rot.append(scenes_render.shape_mask(cls, ru, rv))
     masks.append(np.stack(rot))
     assert rot[0].mean() > 0.05  # no degenerate shape
-  for i in range(scenes.NUM_CLASSES):
-    for j in range(i + 1, scenes.NUM_CLASSES):
+  for i in range(scenes_render.NUM_CLASSES):
+    for j in range(i + 1, scenes_render.NUM_CLASSES):
       inter = (masks[i][:1] & masks[j]).sum((1, 2))
       union = (masks[i][:1] | masks[j]).sum((1, 2))
-      assert (inter / union).max() < 0.85, (scenes.CLASS_NAMES[i],
-                                           scenes.CLASS_NAMES[j])
+      assert (inter / union).max() < 0.85, (scenes_render.CLASS_NAMES[i],
+                                           scenes_render.CLASS_NAMES[j])
 
 
 def test_objects_stay_in_the_image_and_scale_range():
-  layout = scenes.sample_layout(np.random.default_rng(1), 1000, 96, 0.8)
+  layout = scenes_render.sample_layout(np.random.default_rng(1), 1000, 96, 0.8)
   valid = layout.classes >= 0
   r = layout.radii[valid]
-  assert r.min() >= scenes.MIN_SCALE * 48 - 1e-6
-  assert r.max() <= scenes.MAX_SCALE * 48 + 1e-6
+  assert r.min() >= scenes_render.MIN_SCALE * 48 - 1e-6
+  assert r.max() <= scenes_render.MAX_SCALE * 48 + 1e-6
   centers = layout.centers[valid]
   assert np.all(centers >= r[:, None] - 1e-6)
   assert np.all(centers <= 96 - r[:, None] + 1e-6)
@@ -349,14 +349,14 @@ def test_encode_png_roundtrip():
 
 def test_paint_uses_the_palette():
   index = np.array([[[-1, 0], [1, 2]]], np.int8)
-  shade = np.array([[[0, scenes.SHADES - 1], [0, scenes.SHADES - 1]]],
+  shade = np.array([[[0, scenes_render.SHADES - 1], [0, scenes_render.SHADES - 1]]],
                    np.uint8)
   obj = np.zeros((1, 3, 2, 3))
   obj[0, 0] = [[1, 0, 0], [0, 1, 0]]
   obj[0, 1] = [[0, 0, 1], [1, 1, 1]]
   obj[0, 2] = [[0, 0, 0], [0.5, 0.5, 0.5]]
   bg = np.array([[[0.2, 0.4, 0.6], [0, 0, 0]]])
-  img = scenes.paint(index, shade, obj, bg)
+  img = scenes_render.paint(index, shade, obj, bg)
   expect = np.array([[[51, 102, 153], [0, 255, 0]],
                      [[0, 0, 255], [128, 128, 128]]], np.uint8)
   np.testing.assert_array_equal(img[0], expect)

@@ -18,11 +18,11 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ocl_jax.data import scenes
+from ocl_jax.data import scenes, scenes_render
 
-_BOX_COLORS = [tuple(int(255 * c) for c in scenes.hsv_to_rgb(
-    np.array(k / scenes.NUM_CLASSES), np.array(0.8), np.array(1.0)))
-               for k in range(scenes.NUM_CLASSES)]
+_BOX_COLORS = [tuple(int(255 * c) for c in scenes_render.hsv_to_rgb(
+    np.array(k / scenes_render.NUM_CLASSES), np.array(0.8), np.array(1.0)))
+               for k in range(scenes_render.NUM_CLASSES)]
 
 
 def mask_outline(mask: np.ndarray) -> np.ndarray:
@@ -47,7 +47,7 @@ def annotate(example: dict, scale: int = 2) -> Image.Image:
     ymin, xmin, ymax, xmax = (np.asarray(box) * [h, w, h, w] * scale)
     color = _BOX_COLORS[int(cls)]
     draw.rectangle([xmin, ymin, xmax - 1, ymax - 1], outline=color)
-    draw.text((xmin + 2, ymin + 1), scenes.CLASS_NAMES[int(cls)][:4],
+    draw.text((xmin + 2, ymin + 1), scenes_render.CLASS_NAMES[int(cls)][:4],
               fill=color, font=font)
   return tile
 
@@ -55,8 +55,8 @@ def annotate(example: dict, scale: int = 2) -> Image.Image:
 def _caption(example: dict) -> str:
   """Label and background family of a tile."""
   bg = int(example['background'])
-  family = scenes.FAMILY_NAMES[bg] if bg >= 0 else 'black'
-  return f"{scenes.CLASS_NAMES[int(example['label'])]} / {family}"
+  family = scenes_render.FAMILY_NAMES[bg] if bg >= 0 else 'black'
+  return f"{scenes_render.CLASS_NAMES[int(example['label'])]} / {family}"
 
 
 def first_scenes(data_dir: str, config: str, split: str,

@@ -218,7 +218,10 @@ def validate(cfg: Any, errors: list[str]) -> None:
       errors.append(f"config.saliency.{field}: {msg}")
   check(isinstance(cfg.enabled, bool), "enabled", f"must be True or False, got {cfg.enabled!r}")
   check(cfg.resolution >= 8, "resolution", f"must be >= 8, got {cfg.resolution}")
-  check(cfg.expand_res in (1, 2, 4), "expand_res", f"must be 1, 2 or 4, got {cfg.expand_res}")
+  try:
+    models.check_expand_res(cfg.expand_res, "config.saliency.expand_res")
+  except ValueError as err:
+    errors.append(str(err))
   check(cfg.map_size >= 1 and cfg.resolution % cfg.map_size == 0, "map_size",
         f"must divide saliency.resolution={cfg.resolution}, got {cfg.map_size}")
   check(cfg.every_k_steps >= 1, "every_k_steps", f"must be >= 1, got {cfg.every_k_steps}")
