@@ -11,8 +11,8 @@ def get_config():
   c = load_sibling_config(__file__, "default.py")
   c.dataset.name = "coco/2017"
   c.dataset.train_split = "train"
-  c.dataset.eval_split = "validation"   # online probe: class of the largest instance
-  c.dataset.image_size = 256            # host resize; crops are taken on device
+  c.dataset.eval_split = "validation"  # online probe: class of the largest instance
+  c.dataset.image_size = 256  # host resize; crops are taken on device
   c.augment.crop_size = 224
   c.model.arch = "resnet18"
   c.batch_size = 256

@@ -21,7 +21,7 @@ def get_config():
   s = c.saliency
   s.enabled = True
   s.resolution = 128
-  s.expand_res = 2           # layer4 at stride 16: an 8x8 ContraCAM map at 128 px
+  s.expand_res = 2  # layer4 at stride 16: an 8x8 ContraCAM map at 128 px
   s.map_size = 16
   s.every_k_steps = 1
   s.crop_temperature = 1.0
@@ -29,5 +29,5 @@ def get_config():
   s.num_local_crops = 2
   s.local_crop_size = 96
   s.local_scale = (0.05, 0.4)
-  s.coverage_masks = ""      # TFDS coco/2017 has no foreground masks (boxes only)
+  s.coverage_masks = ""  # TFDS coco/2017 has no foreground masks (boxes only)
   return c

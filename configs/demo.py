@@ -6,7 +6,8 @@ Runs the pipeline (ocl_jax/pipeline.py) into the workdir, each stage resumable:
 vanilla MoCo v2 pretraining -> ContraCAM boxes and masks of the training split
 -> OA-crop and BG-mixup pretraining from scratch at the same number of steps
 -> SGCL pretraining (online saliency of the model itself, configs/scenes_sgcl.py's
-settings) at the same number of steps -> linear probe and kNN on every `scenes` test split (background gap =
+settings) at the same number of steps -> linear probe and kNN on every `scenes` test split
+(background gap =
 test - mixed_rand) and ContraCAM localisation of every model. It prints the
 results table and writes WORKDIR/results.{md,json}.
 
@@ -21,7 +22,7 @@ def get_config():
   c = load_sibling_config(__file__, "scenes.py")
   c.mode = "pipeline"
   c.num_train_steps = 200
-  c.eval_every_steps = 0            # the final table probes properly; skip the online-probe passes
+  c.eval_every_steps = 0  # the final table probes properly; skip the online-probe passes
   c.checkpoint_every_steps = 100
   # Boxes from ContraCAM at T=1: on this briefly trained model T=10 localised worse
   # (mIoU ~0.17 vs ~0.48, README), and T=1 gives boxes and masks from one pass.

@@ -20,19 +20,21 @@ from ocl_jax.configuration import load_sibling_config
 def get_config():
   c = load_sibling_config(__file__, "default.py")
   c.dataset.name = "REQUIRED: --config.dataset.name=folder:PATH/bg_challenge/original/train"
-  c.dataset.train_split = "train"       # a folder trains on all of it
-  c.dataset.eval_split = "val"          # online probe: the sibling folder original/val
-  c.dataset.image_size = 256            # host resize; crops are taken on device
+  c.dataset.train_split = "train"  # a folder trains on all of it
+  c.dataset.eval_split = "val"  # online probe: the sibling folder original/val
+  c.dataset.image_size = 256  # host resize; crops are taken on device
   c.augment.crop_size = 224
   c.model.arch = "resnet50"
   c.batch_size = 256
   c.num_epochs = 800
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 2000
-  c.contracam.split = "train"           # masks / boxes of the training images (W/masks_train)
-  c.contracam.eval_split = "val"        # no ground truth: eval_localization reports boxes only
+  c.contracam.split = "train"  # masks / boxes of the training images (W/masks_train)
+  c.contracam.eval_split = "val"  # no ground truth: eval_localization reports boxes only
   c.evaluation.datasets = ("imagenet9",)
-  c.evaluation.folders.imagenet9 = "REQUIRED: --config.evaluation.folders.imagenet9=PATH/bg_challenge"
+  c.evaluation.folders.imagenet9 = (
+      "REQUIRED: --config.evaluation.folders.imagenet9=PATH/bg_challenge"
+  )
   c.evaluation.image_size = 224
-  c.evaluation.crop_fraction = 0.875    # resize to 256, centre crop 224 (ImageNet protocol)
+  c.evaluation.crop_fraction = 0.875  # resize to 256, centre crop 224 (ImageNet protocol)
   return c

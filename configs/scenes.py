@@ -18,9 +18,9 @@ def get_config():
   c.model.arch = "resnet18"
   c.model.width = 32
   c.batch_size = 64
-  c.moco.queue_size = 1024   # << the 4k training images, so few stale positives in the queue
-  c.moco.momentum = 0.99     # short run: let the key encoder follow faster
-  c.optim.base_lr = 0.12     # lr 0.03 for batch 64 after scaling; short schedule
+  c.moco.queue_size = 1024  # << the 4k training images, so few stale positives in the queue
+  c.moco.momentum = 0.99  # short run: let the key encoder follow faster
+  c.optim.base_lr = 0.12  # lr 0.03 for batch 64 after scaling; short schedule
   c.num_epochs = 0
   c.num_train_steps = 400
   c.log_every_steps = 25

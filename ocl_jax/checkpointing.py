@@ -43,17 +43,20 @@ def check_same_structure(restored: Any, template: Any, source: str) -> None:
     raise CheckpointMismatchError(
         f"{source} has a different structure than the config's model: "
         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-        f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
+    )
   for path, shape in paths_t.items():
     if paths_r[path] != shape:
       raise CheckpointMismatchError(
-          f"{source}: {path} has shape {paths_r[path]}, the config's model expects {shape}")
+          f"{source}: {path} has shape {paths_r[path]}, the config's model expects {shape}"
+      )
 
 
 def check_variables(module: Any, variables: Any, source: str) -> None:
   """check_same_structure against the variables `module.init` would create (shapes only)."""
-  template = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
-                                                np.zeros((2, 64, 64, 3), np.float32), train=False))
+  template = jax.eval_shape(
+      lambda: module.init(jax.random.PRNGKey(0), np.zeros((2, 64, 64, 3), np.float32), train=False)
+  )
   check_same_structure(variables, template, source)
 
 
@@ -64,8 +67,12 @@ class Checkpointer:
   and creates nothing.
   """
 
-  def __init__(self, workdir: str, spec: ModelSpec | None = None,
-               config: ml_collections.ConfigDict | None = None):
+  def __init__(
+      self,
+      workdir: str,
+      spec: ModelSpec | None = None,
+      config: ml_collections.ConfigDict | None = None,
+  ):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.spec = spec
     self.config = config
@@ -87,7 +94,8 @@ class Checkpointer:
         raise CheckpointMismatchError(
             f"The processes see different newest checkpoints in {self.directory} (steps "
             f"{np.asarray(steps).tolist()}, -1: none): every process must see the same workdir "
-            "(a shared file system)")
+            "(a shared file system)"
+        )
     if step is None:
       return template
     source = f"checkpoint {self.directory}/{step}"
@@ -96,10 +104,12 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"{source} was written for method={meta.get('method')!r} model={meta.get('model')}, "
           f"but the config asks for method={self.config.method!r} model={self.spec.to_dict()}; "
-          "use another --workdir or the matching config.")
+          "use another --workdir or the matching config."
+      )
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    ).state
     check_same_structure(restored, template, source)
     logging.info("Restored %s", source)
     return restored
@@ -114,14 +124,21 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     state = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    ).state
     return step, meta, state
 
   def save(self, step: int, state: Any) -> None:
-    meta = {"model": self.spec.to_dict(), "method": self.config.method, "step": int(step),
-            "config": self.config.to_json_best_effort()}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)))
+    meta = {
+        "model": self.spec.to_dict(),
+        "method": self.config.method,
+        "step": int(step),
+        "config": self.config.to_json_best_effort(),
+    }
+    self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -36,8 +36,11 @@ def _gather(build: Callable[[], Any], errors: list[str], prefix: str = "") -> No
     errors.extend(prefix + line for line in str(err).splitlines())
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
-                    num_processes: int | None = None) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict,
+    num_devices: int | None = None,
+    num_processes: int | None = None,
+) -> None:
   """Raise ConfigError listing every invalid field of `config`, once, at the entry point.
 
   Sections with a settings object (model: ModelSpec, contracam: CamSettings, augment:
@@ -68,38 +71,67 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
   _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}", e)
   _check(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}", e)
   _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}", e)
-  _check(config.num_train_steps > 0 or config.num_epochs > 0, "num_epochs",
-         "set num_epochs > 0 or num_train_steps > 0", e)
+  _check(
+      config.num_train_steps > 0 or config.num_epochs > 0,
+      "num_epochs",
+      "set num_epochs > 0 or num_train_steps > 0",
+      e,
+  )
   for f in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
     _check(config[f] > 0, f, f"must be > 0, got {config[f]}", e)
-  _check(config.nonfinite in ("stop", "skip"), "nonfinite", f"{config.nonfinite!r} is not 'stop' or 'skip'", e)
+  _check(
+      config.nonfinite in ("stop", "skip"),
+      "nonfinite",
+      f"{config.nonfinite!r} is not 'stop' or 'skip'",
+      e,
+  )
   _check(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0", e)
   _check(config.dataset.image_size > 0, "dataset.image_size", "must be > 0", e)
   _validate_dataset_name(config, e)
   bg = config.bg_mixup
   if bg.enabled:
     _check(0.0 <= bg.prob <= 1.0, "bg_mixup.prob", f"must be in [0, 1], got {bg.prob}", e)
-    _check(0.0 < bg.threshold <= 1.0, "bg_mixup.threshold", f"must be in (0, 1], got {bg.threshold}", e)
+    _check(
+        0.0 < bg.threshold <= 1.0, "bg_mixup.threshold", f"must be in (0, 1], got {bg.threshold}", e
+    )
     _check(bg.fifo_size >= 1, "bg_mixup.fifo_size", f"must be >= 1, got {bg.fifo_size}", e)
-    _check(bg.masks == "gt" or os.path.isdir(bg.masks), "bg_mixup.masks",
-           f"{bg.masks!r} is neither 'gt' nor an existing folder of mask PNGs "
-           "(write one with --config.mode=save_masks)", e)
+    _check(
+        bg.masks == "gt" or os.path.isdir(bg.masks),
+        "bg_mixup.masks",
+        f"{bg.masks!r} is neither 'gt' nor an existing folder of mask PNGs "
+        "(write one with --config.mode=save_masks)",
+        e,
+    )
   mix = config.mix
-  _check(mix.kind in image_mixing.KINDS, "mix.kind", f"{mix.kind!r} is not one of {image_mixing.KINDS}", e)
+  _check(
+      mix.kind in image_mixing.KINDS,
+      "mix.kind",
+      f"{mix.kind!r} is not one of {image_mixing.KINDS}",
+      e,
+  )
   if mix.kind != "none":
     mixers = tuple(n for n in known if methods.get(n).supports_mix)
-    _check(method is None or method.supports_mix, "mix.kind",
-           f"{mix.kind} is a MoCo baseline (methods with a two-target loss: {mixers}); "
-           f"method is {config.method!r}", e)
+    _check(
+        method is None or method.supports_mix,
+        "mix.kind",
+        f"{mix.kind} is a MoCo baseline (methods with a two-target loss: {mixers}); "
+        f"method is {config.method!r}",
+        e,
+    )
     _check(mix.alpha > 0, "mix.alpha", f"must be > 0, got {mix.alpha}", e)
   _gather(lambda: contracam.CamSettings.from_config(config), e)
   _validate_object_aware(config, e)
   sal = config.get("saliency")
   if sal is not None and sal.enabled:
     from ocl_jax.views import saliency
+
     saliency.validate(sal, e)
-    _check(not config.object_aware.crop, "saliency.enabled",
-           "saliency-guided crops and OA-crop (object_aware.crop) cannot be combined", e)
+    _check(
+        not config.object_aware.crop,
+        "saliency.enabled",
+        "saliency-guided crops and OA-crop (object_aware.crop) cannot be combined",
+        e,
+    )
   _validate_evaluation(config, e)
   _gather(lambda: augment.ViewConfig.from_config(config.augment), e, "config.augment: ")
   if e:
@@ -111,11 +143,17 @@ def _validate_evaluation(config: ml_collections.ConfigDict, e: list[str]) -> Non
   if ev is None:
     return
   from ocl_jax.evaluation import evaluate
+
   bad = [p for p in ev.protocols if p not in evaluate.PROTOCOLS]
   _check(not bad, "evaluation.protocols", f"{bad} not in {evaluate.PROTOCOLS}", e)
   _check(len(ev.datasets) > 0 or config.mode != "eval", "evaluation.datasets", "is empty", e)
   _check(ev.image_size > 0, "evaluation.image_size", f"must be > 0, got {ev.image_size}", e)
-  _check(0 < ev.crop_fraction <= 1, "evaluation.crop_fraction", f"must be in (0, 1], got {ev.crop_fraction}", e)
+  _check(
+      0 < ev.crop_fraction <= 1,
+      "evaluation.crop_fraction",
+      f"must be in (0, 1], got {ev.crop_fraction}",
+      e,
+  )
   _check(ev.batch_size > 0, "evaluation.batch_size", f"must be > 0, got {ev.batch_size}", e)
   _check(ev.num_l2_values >= 1, "evaluation.num_l2_values", "must be >= 1", e)
   _check(ev.lbfgs_max_iters >= 1, "evaluation.lbfgs_max_iters", "must be >= 1", e)
@@ -130,47 +168,84 @@ def _validate_dataset_name(config: ml_collections.ConfigDict, e: list[str]) -> N
   if config.mode != "eval":
     name = d.name
     if isinstance(name, str) and name.startswith("folder:"):
-      root = os.path.expanduser(name[len("folder:"):])
-      _check(bool(root) and os.path.isdir(root), "dataset.name",
-             f"{name!r}: {root!r} is not an existing folder of <class>/<image> folders", e)
-      _check(d.train_split == "train", "dataset.train_split",
-             f"must be 'train' for a folder dataset (it trains on the whole folder), got "
-             f"{d.train_split!r}", e)
+      root = os.path.expanduser(name[len("folder:") :])
+      _check(
+          bool(root) and os.path.isdir(root),
+          "dataset.name",
+          f"{name!r}: {root!r} is not an existing folder of <class>/<image> folders",
+          e,
+      )
+      _check(
+          d.train_split == "train",
+          "dataset.train_split",
+          f"must be 'train' for a folder dataset (it trains on the whole folder), got "
+          f"{d.train_split!r}",
+          e,
+      )
     else:
-      _check(isinstance(name, str) and bool(name) and not any(c.isspace() for c in name),
-             "dataset.name", f"{name!r} is neither a TFDS name nor folder:<path>", e)
+      _check(
+          isinstance(name, str) and bool(name) and not any(c.isspace() for c in name),
+          "dataset.name",
+          f"{name!r} is neither a TFDS name nor folder:<path>",
+          e,
+      )
   ev = config.get("evaluation")
   folders = ev.get("folders") if ev is not None else None
   for key, value in (folders.items() if folders is not None else ()):
-    _check(not (isinstance(value, str) and value.startswith("REQUIRED:")),
-           f"evaluation.folders.{key}", f"must be set on the command line: {value}", e)
+    _check(
+        not (isinstance(value, str) and value.startswith("REQUIRED:")),
+        f"evaluation.folders.{key}",
+        f"must be set on the command line: {value}",
+        e,
+    )
 
 
 def _validate_object_aware(config: ml_collections.ConfigDict, e: list[str]) -> None:
   """OA-crop fields; the box file is checked for existence only (it is parsed at data setup)."""
   import os
+
   oa = config.get("object_aware")
   if oa is None:
     return
-  _check(isinstance(oa.crop, bool), "object_aware.crop", f"must be True or False, got {oa.crop!r}", e)
+  _check(
+      isinstance(oa.crop, bool), "object_aware.crop", f"must be True or False, got {oa.crop!r}", e
+  )
   k = oa.max_boxes
-  _check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, "object_aware.max_boxes",
-         f"must be an integer >= 1, got {k!r}", e)
-  _check(0.0 <= oa.gt_min_area < 1.0, "object_aware.gt_min_area", f"must be in [0, 1), got {oa.gt_min_area}", e)
+  _check(
+      isinstance(k, int) and not isinstance(k, bool) and k >= 1,
+      "object_aware.max_boxes",
+      f"must be an integer >= 1, got {k!r}",
+      e,
+  )
+  _check(
+      0.0 <= oa.gt_min_area < 1.0,
+      "object_aware.gt_min_area",
+      f"must be in [0, 1), got {oa.gt_min_area}",
+      e,
+  )
   _check(oa.gt_margin >= 0, "object_aware.gt_margin", f"must be >= 0, got {oa.gt_margin}", e)
-  _check(isinstance(oa.tolerate_box_errors, bool), "object_aware.tolerate_box_errors",
-         f"must be True or False, got {oa.tolerate_box_errors!r}", e)
+  _check(
+      isinstance(oa.tolerate_box_errors, bool),
+      "object_aware.tolerate_box_errors",
+      f"must be True or False, got {oa.tolerate_box_errors!r}",
+      e,
+  )
   ok = isinstance(oa.boxes, str) and oa.boxes != ""
   _check(ok, "object_aware.boxes", f"must be 'gt' or the path of a box file, got {oa.boxes!r}", e)
   if ok and oa.crop and oa.boxes != "gt":
-    _check(os.path.isfile(oa.boxes), "object_aware.boxes",
-           f"box file {oa.boxes!r} does not exist (write one with --config.mode=save_boxes)", e)
+    _check(
+        os.path.isfile(oa.boxes),
+        "object_aware.boxes",
+        f"box file {oa.boxes!r} does not exist (write one with --config.mode=save_boxes)",
+        e,
+    )
 
 
 def load_sibling_config(this_file: str, name: str, *args) -> ml_collections.ConfigDict:
-  """`get_config()` of config file `name` next to `this_file`, so derived configs work from any cwd."""
+  """`get_config()` of config file `name` next to `this_file`: derived configs work from any cwd."""
   import importlib.util
   import os
+
   path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
   spec = importlib.util.spec_from_file_location(f"ocl_jax_config_{name.removesuffix('.py')}", path)
   module = importlib.util.module_from_spec(spec)
@@ -181,6 +256,7 @@ def load_sibling_config(this_file: str, name: str, *args) -> ml_collections.Conf
 def save_config_json(config: ml_collections.ConfigDict, path: str) -> str:
   """Write `config` as JSON to `path` (atomically): the run's full hyperparameters."""
   import json
+
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path + ".tmp", "w") as f:
     f.write(json.dumps(json.loads(config.to_json_best_effort()), indent=2, sort_keys=True) + "\n")

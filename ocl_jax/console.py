@@ -27,7 +27,8 @@ class QuietLibraries(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or not any(
-        n in record.pathname for n in self.NOISY)
+        n in record.pathname for n in self.NOISY
+    )
 
 
 def log_path(workdir: str, process_index: int) -> str:
@@ -61,8 +62,11 @@ def log_to_file(workdir: str) -> str:
 def _console_shows_info() -> bool:
   """Whether an INFO log line reaches the console (absl's handler, as set up above)."""
   handler = logging.get_absl_handler()
-  return (handler in std_logging.getLogger().handlers and handler.level <= std_logging.INFO
-          and logging.get_absl_logger().isEnabledFor(std_logging.INFO))
+  return (
+      handler in std_logging.getLogger().handlers
+      and handler.level <= std_logging.INFO
+      and logging.get_absl_logger().isEnabledFor(std_logging.INFO)
+  )
 
 
 def say(message: str) -> None:
@@ -73,8 +77,15 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", initial: int = 0, leave: bool = True) -> tqdm.tqdm:
+def progress(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    initial: int = 0,
+    leave: bool = True,
+) -> tqdm.tqdm:
   """A progress bar on process 0's stderr; sparse updates when stderr is a file (CI logs),
   where a transient bar (`leave=False`, e.g. one split's features) is not drawn at all.
 
@@ -82,8 +93,15 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
   a background thread, and a bar redrawn in the middle of a log line would garble it.
   """
   interactive = sys.stderr.isatty()
-  return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
-                   disable=(jax.process_index() > 0 or (not interactive and not leave)
-                            or _console_shows_info()),
-                   dynamic_ncols=interactive,
-                   mininterval=0.5 if interactive else 30.0, file=sys.stderr)
+  return tqdm.tqdm(
+      iterable,
+      total=total,
+      desc=desc,
+      unit=unit,
+      initial=initial,
+      leave=leave,
+      disable=(jax.process_index() > 0 or (not interactive and not leave) or _console_shows_info()),
+      dynamic_ncols=interactive,
+      mininterval=0.5 if interactive else 30.0,
+      file=sys.stderr,
+  )

@@ -28,20 +28,32 @@ from ocl_jax.models import ARCHITECTURES, ContrastiveNet, ModelSpec, ResNet
 FORMAT = "ocl_jax.encoder/1"
 
 
-def export_encoder(path: str, params: Any, batch_stats: Any, spec: ModelSpec,
-                   config: ml_collections.ConfigDict | None = None) -> str:
+def export_encoder(
+    path: str,
+    params: Any,
+    batch_stats: Any,
+    spec: ModelSpec,
+    config: ml_collections.ConfigDict | None = None,
+) -> str:
   """Write the encoder trunk of a ContrastiveNet (params['encoder']) to `path`."""
   path = paths.resolve(path)
   os.makedirs(path, exist_ok=True)
-  variables = {"params": jax.device_get(params["encoder"]),
-               "batch_stats": jax.device_get(batch_stats["encoder"])}
-  head = {"params": jax.device_get(params["projector"]),
-          "batch_stats": jax.device_get(batch_stats["projector"])}
+  variables = {
+      "params": jax.device_get(params["encoder"]),
+      "batch_stats": jax.device_get(batch_stats["encoder"]),
+  }
+  head = {
+      "params": jax.device_get(params["projector"]),
+      "batch_stats": jax.device_get(batch_stats["projector"]),
+  }
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "variables"), variables, force=True)
     ckptr.save(os.path.join(path, "head"), head, force=True)
-  meta = {"format": FORMAT, "model": spec.to_dict(),
-          "config": json.loads(config.to_json_best_effort()) if config is not None else None}
+  meta = {
+      "format": FORMAT,
+      "model": spec.to_dict(),
+      "config": json.loads(config.to_json_best_effort()) if config is not None else None,
+  }
   with open(os.path.join(path, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)
   return path
@@ -55,17 +67,19 @@ def _read_meta(path: str) -> dict[str, Any]:
     meta = json.load(f)
   if meta.get("format") != FORMAT:
     raise CheckpointMismatchError(
-        f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}"
+    )
   return meta
 
 
 class LoadedModel(NamedTuple):
   """A model ready for inference (`module.apply(variables, x, train=False)`)."""
+
   module: ResNet | ContrastiveNet  # the trunk (layer4 map), or with head=True encoder + projector
   variables: dict[str, Any]
-  spec: ModelSpec                  # with head=True, without predictor (pred_hidden_dim 0)
-  meta: dict[str, Any]             # the export's model.json or the checkpoint's metadata
-  name: str                        # the source folder's name, for results tables
+  spec: ModelSpec  # with head=True, without predictor (pred_hidden_dim 0)
+  meta: dict[str, Any]  # the export's model.json or the checkpoint's metadata
+  name: str  # the source folder's name, for results tables
 
 
 def load_model(source: str, expand_res: int = 1, head: bool = False) -> LoadedModel:
@@ -84,8 +98,10 @@ def load_model(source: str, expand_res: int = 1, head: bool = False) -> LoadedMo
     return _load_checkpoint(source, expand_res, head, name)
   if os.path.exists(os.path.join(source, "export", "model.json")):
     return _load_export(os.path.join(source, "export"), expand_res, head, name)
-  raise FileNotFoundError(f"{source} is neither an encoder export (model.json) nor a training "
-                          "workdir (checkpoints/ or export/)")
+  raise FileNotFoundError(
+      f"{source} is neither an encoder export (model.json) nor a training "
+      "workdir (checkpoints/ or export/)"
+  )
 
 
 def _build(spec: ModelSpec, expand_res: int, head: bool) -> ResNet | ContrastiveNet:
@@ -106,15 +122,18 @@ def _load_export(path: str, expand_res: int, head: bool, name: str) -> LoadedMod
     return LoadedModel(encoder, trunk, spec, meta, name)
   head_path = os.path.join(path, "head")
   if not os.path.isdir(head_path):
-    raise CheckpointMismatchError(f"export {path} has no projector (head/); re-export it from a "
-                                  "training checkpoint to run ContraCAM")
+    raise CheckpointMismatchError(
+        f"export {path} has no projector (head/); re-export it from a "
+        "training checkpoint to run ContraCAM"
+    )
   spec = dataclasses.replace(spec, pred_hidden_dim=0)
   net = _build(spec, expand_res, head=True)
   with ocp.StandardCheckpointer() as ckptr:
     projector = ckptr.restore(head_path)
-  variables = {"params": {"encoder": trunk["params"], "projector": projector["params"]},
-               "batch_stats": {"encoder": trunk["batch_stats"],
-                               "projector": projector["batch_stats"]}}
+  variables = {
+      "params": {"encoder": trunk["params"], "projector": projector["params"]},
+      "batch_stats": {"encoder": trunk["batch_stats"], "projector": projector["batch_stats"]},
+  }
   check_variables(net, variables, f"export {path}")
   return LoadedModel(net, variables, spec, meta, name)
 
@@ -127,8 +146,10 @@ def _load_checkpoint(workdir: str, expand_res: int, head: bool, name: str) -> Lo
     ckpt.close()
   spec = ModelSpec(**meta["model"])
   parts = ("encoder", "projector") if head else ("encoder",)
-  variables = {"params": {k: state["params"][k] for k in parts},
-               "batch_stats": {k: state["batch_stats"][k] for k in parts}}
+  variables = {
+      "params": {k: state["params"][k] for k in parts},
+      "batch_stats": {k: state["batch_stats"][k] for k in parts},
+  }
   if head:
     spec = dataclasses.replace(spec, pred_hidden_dim=0)
   else:

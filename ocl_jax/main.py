@@ -30,21 +30,37 @@ from ocl_jax.configuration import save_config_json, validate_config  # noqa: E40
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
-flags.DEFINE_enum("distributed", "off", ["off", "auto"],
-                  "'auto': jax.distributed.initialize() detects the cluster (TPU VM pods, SLURM, "
-                  "...); 'off': one process unless --num_processes > 1.")
-flags.DEFINE_string("coordinator_address", os.environ.get("OCL_COORDINATOR_ADDRESS"),
-                    "HOST:PORT of process 0's coordinator service (multi-process jobs).")
-flags.DEFINE_integer("num_processes", int(os.environ.get("OCL_NUM_PROCESSES", "1")),
-                     "Processes in the job; > 1 starts JAX's distributed runtime.")
-flags.DEFINE_integer("process_id", int(os.environ.get("OCL_PROCESS_ID", "0")),
-                     "This process's index in [0, num_processes).")
-flags.DEFINE_integer("cpu_devices", 0,
-                     "On a CPU host, split the CPU into this many JAX devices (0, the default: "
-                     "one per core, at most the largest count dividing the batch; 1: one device); "
-                     "the pmapped step then runs each device's share on its own core (~1.3x "
-                     "faster on 2 cores), with the same results up to rounding. Ignored when "
-                     "XLA_FLAGS already sets a device count.")
+flags.DEFINE_enum(
+    "distributed",
+    "off",
+    ["off", "auto"],
+    "'auto': jax.distributed.initialize() detects the cluster (TPU VM pods, SLURM, "
+    "...); 'off': one process unless --num_processes > 1.",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    os.environ.get("OCL_COORDINATOR_ADDRESS"),
+    "HOST:PORT of process 0's coordinator service (multi-process jobs).",
+)
+flags.DEFINE_integer(
+    "num_processes",
+    int(os.environ.get("OCL_NUM_PROCESSES", "1")),
+    "Processes in the job; > 1 starts JAX's distributed runtime.",
+)
+flags.DEFINE_integer(
+    "process_id",
+    int(os.environ.get("OCL_PROCESS_ID", "0")),
+    "This process's index in [0, num_processes).",
+)
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "On a CPU host, split the CPU into this many JAX devices (0, the default: "
+    "one per core, at most the largest count dividing the batch; 1: one device); "
+    "the pmapped step then runs each device's share on its own core (~1.3x "
+    "faster on 2 cores), with the same results up to rounding. Ignored when "
+    "XLA_FLAGS already sets a device count.",
+)
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -54,11 +70,14 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   console.show_on_console(verbose=FLAGS["verbosity"].present)
   try:
-    parallel.use_cpu_devices(FLAGS.cpu_devices, FLAGS.config.batch_size)  # before JAX's backends start
+    parallel.use_cpu_devices(
+        FLAGS.cpu_devices, FLAGS.config.batch_size
+    )  # before JAX's backends start
   except ValueError as e:
     raise app.UsageError(f"--{e}") from e
-  initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id)
+  initialize_distributed(
+      FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  )
   # Every path the user typed (relative or with ~) is made absolute once, here.
   workdir = paths.resolve(FLAGS.workdir)
   config = paths.resolve_config(FLAGS.config)
@@ -68,12 +87,18 @@ def main(argv):
   # tf.data only feeds the host; keep TensorFlow off any accelerator.
   tf.config.experimental.set_visible_devices([], "GPU")
   logging.info("Full log: %s", log_file)
-  logging.info("JAX process %d/%d, %d local devices %s, %d devices in all", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.local_devices(),
-               jax.device_count())
+  logging.info(
+      "JAX process %d/%d, %d local devices %s, %d devices in all",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.local_devices(),
+      jax.device_count(),
+  )
   if jax.process_index() == 0:
     save_config_json(config, os.path.join(workdir, "config.json"))
   from ocl_jax import preemption
+
   try:
     run_mode(config, workdir)
   except preemption.Preempted as e:
@@ -81,8 +106,9 @@ def main(argv):
     sys.exit(preemption.EXIT_STATUS)
 
 
-def initialize_distributed(mode: str, coordinator_address: str | None, num_processes: int,
-                           process_id: int) -> None:
+def initialize_distributed(
+    mode: str, coordinator_address: str | None, num_processes: int, process_id: int
+) -> None:
   """Join the multi-process job, if any; must run before any other JAX call.
 
   On one process (the default) nothing happens. CPU processes exchange
@@ -97,12 +123,14 @@ def initialize_distributed(mode: str, coordinator_address: str | None, num_proce
     jax.distributed.initialize()
     return
   if not coordinator_address:
-    raise app.UsageError("--num_processes > 1 needs --coordinator_address=HOST:PORT "
-                         "(or OCL_COORDINATOR_ADDRESS)")
+    raise app.UsageError(
+        "--num_processes > 1 needs --coordinator_address=HOST:PORT " "(or OCL_COORDINATOR_ADDRESS)"
+    )
   if not 0 <= process_id < num_processes:
     raise app.UsageError(f"--process_id={process_id} is not in [0, {num_processes})")
-  logging.info("Process %d of %d joining coordinator %s", process_id, num_processes,
-               coordinator_address)
+  logging.info(
+      "Process %d of %d joining coordinator %s", process_id, num_processes, coordinator_address
+  )
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 

@@ -37,7 +37,9 @@ def _is_matrix(params):
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
   o = config.optim
   schedule = learning_rate_schedule(config, total_steps)
   if o.name == "sgd":
@@ -46,7 +48,12 @@ def create_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> opt
         optax.sgd(schedule, momentum=o.momentum, nesterov=False),
     )
   if o.name == "lars":
-    return optax.lars(schedule, weight_decay=o.weight_decay, weight_decay_mask=_is_matrix,
-                      trust_coefficient=o.lars_trust_coefficient, trust_ratio_mask=_is_matrix,
-                      momentum=o.momentum)
+    return optax.lars(
+        schedule,
+        weight_decay=o.weight_decay,
+        weight_decay_mask=_is_matrix,
+        trust_coefficient=o.lars_trust_coefficient,
+        trust_ratio_mask=_is_matrix,
+        momentum=o.momentum,
+    )
   raise ValueError(f"config.optim.name={o.name!r}: expected 'sgd' or 'lars'")

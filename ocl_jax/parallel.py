@@ -43,15 +43,22 @@ def use_cpu_devices(count: int, batch_size: int | None = None) -> int:
   if count == 1 or DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
     return 1
   if count and batch_size and batch_size % count:
-    raise ValueError(f"cpu_devices={count} does not divide the global batch of {batch_size} "
-                     "(config.batch_size); choose a divisor, or 0 for the largest one up to "
-                     "the number of cores")
+    raise ValueError(
+        f"cpu_devices={count} does not divide the global batch of {batch_size} "
+        "(config.batch_size); choose a divisor, or 0 for the largest one up to "
+        "the number of cores"
+    )
   n = count or usable_cores()
   if batch_size:
     n = max(d for d in range(1, n + 1) if batch_size % d == 0)
     if not count and n < usable_cores():
-      logging.info("%d CPU devices: the largest count up to the %d cores that divides the "
-                   "global batch of %d", n, usable_cores(), batch_size)
+      logging.info(
+          "%d CPU devices: the largest count up to the %d cores that divides the "
+          "global batch of %d",
+          n,
+          usable_cores(),
+          batch_size,
+      )
   if n > 1:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}={n}".strip()
   return n

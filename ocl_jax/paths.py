@@ -50,8 +50,8 @@ def resolve_optional(path: str | None) -> str | None:
 
 def resolve_dataset_name(name: str) -> str:
   """folder:<path> with its path resolved; a TFDS name is returned unchanged."""
-  if isinstance(name, str) and name.startswith(FOLDER_PREFIX) and name[len(FOLDER_PREFIX):]:
-    return FOLDER_PREFIX + resolve(name[len(FOLDER_PREFIX):])
+  if isinstance(name, str) and name.startswith(FOLDER_PREFIX) and name[len(FOLDER_PREFIX) :]:
+    return FOLDER_PREFIX + resolve(name[len(FOLDER_PREFIX) :])
   return name
 
 

@@ -16,8 +16,14 @@ REGION, CROP1, CROP2, LOCAL = (255, 220, 0), (255, 60, 60), (60, 140, 255), (60,
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
   """A jet-like heat map of `cam` blended over `image` (uint8 HWC)."""
   c = np.clip(cam, 0, 1)[..., None]
-  heat = np.concatenate([np.clip(1.5 - np.abs(4 * c - 3), 0, 1), np.clip(1.5 - np.abs(4 * c - 2), 0, 1),
-                         np.clip(1.5 - np.abs(4 * c - 1), 0, 1)], axis=-1)
+  heat = np.concatenate(
+      [
+          np.clip(1.5 - np.abs(4 * c - 3), 0, 1),
+          np.clip(1.5 - np.abs(4 * c - 2), 0, 1),
+          np.clip(1.5 - np.abs(4 * c - 1), 0, 1),
+      ],
+      axis=-1,
+  )
   return np.round((1 - alpha) * image + alpha * 255 * heat).astype(np.uint8)
 
 
@@ -27,12 +33,20 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
-  return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+  return np.stack(
+      [np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images]
+  )
 
 
-def views_grid(images: np.ndarray, view1: np.ndarray, view2: np.ndarray,
-               crop_boxes: tuple[np.ndarray, np.ndarray], regions: np.ndarray | None = None,
-               masks: np.ndarray | None = None, scale: int = 2) -> np.ndarray:
+def views_grid(
+    images: np.ndarray,
+    view1: np.ndarray,
+    view2: np.ndarray,
+    crop_boxes: tuple[np.ndarray, np.ndarray],
+    regions: np.ndarray | None = None,
+    masks: np.ndarray | None = None,
+    scale: int = 2,
+) -> np.ndarray:
   """One row per image: the source with its crops drawn, view 1, view 2 (and view 1's mask).
 
   images (N, H, W, 3) uint8; views (N, S, S, 3) uint8; crop_boxes two (N, 4)
@@ -52,12 +66,15 @@ def views_grid(images: np.ndarray, view1: np.ndarray, view2: np.ndarray,
   outlines += [(crop_boxes[0], CROP1), (crop_boxes[1], CROP2)]
   for boxes, colour in outlines:
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes)):
-      draw.rectangle([x1 * s, i * s + y1 * s, x2 * s - 1, i * s + y2 * s - 1], outline=colour, width=2)
+      draw.rectangle(
+          [x1 * s, i * s + y1 * s, x2 * s - 1, i * s + y2 * s - 1], outline=colour, width=2
+      )
   return np.asarray(img)
 
 
-def saliency_grid(images: np.ndarray, maps: np.ndarray, crop_boxes: list[np.ndarray],
-                  scale: int = 2) -> np.ndarray:
+def saliency_grid(
+    images: np.ndarray, maps: np.ndarray, crop_boxes: list[np.ndarray], scale: int = 2
+) -> np.ndarray:
   """One row per image: the source and its saliency map (heat map over it), both with the
   crops drawn: global view 1 red, view 2 blue, local crops green.
 
@@ -65,10 +82,16 @@ def saliency_grid(images: np.ndarray, maps: np.ndarray, crop_boxes: list[np.ndar
   grid the crops were sampled from); crop_boxes (N, 4) normalised x1 y1 x2 y2 per crop.
   """
   n, h, w, _ = images.shape
-  heat = [np.asarray(Image.fromarray(np.asarray(m, np.float32)).resize((w, h), Image.NEAREST))
-          for m in maps]
-  heat = np.stack([overlay(images[i], heat[i] / max(float(heat[i].max()), 1e-12)) for i in range(n)])
-  grid = np.concatenate([np.concatenate(list(images), axis=0), np.concatenate(list(heat), axis=0)], axis=1)
+  heat = [
+      np.asarray(Image.fromarray(np.asarray(m, np.float32)).resize((w, h), Image.NEAREST))
+      for m in maps
+  ]
+  heat = np.stack(
+      [overlay(images[i], heat[i] / max(float(heat[i].max()), 1e-12)) for i in range(n)]
+  )
+  grid = np.concatenate(
+      [np.concatenate(list(images), axis=0), np.concatenate(list(heat), axis=0)], axis=1
+  )
   img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
   draw = ImageDraw.Draw(img)
   sw, sh = w * scale, h * scale
@@ -76,6 +99,9 @@ def saliency_grid(images: np.ndarray, maps: np.ndarray, crop_boxes: list[np.ndar
   for boxes, colour in zip(crop_boxes, colours):
     for i, (x1, y1, x2, y2) in enumerate(np.asarray(boxes)):
       for col in range(2):
-        draw.rectangle([col * sw + x1 * sw, i * sh + y1 * sh, col * sw + x2 * sw - 1,
-                        i * sh + y2 * sh - 1], outline=colour, width=2)
+        draw.rectangle(
+            [col * sw + x1 * sw, i * sh + y1 * sh, col * sw + x2 * sw - 1, i * sh + y2 * sh - 1],
+            outline=colour,
+            width=2,
+        )
   return np.asarray(img)

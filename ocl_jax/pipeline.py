@@ -63,10 +63,15 @@ def _mark_done(workdir: str, stage: str, info: dict[str, Any]) -> None:
 def contracam_outputs(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
   d = stage_dir(workdir, "contracam")
   split = config.contracam.split
-  return {"boxes": os.path.join(d, f"boxes_{split}.txt"), "masks": os.path.join(d, f"masks_{split}")}
+  return {
+      "boxes": os.path.join(d, f"boxes_{split}.txt"),
+      "masks": os.path.join(d, f"masks_{split}"),
+  }
 
 
-def stage_config(config: ml_collections.ConfigDict, stage: str, workdir: str) -> ml_collections.ConfigDict:
+def stage_config(
+    config: ml_collections.ConfigDict, stage: str, workdir: str
+) -> ml_collections.ConfigDict:
   """The config a stage runs with: the pipeline's config plus the stage's switches."""
   c = copy.deepcopy(config)
   p = config.pipeline
@@ -90,19 +95,27 @@ def validate_pipeline(config: ml_collections.ConfigDict) -> None:
   """Stage names and order, before anything runs."""
   stages = list(config.pipeline.stages)
   errors = [f"unknown stage {s!r} (known: {STAGES})" for s in stages if s not in STAGES]
-  needs_cam = [s for s in stages if (s == "oacrop" and config.pipeline.oacrop_boxes == "contracam")
-               or (s == "bgmix" and config.pipeline.bgmix_masks == "contracam")]
+  needs_cam = [
+      s
+      for s in stages
+      if (s == "oacrop" and config.pipeline.oacrop_boxes == "contracam")
+      or (s == "bgmix" and config.pipeline.bgmix_masks == "contracam")
+  ]
   for s in needs_cam:
     if "contracam" not in stages or stages.index("contracam") > stages.index(s):
       errors.append(f"stage {s!r} uses ContraCAM outputs: 'contracam' must come before it")
-  if "contracam" in stages and ("vanilla" not in stages or stages.index("vanilla") > stages.index("contracam")):
+  if "contracam" in stages and (
+      "vanilla" not in stages or stages.index("vanilla") > stages.index("contracam")
+  ):
     errors.append("stage 'contracam' uses the vanilla model: 'vanilla' must come before it")
   for field in ("oacrop_boxes", "bgmix_masks"):
     if config.pipeline[field] not in ("contracam", "gt"):
       errors.append(f"{field}={config.pipeline[field]!r} is not 'contracam' or 'gt'")
   if errors:
-    raise ConfigError("Invalid configuration:\n  " + "\n  ".join(f"config.pipeline.{e}" if not e.startswith(
-        "config.") else e for e in errors))
+    raise ConfigError(
+        "Invalid configuration:\n  "
+        + "\n  ".join(f"config.pipeline.{e}" if not e.startswith("config.") else e for e in errors)
+    )
 
 
 def _format_seconds(s: float) -> str:
@@ -127,10 +140,15 @@ class Progress:
   def begin(self, stage: str) -> None:
     i = self.stages.index(stage)
     remaining = [self._estimate(s) for s in self.stages[i:] if s not in self.seconds]
-    eta = ("ETA " + _format_seconds(sum(remaining))) if remaining and None not in remaining else \
-        "ETA after the first training stage"
-    msg = (f"==> Stage {i + 1}/{len(self.stages)}: {stage}  (elapsed "
-           f"{_format_seconds(time.time() - self.start)}, {eta})")
+    eta = (
+        ("ETA " + _format_seconds(sum(remaining)))
+        if remaining and None not in remaining
+        else "ETA after the first training stage"
+    )
+    msg = (
+        f"==> Stage {i + 1}/{len(self.stages)}: {stage}  (elapsed "
+        f"{_format_seconds(time.time() - self.start)}, {eta})"
+    )
     console.say(msg)
 
   def end(self, stage: str, seconds: float) -> None:
@@ -139,6 +157,7 @@ class Progress:
 
 def _run_training(config, workdir, stage) -> dict[str, Any]:
   from ocl_jax import train
+
   c = stage_config(config, stage, workdir)
   validate_config(c)
   state = train.train_and_evaluate(c, stage_dir(workdir, stage))
@@ -147,6 +166,7 @@ def _run_training(config, workdir, stage) -> dict[str, Any]:
 
 def _run_contracam(config, workdir, stage) -> dict[str, Any]:
   from ocl_jax.discovery import discover
+
   c = stage_config(config, "contracam", workdir)
   return discover.save_boxes_and_masks(c, stage_dir(workdir, "contracam"))
 
@@ -158,6 +178,7 @@ def trained_stages(config: ml_collections.ConfigDict, workdir: str) -> list[str]
 def _run_eval(config, workdir, stage) -> dict[str, Any]:
   from ocl_jax.discovery import discover
   from ocl_jax.evaluation import evaluate
+
   rows = {}
   for s in trained_stages(config, workdir):
     module, variables = export.load_model(os.path.join(stage_dir(workdir, s), "export"))[:2]
@@ -171,10 +192,13 @@ def _run_eval(config, workdir, stage) -> dict[str, Any]:
       loc = discover.evaluate_localization(c, stage_dir(workdir, s))["ContraCAM (T=1)"]
       row.update({f"loc/{k}": v for k, v in loc.items()})
     rows[s] = row
-  title = (f"Results of `{config.dataset.name}` pretraining ({config.method}, seed {config.seed}): "
-           "accuracy in %, localisation as IoU")
-  table = evaluate.write_results(workdir, rows, {"seed": config.seed, "method": config.method},
-                                   name="results", title=title)
+  title = (
+      f"Results of `{config.dataset.name}` pretraining ({config.method}, seed {config.seed}): "
+      "accuracy in %, localisation as IoU"
+  )
+  table = evaluate.write_results(
+      workdir, rows, {"seed": config.seed, "method": config.method}, name="results", title=title
+  )
   console.say(table)
   return {"rows": rows}
 

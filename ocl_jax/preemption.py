@@ -25,8 +25,10 @@ class Preempted(Exception):
   """The run saved a checkpoint at `step` after a termination request and stopped."""
 
   def __init__(self, step: int, checkpoint_dir: str):
-    super().__init__(f"preempted: checkpoint of step {step} saved in {checkpoint_dir}; "
-                     "run the same command again to resume")
+    super().__init__(
+        f"preempted: checkpoint of step {step} saved in {checkpoint_dir}; "
+        "run the same command again to resume"
+    )
     self.step = step
 
 
@@ -53,7 +55,8 @@ class PreemptionWatcher:
       signal.signal(s, handler)
 
   def should_stop(self, sync: bool) -> bool:
-    """Whether to stop now; with `sync` (a step every process reaches) any process's request counts."""
+    """Whether to stop now; with `sync` (a step all processes reach) any process's request
+    counts."""
     if jax.process_count() == 1 or not sync:
       return self.requested and jax.process_count() == 1
     flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))

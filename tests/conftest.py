@@ -18,6 +18,7 @@ def scenes_data_dir(tmp_path_factory):
   """A TFDS data dir holding the generated `scenes/tiny` (32 px, a few hundred images)."""
   import tensorflow_datasets as tfds
   import ocl_jax  # noqa: F401  registers the builder
+
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   tfds.builder("scenes/tiny", data_dir=data_dir).download_and_prepare()
   return data_dir
@@ -32,7 +33,10 @@ def tiny_config(scenes_data_dir):
 def make_tiny_config(scenes_data_dir):
   from ocl_jax.configuration import load_sibling_config
   import pathlib
-  c = load_sibling_config(str(pathlib.Path(__file__).parents[1] / "configs" / "scenes.py"), "scenes.py")
+
+  c = load_sibling_config(
+      str(pathlib.Path(__file__).parents[1] / "configs" / "scenes.py"), "scenes.py"
+  )
   c.dataset.name = "scenes/tiny"
   c.dataset.data_dir = scenes_data_dir
   c.dataset.image_size = 32
@@ -83,6 +87,7 @@ def train_two_steps(config, workdir, caplog):
   import logging
   import numpy as np
   from ocl_jax import train
+
   config.num_train_steps = 2
   config.log_every_steps = config.checkpoint_every_steps = 2
   config.eval_every_steps = 0
@@ -101,8 +106,14 @@ def export_random_init(config, workdir):
   from ocl_jax import export
   from ocl_jax import train
   from ocl_jax.models import ModelSpec
+
   ctx = train.make_context(config, 4, 10)
   state = jax.device_get(train.create_train_state(0, config, ctx))
-  export_dir = export.export_encoder(os.path.join(workdir, "export"), state.params,
-                                     state.batch_stats, ModelSpec.from_config(config), config)
+  export_dir = export.export_encoder(
+      os.path.join(workdir, "export"),
+      state.params,
+      state.batch_stats,
+      ModelSpec.from_config(config),
+      config,
+  )
   return state, export_dir

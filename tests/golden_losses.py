@@ -36,6 +36,7 @@ def machine() -> str:
   except OSError:
     pass
   import jaxlib
+
   return f"{model} (flags {flags}) | jax {jax.__version__} | jaxlib {jaxlib.__version__}"
 
 
@@ -50,8 +51,11 @@ def losses(method: str, augmentation: str) -> list[float]:
 
 
 def main() -> None:
-  record = {"machine": machine(), "steps": invariance.STEPS,
-            "losses": {f"{m}-{a}": losses(m, a) for m, a in cases()}}
+  record = {
+      "machine": machine(),
+      "steps": invariance.STEPS,
+      "losses": {f"{m}-{a}": losses(m, a) for m, a in cases()},
+  }
   PATH.write_text(json.dumps(record, indent=1) + "\n")
   print(f"wrote {PATH}: {len(record['losses'])} cases on {record['machine']}")
 

@@ -34,6 +34,7 @@ def main() -> None:
   import tensorflow_datasets as tfds
   import ocl_jax  # noqa: F401  registers scenes
   from ocl_jax import train
+
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = f"{tmp}/tfds"
     tfds.builder("scenes/tiny", data_dir=data_dir).download_and_prepare()

@@ -35,8 +35,9 @@ _box_params = jax.jit(A.sample_crop_params, static_argnums=(2, 3))
 N_BOXES = 4000
 WHOLE = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
 # One compiled sampler for all statistical tests: (keys, aspect, scale, ratio, regions).
-_boxes = jax.jit(jax.vmap(A.sample_crop_params, in_axes=(0, None, None, None, 0)),
-                 static_argnums=(2, 3))
+_boxes = jax.jit(
+    jax.vmap(A.sample_crop_params, in_axes=(0, None, None, None, 0)), static_argnums=(2, 3)
+)
 
 
 def _sample_boxes(aspect, region=WHOLE, seed=0, scale=(0.08, 1.0), ratio=RATIO):
@@ -103,10 +104,13 @@ def test_crop_area_is_uniform_where_it_always_fits():
   assert len(inside) / len(area) > 0.7
 
 
-@pytest.mark.parametrize("aspect,expected", [
-    (4.0, [0.375, 0.0, 0.625, 1.0]),   # too wide: full height, width = h * max ratio
-    (0.25, [0.0, 0.375, 1.0, 0.625]),  # too tall: full width, height = w / min ratio
-])
+@pytest.mark.parametrize(
+    "aspect,expected",
+    [
+        (4.0, [0.375, 0.0, 0.625, 1.0]),  # too wide: full height, width = h * max ratio
+        (0.25, [0.0, 0.375, 1.0, 0.625]),  # too tall: full width, height = w / min ratio
+    ],
+)
 def test_crop_box_fallback_is_centred_clamped_crop(aspect, expected):
   # Square crops of area >= 0.9 never fit an image of pixel aspect 4 or 1/4.
   box, accepted = _box_params(jax.random.key(0), aspect, (0.9, 1.0), (1.0, 1.0))
@@ -153,7 +157,7 @@ def test_crop_integer_window_is_exact():
   img = _rand_image(1, 32, 40)
   y0, x0, s = 5, 7, 16
   box = jnp.array([x0 / 40, y0 / 32, (x0 + s) / 40, (y0 + s) / 32])
-  np.testing.assert_allclose(_crop(img, box, s), img[y0:y0 + s, x0:x0 + s], atol=1e-5)
+  np.testing.assert_allclose(_crop(img, box, s), img[y0 : y0 + s, x0 : x0 + s], atol=1e-5)
 
 
 def test_crop_upscaling_matches_numpy_bilinear():
@@ -169,10 +173,16 @@ def test_crop_downscaling_antialiased_like_jax_image():
   img = _rand_image(3, 40, 36)
   box = jnp.array([0.05, 0.1, 0.95, 0.8])
   size = 12
-  resample = jax.jit(lambda im, scale, shift: jax.image.scale_and_translate(
-      im, (size, size, 3), (0, 1), scale, shift, method="linear", antialias=True))
-  ref = resample(jnp.asarray(img), jnp.array([size / (0.7 * 40), size / (0.9 * 36)]),
-                 -jnp.array([0.1 * 40 * size / (0.7 * 40), 0.05 * 36 * size / (0.9 * 36)]))
+  resample = jax.jit(
+      lambda im, scale, shift: jax.image.scale_and_translate(
+          im, (size, size, 3), (0, 1), scale, shift, method="linear", antialias=True
+      )
+  )
+  ref = resample(
+      jnp.asarray(img),
+      jnp.array([size / (0.7 * 40), size / (0.9 * 36)]),
+      -jnp.array([0.1 * 40 * size / (0.7 * 40), 0.05 * 36 * size / (0.9 * 36)]),
+  )
   np.testing.assert_allclose(_crop(img, box, size), ref, atol=1e-5)
   # Antialiasing: shrinking a pixel checkerboard by 3x gives ~ its mean, not aliasing.
   checker = (np.indices((36, 36)).sum(0) % 2).astype(np.float32)[..., None].repeat(3, -1)
@@ -202,8 +212,14 @@ def test_blur_kernel_size_rule():
 # ----------------------------------------------------------------------------
 # Views and batches
 
-NO_AUG = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0,
-              grayscale_prob=0.0, blur_prob=0.0)
+NO_AUG = dict(
+    scale=(1.0, 1.0),
+    ratio=(1.0, 1.0),
+    flip_prob=0.0,
+    jitter_prob=0.0,
+    grayscale_prob=0.0,
+    blur_prob=0.0,
+)
 
 
 def test_augment_view_without_augmentation_is_resize():
@@ -217,7 +233,9 @@ def test_augment_view_without_augmentation_is_resize():
   img8 = (img * 255).astype(np.uint8)
   cfg = A.ViewConfig(crop_size=16, **NO_AUG)
   view, _, _ = _view(jax.random.key(0), jnp.asarray(img8), 1.0, cfg)
-  ref = jax.image.resize(jnp.asarray(img8, jnp.float32) / 255, (16, 16, 3), "linear", antialias=True)
+  ref = jax.image.resize(
+      jnp.asarray(img8, jnp.float32) / 255, (16, 16, 3), "linear", antialias=True
+  )
   np.testing.assert_allclose(view, ref, atol=1e-5)
   # Flip with probability 1 mirrors.
   cfg = A.ViewConfig(crop_size=24, **{**NO_AUG, "flip_prob": 1.0})
@@ -228,8 +246,9 @@ def test_augment_view_without_augmentation_is_resize():
 
 def test_augment_view_grayscale_and_blur_always_applied():
   img = _rand_image(9, 16, 16)
-  cfg = A.ViewConfig(crop_size=16, **{**NO_AUG, "grayscale_prob": 1.0, "blur_prob": 1.0,
-                                       "blur_sigma": (1.0, 1.0)})
+  cfg = A.ViewConfig(
+      crop_size=16, **{**NO_AUG, "grayscale_prob": 1.0, "blur_prob": 1.0, "blur_sigma": (1.0, 1.0)}
+  )
   view, _, _ = _view(jax.random.key(1), jnp.asarray(img), 1.0, cfg)
   ref = _blur(C.to_grayscale(jnp.asarray(img)), 1.0, 3)
   np.testing.assert_allclose(view, ref, atol=1e-5)
@@ -247,11 +266,16 @@ def batch():
   x[5] = x[2]  # a repeated image must still get its own crop
   aspects = jnp.linspace(0.6, 1.6, 8)
   lo = np.random.RandomState(11).uniform(0, 0.4, (8, 2))
-  regions = jnp.asarray(np.concatenate([lo, lo + np.random.RandomState(12).uniform(0.2, 0.6, (8, 2))], 1),
-                        jnp.float32)
-  return dict(x=x, aspects=aspects, regions=regions,
-              plain=_augment_batch(BATCH_KEY, x, aspects, cfg=SMALL_CFG),
-              with_regions=_augment_batch(BATCH_KEY, x, aspects, cfg=SMALL_CFG, regions=regions))
+  regions = jnp.asarray(
+      np.concatenate([lo, lo + np.random.RandomState(12).uniform(0.2, 0.6, (8, 2))], 1), jnp.float32
+  )
+  return dict(
+      x=x,
+      aspects=aspects,
+      regions=regions,
+      plain=_augment_batch(BATCH_KEY, x, aspects, cfg=SMALL_CFG),
+      with_regions=_augment_batch(BATCH_KEY, x, aspects, cfg=SMALL_CFG, regions=regions),
+  )
 
 
 def test_augment_batch_shapes_range_and_distinct_crops(batch):
@@ -261,16 +285,21 @@ def test_augment_batch_shapes_range_and_distinct_crops(batch):
   assert float(views.min()) >= 0 and float(views.max()) <= 1
   assert len(np.unique(np.round(np.asarray(boxes), 5), axis=0)) == 8  # incl. the repeated image
   # Per-image keys are fold_in(key, i): image 3 alone (offset 3) is augmented identically.
-  one = _view(jax.random.fold_in(BATCH_KEY, 3), jnp.asarray(batch["x"][3]),
-                       batch["aspects"][3], SMALL_CFG)
+  one = _view(
+      jax.random.fold_in(BATCH_KEY, 3), jnp.asarray(batch["x"][3]), batch["aspects"][3], SMALL_CFG
+  )
   np.testing.assert_allclose(one[0], views[3], atol=1e-5)
   np.testing.assert_allclose(one[1], boxes[3], atol=1e-6)
 
 
 def test_augment_batch_independent_of_device_split(batch):
   x, aspects, regions = batch["x"], batch["aspects"], batch["regions"]
-  a = _augment_batch(BATCH_KEY, x[:4], aspects[:4], cfg=SMALL_CFG, index_offset=0, regions=regions[:4])
-  b = _augment_batch(BATCH_KEY, x[4:], aspects[4:], cfg=SMALL_CFG, index_offset=4, regions=regions[4:])
+  a = _augment_batch(
+      BATCH_KEY, x[:4], aspects[:4], cfg=SMALL_CFG, index_offset=0, regions=regions[:4]
+  )
+  b = _augment_batch(
+      BATCH_KEY, x[4:], aspects[4:], cfg=SMALL_CFG, index_offset=4, regions=regions[4:]
+  )
   for whole, p, q in zip(batch["with_regions"], a, b):
     np.testing.assert_array_equal(np.concatenate([p, q]), whole)  # bit-exact
 
@@ -294,32 +323,36 @@ def test_normalize_roundtrip():
 
 
 def test_from_config_subset_and_defaults():
-  cfg = A.ViewConfig.from_config(ml_collections.ConfigDict(
-      {"crop_size": 96, "scale": [0.2, 1.0], "blur_prob": 0.1}))
+  cfg = A.ViewConfig.from_config(
+      ml_collections.ConfigDict({"crop_size": 96, "scale": [0.2, 1.0], "blur_prob": 0.1})
+  )
   assert cfg == dataclasses.replace(A.ViewConfig(), crop_size=96, scale=(0.2, 1.0), blur_prob=0.1)
   hash(cfg)  # usable as a static jit argument
   assert A.ViewConfig.from_config(ml_collections.ConfigDict()) == A.ViewConfig()
 
 
-@pytest.mark.parametrize("field,value", [
-    ("crop_sise", 96),
-    ("crop_size", 0),
-    ("flip_prob", 1.5),
-    ("jitter_prob", -0.1),
-    ("grayscale_prob", 2.0),
-    ("blur_prob", -1.0),
-    ("scale", (0.5, 0.2)),
-    ("scale", (0.0, 1.0)),
-    ("scale", (0.5, 1.2)),
-    ("ratio", (0.0, 1.0)),
-    ("ratio", (2.0, 1.0)),
-    ("brightness", -0.1),
-    ("contrast", -1.0),
-    ("saturation", -0.5),
-    ("hue", 0.6),
-    ("hue", -0.1),
-    ("blur_sigma", (2.0, 0.1)),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("crop_sise", 96),
+        ("crop_size", 0),
+        ("flip_prob", 1.5),
+        ("jitter_prob", -0.1),
+        ("grayscale_prob", 2.0),
+        ("blur_prob", -1.0),
+        ("scale", (0.5, 0.2)),
+        ("scale", (0.0, 1.0)),
+        ("scale", (0.5, 1.2)),
+        ("ratio", (0.0, 1.0)),
+        ("ratio", (2.0, 1.0)),
+        ("brightness", -0.1),
+        ("contrast", -1.0),
+        ("saturation", -0.5),
+        ("hue", 0.6),
+        ("hue", -0.1),
+        ("blur_sigma", (2.0, 0.1)),
+    ],
+)
 def test_from_config_errors_name_the_field(field, value):
   with pytest.raises(ValueError, match=field):
     A.ViewConfig.from_config(ml_collections.ConfigDict({field: value}))

@@ -23,7 +23,7 @@ _bm = jax.jit(bgm.background_mixup, static_argnames=("prob", "threshold", "gate_
 def _rect_mask(h0, h1, w0, w1, value=0.9):
   """Soft mask: `value` on the inclusive rectangle, a faint 0.1 (< threshold) elsewhere."""
   m = np.full((H, W), 0.1, np.float32)
-  m[h0:h1 + 1, w0:w1 + 1] = value
+  m[h0 : h1 + 1, w0 : w1 + 1] = value
   return m
 
 
@@ -37,7 +37,7 @@ def _np_background(img, mask, thr=0.2):
   if ys.size == 0:
     return img, False, None
   h0, h1, w0, w1 = ys.min(), ys.max(), xs.min(), xs.max()
-  strips = [img[:h0], img[:, :w0], img[:, w1 + 1:], img[h1 + 1:]]
+  strips = [img[:h0], img[:, :w0], img[:, w1 + 1 :], img[h1 + 1 :]]
   areas = [s.shape[0] * s.shape[1] for s in strips]
   k = int(np.argmax(areas))
   if areas[k] == 0:
@@ -46,17 +46,17 @@ def _np_background(img, mask, thr=0.2):
   reps = (-(-H // s.shape[0]), -(-W // s.shape[1]), 1)
   tiled = np.tile(s, reps)[:H, :W]
   bg = img.copy()
-  bg[h0:h1 + 1, w0:w1 + 1] = tiled[h0:h1 + 1, w0:w1 + 1]
+  bg[h0 : h1 + 1, w0 : w1 + 1] = tiled[h0 : h1 + 1, w0 : w1 + 1]
   return bg, True, k
 
 
 CASES = [  # (mask, expected strip)
-    (_rect_mask(5, 10, 5, 10), bgm.TOP),          # centred: top (ties -> first)
-    (_rect_mask(0, 3, 0, 4), bgm.BOTTOM),          # top-left, wide gap below
-    (_rect_mask(0, 12, 0, 2), bgm.RIGHT),          # tall at the left edge
-    (_rect_mask(2, 15, 9, 15), bgm.LEFT),          # bottom-right
-    (_rect_mask(0, 15, 0, 15), None),              # whole image
-    (np.zeros((H, W), np.float32), None),          # empty hard mask
+    (_rect_mask(5, 10, 5, 10), bgm.TOP),  # centred: top (ties -> first)
+    (_rect_mask(0, 3, 0, 4), bgm.BOTTOM),  # top-left, wide gap below
+    (_rect_mask(0, 12, 0, 2), bgm.RIGHT),  # tall at the left edge
+    (_rect_mask(2, 15, 9, 15), bgm.LEFT),  # bottom-right
+    (_rect_mask(0, 15, 0, 15), None),  # whole image
+    (np.zeros((H, W), np.float32), None),  # empty hard mask
 ]
 
 
@@ -108,19 +108,30 @@ def _np_release_mix(views, masks, perm, coin_u, fifo_u, queue, prob, thr=0.2):
 
 
 def _batch():
-  masks = np.stack([_rect_mask(5, 10, 5, 10), _rect_mask(0, 15, 0, 15), _rect_mask(0, 3, 0, 4),
-                    np.zeros((H, W), np.float32), _rect_mask(2, 15, 9, 15), _rect_mask(0, 12, 0, 2)])
+  masks = np.stack(
+      [
+          _rect_mask(5, 10, 5, 10),
+          _rect_mask(0, 15, 0, 15),
+          _rect_mask(0, 3, 0, 4),
+          np.zeros((H, W), np.float32),
+          _rect_mask(2, 15, 9, 15),
+          _rect_mask(0, 12, 0, 2),
+      ]
+  )
   # Soft gradient inside the masks so the mixing weights are not just 0.9/0.1.
   masks = masks * np.linspace(0.5, 1.0, W, dtype=np.float32)[None, None, :]
   masks[1] = 1.0  # full foreground: no background
   return _images(B, seed=1), masks.astype(np.float32)
 
 
-@pytest.mark.parametrize("perm,prefill", [
-    ([1, 0, 3, 2, 5, 4], 0),   # donors 1 and 3 have no background -> FIFO or keep
-    ([5, 3, 4, 1, 2, 0], 3),   # prefilled FIFO
-    ([0, 1, 2, 3, 4, 5], 0),   # self-donors
-])
+@pytest.mark.parametrize(
+    "perm,prefill",
+    [
+        ([1, 0, 3, 2, 5, 4], 0),  # donors 1 and 3 have no background -> FIFO or keep
+        ([5, 3, 4, 1, 2, 0], 3),  # prefilled FIFO
+        ([0, 1, 2, 3, 4, 5], 0),  # self-donors
+    ],
+)
 def test_mix_formula_matches_release_loop(perm, prefill):
   views, masks = _batch()
   rng = np.random.default_rng(7)
@@ -137,8 +148,10 @@ def test_mix_formula_matches_release_loop(perm, prefill):
   assert int(stats["bg_mixup/mixed"]) == n_mixed
   assert int(stats["bg_mixup/kept"]) == B - n_mixed
   assert int(new_fifo.count) == len(ref_queue)
-  got_queue = [np.asarray(new_fifo.images[(int(new_fifo.ptr) - len(ref_queue) + k) % 50])
-               for k in range(len(ref_queue))]
+  got_queue = [
+      np.asarray(new_fifo.images[(int(new_fifo.ptr) - len(ref_queue) + k) % 50])
+      for k in range(len(ref_queue))
+  ]
   np.testing.assert_array_equal(np.stack(got_queue), np.stack(ref_queue))
 
 
@@ -146,8 +159,15 @@ def test_empty_fifo_no_background_keeps_image():
   views, masks = _batch()
   # Image 0 (has a background) is first and its donor (1) has none: pool is empty -> kept.
   perm = np.array([1, 0, 3, 2, 5, 4])
-  out, _, stats = _mix(views, masks, perm, np.zeros(B, np.float32), np.zeros(B, np.float32),
-                       bgm.fifo_init(H, W), prob=0.5)
+  out, _, stats = _mix(
+      views,
+      masks,
+      perm,
+      np.zeros(B, np.float32),
+      np.zeros(B, np.float32),
+      bgm.fifo_init(H, W),
+      prob=0.5,
+  )
   np.testing.assert_array_equal(np.asarray(out[0]), views[0])
   np.testing.assert_array_equal(np.asarray(out[1]), views[1])  # no background of its own
 
@@ -182,16 +202,21 @@ def test_deterministic_and_independent_of_device_split():
   # Two devices of 3 images each draw donors from the global batch: the same mixed images,
   # and every device ends with the same FIFO, that of the whole batch on one device.
   whole_fifo = _bm(key, views, masks, 0, fifo, prob=0.5)[1]
-  split = jax.pmap(lambda v, m, off, f: bgm.background_mixup(key, v, m, off, f, prob=0.5,
-                                                             axis_name="d")[:2],
-                   axis_name="d", in_axes=(0, 0, 0, None), devices=jax.local_devices()[:2])
-  c, fifos = split(views.reshape(2, 3, H, W, 3), masks.reshape(2, 3, H, W),
-                   np.array([0, 3], np.int32), fifo)
+  split = jax.pmap(
+      lambda v, m, off, f: bgm.background_mixup(key, v, m, off, f, prob=0.5, axis_name="d")[:2],
+      axis_name="d",
+      in_axes=(0, 0, 0, None),
+      devices=jax.local_devices()[:2],
+  )
+  c, fifos = split(
+      views.reshape(2, 3, H, W, 3), masks.reshape(2, 3, H, W), np.array([0, 3], np.int32), fifo
+  )
   # (Up to the last bit: the two compilations fuse m*x + (1-m)*bg differently.)
   np.testing.assert_allclose(np.asarray(c).reshape(B, H, W, 3), np.asarray(a), atol=1e-6)
   for d in range(2):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x)[d], y, atol=1e-6),
-                           fifos, whole_fifo)
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x)[d], y, atol=1e-6), fifos, whole_fifo
+    )
   changed_a = [not np.array_equal(np.asarray(a[i]), views[i]) for i in range(B)]
   assert any(changed_a) and not all(changed_a)
 

@@ -1,4 +1,4 @@
-"""The benchmark (ocl_jax/tools/bench.py) and its PyTorch reference (ocl_jax/tools/torch_reference.py).
+"""The benchmark (ocl_jax/tools/bench.py) and its PyTorch reference (tools/torch_reference.py).
 
 The quick bench runs as users run it (a subprocess, 2 CPU devices) on a subset of
 cases; every train case's synthetic batch is checked against the real input
@@ -34,7 +34,9 @@ def _quick_base():
 def test_matmul_and_resnet_flops_match_xla_cost_analysis():
   n = 128
   a = jnp.ones((n, n), jnp.float32)
-  assert bench.xla_flops(jax.jit(jnp.dot).lower(a, a).compile()) == pytest.approx(2 * n**3, rel=1e-3)
+  assert bench.xla_flops(jax.jit(jnp.dot).lower(a, a).compile()) == pytest.approx(
+      2 * n**3, rel=1e-3
+  )
   # A ResNet forward: XLA counts the convolutions (the analytic count, padding excluded) plus
   # a few percent of BN, ReLU and pooling; the second is the demo's network.
   for arch, width, small_stem, size in (("resnet10", 8, True, 32), ("resnet18", 32, False, 96)):
@@ -49,6 +51,7 @@ def test_matmul_and_resnet_flops_match_xla_cost_analysis():
 
 def test_every_train_case_is_a_valid_config_and_selectable():
   from ocl_jax.configuration import validate_config
+
   base = _quick_base()
   train, cams, peak, inp, feats, skipped = bench.select("all", "saliency" in base)
   assert set(train) | set(skipped) == set(bench.TRAIN_CASES) and set(cams) == set(bench.CAM_CASES)
@@ -64,6 +67,7 @@ def test_every_train_case_is_a_valid_config_and_selectable():
 def test_synthetic_batches_match_the_input_pipeline(scenes_data_dir):
   """Every train case's synthetic batch has the keys, shapes and dtypes the pipeline yields."""
   from ocl_jax.data import train_data
+
   base = _quick_base()
   base.dataset.name, base.dataset.data_dir = "scenes/tiny", scenes_data_dir
   train, *_ = bench.select("train", "saliency" in base)
@@ -82,16 +86,37 @@ def test_quick_bench_cli_writes_json_and_table(tmp_path, scenes_data_dir):
   out, table = tmp_path / "bench.json", tmp_path / "bench.md"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   proc = subprocess.run(
-      [sys.executable, "-m", "ocl_jax.tools.bench", "--quick", f"--cases={cases}", f"--out={out}",
-       f"--table={table}", f"--data_dir={scenes_data_dir}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "ocl_jax.tools.bench",
+          "--quick",
+          f"--cases={cases}",
+          f"--out={out}",
+          f"--table={table}",
+          f"--data_dir={scenes_data_dir}",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   by_name = {r["name"]: r for r in result["results"]}
   # Two devices: the step is pmapped over both, ContraCAM also runs split over them (@pmap).
   assert len(result["machine"]["devices"]) == 2
-  expected = {"matmul_256", "moco", "moco/views", "contracam_T10_x1", "contracam_T10_x1@pmap",
-              "features", "input_pipeline", "moco+input"}
+  expected = {
+      "matmul_256",
+      "moco",
+      "moco/views",
+      "contracam_T10_x1",
+      "contracam_T10_x1@pmap",
+      "features",
+      "input_pipeline",
+      "moco+input",
+  }
   assert expected <= set(by_name)
   peak = result["peak_gflops"]
   assert peak > 0 and result["machine"]["jax"] == jax.__version__
@@ -128,11 +153,14 @@ def test_quick_bench_cli_writes_json_and_table(tmp_path, scenes_data_dir):
 
 def test_profile_attributes_time_to_convolutions():
   """The per-op profile labels a network's convolutions (forward and backward) from the HLO."""
-  net = models.ContrastiveNet(arch="resnet10", width=4, small_stem=True, proj_hidden_dim=8,
-                              proj_dim=4, axis_name=None)
+  net = models.ContrastiveNet(
+      arch="resnet10", width=4, small_stem=True, proj_hidden_dim=8, proj_dim=4, axis_name=None
+  )
   x = jnp.ones((4, 16, 16, 3))
   v = models.random_variables(net, x)
-  loss = lambda p: net.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0]["embedding"].sum()
+  loss = lambda p: net.apply({**v, "params": p}, x, train=True, mutable=["batch_stats"])[0][
+      "embedding"
+  ].sum()
   compiled = jax.jit(jax.grad(loss)).lower(v["params"]).compile()
   index = bench.hlo_index(compiled.as_text())
   cats = {bench.op_category(names, opcode) for opcode, names in index.values()}
@@ -141,21 +169,32 @@ def test_profile_attributes_time_to_convolutions():
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (optional extra `reference`)")
-@pytest.mark.parametrize("arch,small_stem,expand_res", [("resnet10", True, 1), ("resnet18", False, 2),
-                                                       ("resnet50", False, 1)])
+@pytest.mark.parametrize(
+    "arch,small_stem,expand_res",
+    [("resnet10", True, 1), ("resnet18", False, 2), ("resnet50", False, 1)],
+)
 def test_torch_reference_is_the_same_network(arch, small_stem, expand_res):
   """ocl_jax weights loaded into the PyTorch reference give the same map and embedding."""
   import torch
   from ocl_jax.interop import pytorch
   from ocl_jax.tools import torch_reference as tr
+
   width, size = 4, 32 if small_stem else 64
-  net = models.ContrastiveNet(arch=arch, width=width, small_stem=small_stem, proj_hidden_dim=16,
-                              proj_dim=8, expand_res=expand_res, axis_name=None)
+  net = models.ContrastiveNet(
+      arch=arch,
+      width=width,
+      small_stem=small_stem,
+      proj_hidden_dim=16,
+      proj_dim=8,
+      expand_res=expand_res,
+      axis_name=None,
+  )
   x = np.random.default_rng(0).standard_normal((3, size, size, 3)).astype(np.float32)
   v = jax.device_get(models.random_variables(net, jnp.asarray(x), seed=3))
   state = pytorch.to_torchvision_state_dict(
       {"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
-      head={"params": v["params"]["projector"], "batch_stats": v["batch_stats"]["projector"]})
+      head={"params": v["params"]["projector"], "batch_stats": v["batch_stats"]["projector"]},
+  )
   ref = tr.build_net(arch, width, small_stem, 16, 8, expand_res=expand_res).eval()
   ref.load_ocl_state_dict(state)
   with torch.no_grad():
@@ -174,8 +213,10 @@ def test_torch_reference_contracam_matches_ours():
   from ocl_jax.discovery import contracam as cc
   from ocl_jax.interop import pytorch
   from ocl_jax.tools import torch_reference as tr
-  spec = models.ModelSpec(arch="resnet10", width=8, small_stem=True, proj_hidden_dim=32, proj_dim=16,
-                          pred_hidden_dim=0)
+
+  spec = models.ModelSpec(
+      arch="resnet10", width=8, small_stem=True, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=0
+  )
   settings = cc.CamSettings(iterations=3, expand_res=1)
   net = cc.cam_network(spec, settings)
   x = np.random.default_rng(1).standard_normal((6, 32, 32, 3)).astype(np.float32)
@@ -183,7 +224,8 @@ def test_torch_reference_contracam_matches_ours():
   ours = cc.contracam(net, v, jnp.asarray(x), settings)["mask"]
   state = pytorch.to_torchvision_state_dict(
       {"params": v["params"]["encoder"], "batch_stats": v["batch_stats"]["encoder"]},
-      head={"params": v["params"]["projector"], "batch_stats": v["batch_stats"]["projector"]})
+      head={"params": v["params"]["projector"], "batch_stats": v["batch_stats"]["projector"]},
+  )
   ref = tr.build_net("resnet10", 8, True, 32, 16)
   ref.load_ocl_state_dict(state)
   mask = tr.contracam(ref, torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), iterations=3).numpy()
@@ -196,6 +238,7 @@ def test_torch_reference_contracam_matches_ours():
 def test_torch_reference_train_step_learns(method):
   import torch
   from ocl_jax.tools import torch_reference as tr
+
   torch.manual_seed(0)
   net = tr.build_net("resnet10", 4, True, 0, 8, pred_hidden_dim=16 if method == "byol" else 0)
   step = tr.TrainStep(method, net, lr=0.1, queue_size=16, ema=0.9)

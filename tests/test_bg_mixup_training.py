@@ -20,9 +20,10 @@ def test_transformed_masks_stay_aligned_with_view():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (6, 24, 24, 3), dtype=np.uint8)
   cfg = augment.ViewConfig(crop_size=16, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
-  views, boxes, flips = augment.augment_batch(jax.random.PRNGKey(3), images,
-                                              np.ones(6, np.float32), cfg)
-  assert 0 < int(np.sum(flips)) < 6    # both flipped and unflipped images are covered
+  views, boxes, flips = augment.augment_batch(
+      jax.random.PRNGKey(3), images, np.ones(6, np.float32), cfg
+  )
+  assert 0 < int(np.sum(flips)) < 6  # both flipped and unflipped images are covered
   masks = augment.transform_masks(images[..., 0], boxes, flips, 16)
   np.testing.assert_allclose(masks, views[..., 0], atol=1e-5)
 
@@ -39,12 +40,16 @@ def test_masks_from_dataset_and_from_a_folder(tiny_config, tmp_path):
   c = _bg_config(tiny_config)
   data = train_data.create_train_data(c)
   ds = data.epoch(0).unbatch().take(8)
-  ref = {int(ex["image/id"]): ex["mask"][..., 0] for ex in tfds.as_numpy(
-      tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir))}
+  ref = {
+      int(ex["image/id"]): ex["mask"][..., 0]
+      for ex in tfds.as_numpy(tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir))
+  }
   # Ground truth: the 0/1 mask as 0/255, in the stream's order (ids are not streamed, so
   # match each streamed image to its source image).
-  images = {int(ex["image/id"]): ex["image"] for ex in tfds.as_numpy(
-      tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir))}
+  images = {
+      int(ex["image/id"]): ex["image"]
+      for ex in tfds.as_numpy(tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir))
+  }
   streamed = list(tfds.as_numpy(ds))
   for ex in streamed:
     (image_id,) = [i for i, im in images.items() if np.array_equal(im, ex["image"])]
@@ -71,8 +76,8 @@ def test_missing_mask_folder_is_a_config_error(tiny_config, tmp_path):
 def test_tiny_training_with_bg_mixup(tiny_config, tmp_path, caplog):
   state, log = train_two_steps(_bg_config(tiny_config), tmp_path, caplog)
   mixed = [float(m) for m in re.findall(r"bg_mixup/mixed=([0-9.eE+-]+)", log)]
-  assert mixed and 0 < mixed[-1] <= 1          # prob 1: images with a background are mixed
-  assert int(state.bg_fifo.count) > 0          # their backgrounds entered the FIFO
+  assert mixed and 0 < mixed[-1] <= 1  # prob 1: images with a background are mixed
+  assert int(state.bg_fifo.count) > 0  # their backgrounds entered the FIFO
 
 
 def test_view_pictures_of_oacrop_and_bg_mixup(tiny_config, tmp_path, caplog):
@@ -92,12 +97,17 @@ def test_view_pictures_of_oacrop_and_bg_mixup(tiny_config, tmp_path, caplog):
 def test_mask_of_the_wrong_shape_is_an_error_naming_the_file(tiny_config, tmp_path):
   """scenes images are square: a 16x40 mask cannot be theirs."""
   import tensorflow as tf
-  ids = [int(ex["image/id"]) for ex in tfds.as_numpy(
-      tfds.load("scenes/tiny", split="train", data_dir=tiny_config.dataset.data_dir))]
+
+  ids = [
+      int(ex["image/id"])
+      for ex in tfds.as_numpy(
+          tfds.load("scenes/tiny", split="train", data_dir=tiny_config.dataset.data_dir)
+      )
+  ]
   folder = tmp_path / "masks"
   folder.mkdir()
   for i in ids:
-    shape = (16, 40) if i == ids[0] else (20, 20)   # other sizes than the images are fine
+    shape = (16, 40) if i == ids[0] else (20, 20)  # other sizes than the images are fine
     Image.fromarray(np.full(shape, 200, np.uint8)).save(folder / f"{i}.png")
   c = _bg_config(tiny_config, masks=str(folder))
   data = train_data.create_train_data(c)

@@ -26,7 +26,6 @@ _kernel = jax.jit(C.gaussian_kernel1d, static_argnums=1)
 _jitter = jax.jit(C.color_jitter, static_argnums=(2, 3, 4, 5))
 
 
-
 # ----------------------------------------------------------------------------
 # Colour
 
@@ -46,8 +45,16 @@ def _np_hue(x, f):
 def _colour_test_image():
   img = _rand_image(5, 10, 12)
   # Include greys, black, white and saturated primaries/secondaries.
-  img[0, :8] = [[0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5], [1, 0, 0], [0, 1, 0], [0, 0, 1],
-                [1, 1, 0], [0, 1, 1]]
+  img[0, :8] = [
+      [0, 0, 0],
+      [1, 1, 1],
+      [0.5, 0.5, 0.5],
+      [1, 0, 0],
+      [0, 1, 0],
+      [0, 0, 1],
+      [1, 1, 0],
+      [0, 1, 1],
+  ]
   return img
 
 
@@ -57,16 +64,23 @@ NP_OPS = {
     "saturation": lambda x, f: np.clip(f * x + (1 - f) * _np_luma(x), 0, 1),
     "hue": _np_hue,
 }
-JAX_OPS = {"brightness": jax.jit(C.adjust_brightness), "contrast": jax.jit(C.adjust_contrast),
-           "saturation": jax.jit(C.adjust_saturation), "hue": jax.jit(C.adjust_hue)}
+JAX_OPS = {
+    "brightness": jax.jit(C.adjust_brightness),
+    "contrast": jax.jit(C.adjust_contrast),
+    "saturation": jax.jit(C.adjust_saturation),
+    "hue": jax.jit(C.adjust_hue),
+}
 
 
-@pytest.mark.parametrize("name,factors", [
-    ("brightness", [0.0, 0.6, 1.4, 3.0]),
-    ("contrast", [0.0, 0.6, 1.4, 3.0]),
-    ("saturation", [0.0, 0.6, 1.4, 3.0]),
-    ("hue", [-0.5, -0.1, 0.07, 0.33, 0.5]),
-])
+@pytest.mark.parametrize(
+    "name,factors",
+    [
+        ("brightness", [0.0, 0.6, 1.4, 3.0]),
+        ("contrast", [0.0, 0.6, 1.4, 3.0]),
+        ("saturation", [0.0, 0.6, 1.4, 3.0]),
+        ("hue", [-0.5, -0.1, 0.07, 0.33, 0.5]),
+    ],
+)
 def test_adjust_matches_numpy(name, factors):
   img = _colour_test_image()
   for f in factors:
@@ -117,8 +131,9 @@ def test_color_jitter_samples_ranges_and_random_orders():
   img = jnp.asarray(_colour_test_image())
   key = jax.random.key(11)
   f, o = C.sample_color_jitter(key, 0.4, 0.3, 0.2, 0.1)
-  np.testing.assert_allclose(_jitter(key, img, 0.4, 0.3, 0.2, 0.1),
-                             jax.jit(C.apply_color_ops)(img, f, o), atol=1e-6)
+  np.testing.assert_allclose(
+      _jitter(key, img, 0.4, 0.3, 0.2, 0.1), jax.jit(C.apply_color_ops)(img, f, o), atol=1e-6
+  )
 
 
 def test_grayscale_weighted_sum():

@@ -14,8 +14,9 @@ import pytest
 from ocl_jax.discovery import contracam as cc
 from ocl_jax import models
 
-SPEC = models.ModelSpec(arch="resnet10", width=4, small_stem=True, proj_hidden_dim=16, proj_dim=8,
-                        pred_hidden_dim=0)
+SPEC = models.ModelSpec(
+    arch="resnet10", width=4, small_stem=True, proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=0
+)
 BATCH, SIZE = 6, 32
 BN_EPS = 1e-5
 
@@ -74,14 +75,14 @@ def np_score_and_grad(q, k, negs, official):
     grad = b * soft_pos[:, None] * k
     soft = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     for s, n in enumerate(negs):
-      grad -= (soft[:, s * b:(s + 1) * b] * (1 - eye)) @ n  # diagonal entries are constants
+      grad -= (soft[:, s * b : (s + 1) * b] * (1 - eye)) @ n  # diagonal entries are constants
     return score, grad
   logits = np.concatenate([q @ n.T for n in negs], axis=1)
   valid = np.concatenate([1 - eye] * len(negs), axis=1) > 0
   lse = np_logsumexp(np.where(valid, logits, -np.inf), 1)
   score = np.sum(q * k, 1) - lse
   soft = np.where(valid, np.exp(logits - lse[:, None]), 0.0)
-  grad = k - sum(soft[:, s * b:(s + 1) * b] @ n for s, n in enumerate(negs))
+  grad = k - sum(soft[:, s * b : (s + 1) * b] @ n for s, n in enumerate(negs))
   return score, grad
 
 
@@ -91,7 +92,9 @@ def np_head(variables, fmap):
   hw = fmap.shape[1] * fmap.shape[2]
   pooled = fmap.mean(axis=(1, 2))
   w1 = np.asarray(p["fc1"]["kernel"], np.float64)
-  gain = np.asarray(p["bn1"]["scale"], np.float64) / np.sqrt(np.asarray(st["bn1"]["var"], np.float64) + BN_EPS)
+  gain = np.asarray(p["bn1"]["scale"], np.float64) / np.sqrt(
+      np.asarray(st["bn1"]["var"], np.float64) + BN_EPS
+  )
   v = (pooled @ w1 - np.asarray(st["bn1"]["mean"])) * gain + np.asarray(p["bn1"]["bias"])
   r = np.maximum(v, 0)
   w2 = np.asarray(p["fc2"]["kernel"], np.float64)
@@ -150,9 +153,11 @@ def tiny():
 def runs(tiny):
   net, variables, images, _ = tiny
   out = {}
-  for name, settings in [("t1", cc.CamSettings(iterations=1)),
-                         ("t3", cc.CamSettings(iterations=3)),
-                         ("t3_official", cc.CamSettings(iterations=3, official_score=True))]:
+  for name, settings in [
+      ("t1", cc.CamSettings(iterations=1)),
+      ("t3", cc.CamSettings(iterations=3)),
+      ("t3_official", cc.CamSettings(iterations=3, official_score=True)),
+  ]:
     out[name] = jax.tree_util.tree_map(np.asarray, cc.contracam(net, variables, images, settings))
   return out
 
@@ -165,10 +170,14 @@ def test_bicubic_hand_computed_pytorch_values():
   # torch.nn.functional.interpolate([[0, 1]], size=4, mode='bicubic', align_corners=False):
   # Keys a=-0.75, source x = (dst + 0.5) / 2 - 0.5, border taps replicated.
   m = cc.bicubic_matrix(2, 4)
-  np.testing.assert_allclose(m @ np.array([0.0, 1.0]), [-0.10546875, 0.2265625, 0.7734375, 1.10546875], atol=1e-7)
+  np.testing.assert_allclose(
+      m @ np.array([0.0, 1.0]), [-0.10546875, 0.2265625, 0.7734375, 1.10546875], atol=1e-7
+  )
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((3, 4), (17, 23)), ((4, 4), (32, 32)), ((7, 5), (3, 5)), ((1, 2), (3, 4))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw", [((3, 4), (17, 23)), ((4, 4), (32, 32)), ((7, 5), (3, 5)), ((1, 2), (3, 4))]
+)
 def test_bicubic_matches_pytorch_formula_reference(in_hw, out_hw):
   maps = np.random.default_rng(0).normal(size=(2,) + in_hw)
   got = cc.upsample_bicubic(jnp.asarray(maps, jnp.float32), out_hw)
@@ -219,8 +228,11 @@ def test_default_score_is_the_per_image_formula_by_hand():
   # Official: log(sum_j exp(q_j.k_j)) - log(exp(0) + exp(q_i.n_j)), j != i.
   official = cc.contrastive_score(jnp.asarray(q), jnp.asarray(k), jnp.asarray(n), 1, official=True)
   pos = np.log(np.exp(0.6) + np.exp(1.0))
-  np.testing.assert_allclose(np.asarray(official), [pos - np.log(1 + np.exp(0.8)), pos - np.log(1 + np.exp(1.0))],
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(official),
+      [pos - np.log(1 + np.exp(0.8)), pos - np.log(1 + np.exp(1.0))],
+      atol=1e-6,
+  )
 
 
 def test_official_and_default_gradients_agree_at_t0_and_not_after():
@@ -251,11 +263,15 @@ def test_channel_weights_clamp_and_weighted_map():
   grad[0, :, :, 0] = [[1.0, 3.0], [0.0, 0.0]]  # mean 1
   grad[0, :, :, 1] = -2.0
   grad[0, :, :, 2] = [[0.5, 0.5], [0.5, 0.5]]
-  np.testing.assert_allclose(np.asarray(cc.channel_weights(jnp.asarray(grad), True)), [[1.0, 0.0, 0.5]])
-  np.testing.assert_allclose(np.asarray(cc.channel_weights(jnp.asarray(grad), False)), [[1.0, -2.0, 0.5]])
+  np.testing.assert_allclose(
+      np.asarray(cc.channel_weights(jnp.asarray(grad), True)), [[1.0, 0.0, 0.5]]
+  )
+  np.testing.assert_allclose(
+      np.asarray(cc.channel_weights(jnp.asarray(grad), False)), [[1.0, -2.0, 0.5]]
+  )
   fmap = np.zeros((1, 2, 2, 3))
-  fmap[0, 0, 0] = [1.0, 1.0, 0.0]   # 1 - 2 = -1 -> ReLU 0
-  fmap[0, 1, 1] = [2.0, 0.0, 2.0]   # 2 + 1 = 3
+  fmap[0, 0, 0] = [1.0, 1.0, 0.0]  # 1 - 2 = -1 -> ReLU 0
+  fmap[0, 1, 1] = [2.0, 0.0, 2.0]  # 2 + 1 = 3
   cam = cc.weighted_map(jnp.asarray(fmap), jnp.asarray([[1.0, -2.0, 0.5]]))
   np.testing.assert_allclose(np.asarray(cam), [[[0.0, 0.0], [0.0, 3.0]]])
 
@@ -271,10 +287,17 @@ def test_normalize_per_image():
 # Settings.
 
 
-@pytest.mark.parametrize("kwargs,field", [({"iterations": 0}, "iterations"), ({"iterations": 1.5}, "iterations"),
-                                          ({"expand_res": 3}, "expand_res"), ({"mode": "sup"}, "mode"),
-                                          ({"temperature": 0.0}, "temperature"),
-                                          ({"clamp_weights": 1}, "clamp_weights")])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"iterations": 0}, "iterations"),
+        ({"iterations": 1.5}, "iterations"),
+        ({"expand_res": 3}, "expand_res"),
+        ({"mode": "sup"}, "mode"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"clamp_weights": 1}, "clamp_weights"),
+    ],
+)
 def test_settings_validation_names_the_field(kwargs, field):
   with pytest.raises(ValueError, match=field):
     cc.CamSettings(**kwargs)
@@ -383,8 +406,10 @@ def test_supervised_gradcam_uses_signed_class_weights(tiny):
   net, variables, images, fmap_fn = tiny
   rng = np.random.default_rng(4)
   c, classes = 8 * SPEC.width, 5
-  classifier = {"kernel": jnp.asarray(rng.normal(size=(c, classes)), jnp.float32),
-                "bias": jnp.asarray(rng.normal(size=classes), jnp.float32)}
+  classifier = {
+      "kernel": jnp.asarray(rng.normal(size=(c, classes)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=classes), jnp.float32),
+  }
   fmap = np.asarray(fmap_fn(images), np.float64)
   kernel = np.asarray(classifier["kernel"], np.float64)
 
@@ -401,7 +426,9 @@ def test_supervised_gradcam_uses_signed_class_weights(tiny):
   np.testing.assert_array_equal(np.asarray(out["labels"]), predicted)
   np.testing.assert_allclose(np.asarray(out["mask"]), reference(predicted), atol=2e-4)
   labels = (predicted + 1) % classes
-  out = cc.contracam(net, variables, images, settings, classifier=classifier, labels=jnp.asarray(labels))
+  out = cc.contracam(
+      net, variables, images, settings, classifier=classifier, labels=jnp.asarray(labels)
+  )
   np.testing.assert_allclose(np.asarray(out["mask"]), reference(labels), atol=2e-4)
 
 
@@ -421,8 +448,11 @@ def test_score_across_devices_equals_the_score_of_the_concatenated_batch():
   negs = unit(rng.normal(size=(2, 12, 5))).astype(np.float32)  # 2 sets, the second not yet valid
   want = cc.contrastive_score(jnp.asarray(q), jnp.asarray(k), jnp.asarray(negs), 1)
   split = lambda x, axis: np.stack(np.split(x, 4, axis=axis))
-  got = jax.pmap(lambda a, b, n: cc.contrastive_score(a, b, n, 1, axis_name="d"), axis_name="d",
-                 devices=jax.local_devices()[:4])(split(q, 0), split(k, 0), split(negs, 1))
+  got = jax.pmap(
+      lambda a, b, n: cc.contrastive_score(a, b, n, 1, axis_name="d"),
+      axis_name="d",
+      devices=jax.local_devices()[:4],
+  )(split(q, 0), split(k, 0), split(negs, 1))
   np.testing.assert_allclose(np.asarray(got).reshape(-1), want, rtol=1e-5)
 
 
@@ -430,7 +460,9 @@ def test_contracam_split_over_local_devices_equals_one_device(tiny, runs):
   """The 4 test devices each take a share of the batch; the maps are the whole batch's.
   A batch that does not split evenly, and the release's score, run on one device."""
   net, variables, images, _ = tiny
-  images8 = jnp.concatenate([images, jax.random.normal(jax.random.PRNGKey(3), (2,) + images.shape[1:])])
+  images8 = jnp.concatenate(
+      [images, jax.random.normal(jax.random.PRNGKey(3), (2,) + images.shape[1:])]
+  )
   assert jax.local_device_count() == 4
   settings = cc.CamSettings(iterations=3)
   got = cc.contracam_on_local_devices(net, variables, images8, settings)
@@ -440,9 +472,14 @@ def test_contracam_split_over_local_devices_equals_one_device(tiny, runs):
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-4, atol=1e-5)
   odd = cc.contracam_on_local_devices(net, variables, images, settings)  # 6 images, 4 devices
   np.testing.assert_array_equal(np.asarray(odd["mask"]), runs["t3"]["mask"])
-  official = cc.contracam_on_local_devices(net, variables, images8,
-                                           cc.CamSettings(iterations=3, official_score=True))
+  official = cc.contracam_on_local_devices(
+      net, variables, images8, cc.CamSettings(iterations=3, official_score=True)
+  )
   np.testing.assert_array_equal(
       np.asarray(official["mask"]),
-      np.asarray(cc.contracam(net, variables, images8, cc.CamSettings(iterations=3,
-                                                                     official_score=True))["mask"]))
+      np.asarray(
+          cc.contracam(net, variables, images8, cc.CamSettings(iterations=3, official_score=True))[
+              "mask"
+          ]
+      ),
+  )

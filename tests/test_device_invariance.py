@@ -25,8 +25,12 @@ AUGMENTATIONS = {
     # Both donor-drawing augmentations at once: the default suite's one (1, 2, 4)-device run.
     "bgmix+mixup": {"bg_mixup.enabled": True, "bg_mixup.prob": 0.7, "mix.kind": "mixup"},
     "sgcl": {"saliency.enabled": True, "saliency.gamma": 1.0, "saliency.crop_temperature": 1.0},
-    "sgcl_local": {"saliency.enabled": True, "saliency.gamma": 1.0,
-                   "saliency.crop_temperature": 1.0, "saliency.num_local_crops": 2},
+    "sgcl_local": {
+        "saliency.enabled": True,
+        "saliency.gamma": 1.0,
+        "saliency.crop_temperature": 1.0,
+        "saliency.num_local_crops": 2,
+    },
 }
 MOCO_ONLY = ("mixup", "cutmix", "bgmix+mixup")
 IN_DEFAULT_SUITE = {("moco", "bgmix+mixup")}
@@ -49,15 +53,17 @@ def case_config(method, augmentation):
 
 def random_batch(n, size, seed):
   rng = np.random.default_rng(seed)
-  batch = {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-           "aspect": rng.uniform(0.75, 1.33, n).astype(np.float32),
-           "label": rng.integers(0, 5, n).astype(np.int32),
-           "index": np.arange(n, dtype=np.int32) + n * seed}
+  batch = {
+      "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+      "aspect": rng.uniform(0.75, 1.33, n).astype(np.float32),
+      "label": rng.integers(0, 5, n).astype(np.int32),
+      "index": np.arange(n, dtype=np.int32) + n * seed,
+  }
   # A foreground square per image, somewhere: BG-mixup finds a background strip beside it.
   mask = np.zeros((n, size, size), np.uint8)
   corners = rng.integers(0, size // 2, (n, 2))
   for i, (r, c) in enumerate(corners):
-    mask[i, r:r + size // 2, c:c + size // 2] = 255
+    mask[i, r : r + size // 2, c : c + size // 2] = 255
   batch["fg_mask"] = mask
   lo = rng.uniform(0.0, 0.4, (n, 2, 2))
   batch["boxes"] = np.concatenate([lo, lo + rng.uniform(0.3, 0.6, (n, 2, 2))], -1).clip(0, 1)
@@ -69,8 +75,9 @@ def random_batch(n, size, seed):
 def run_steps(config, num_devices):
   ctx = train.make_context(config, 10, num_classes=5, num_examples=8 * STEPS)
   devices = jax.local_devices()[:num_devices]
-  p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
-                    devices=devices)
+  p_step = jax.pmap(
+      functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS, devices=devices
+  )
   state = parallel.replicate(train.create_train_state(0, config, ctx), devices)
   keep = ["image", "aspect", "label", "index"]
   keep += ["fg_mask"] if config.bg_mixup.enabled else []
@@ -107,9 +114,12 @@ def test_one_two_and_four_devices_agree(method, augmentation):
     np.testing.assert_allclose(losses, losses1, rtol=1e-4, err_msg=f"{n} devices")
     for name in ("params", "batch_stats", "target_params", "queue", "bg_fifo", "saliency_bank"):
       jax.tree_util.tree_map(
-          lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32),
-                                                  np.asarray(y, np.float32), rtol=2e-3, atol=2e-5),
-          getattr(state1, name), getattr(state, name))
+          lambda x, y: np.testing.assert_allclose(
+              np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=2e-3, atol=2e-5
+          ),
+          getattr(state1, name),
+          getattr(state, name),
+      )
     for m1, m in zip(metrics1, metrics):
       for k in m1:
         if k.startswith("bg_mixup/"):  # the counts of mixed / FIFO-drawn images agree exactly

@@ -40,11 +40,17 @@ def _collect(ds, split, **kw):
 
 def test_scenes_splits_counts_order_and_padding(scenes_data_dir):
   ds = eval_datasets.get_eval_dataset("scenes", scenes_name="scenes/tiny", data_dir=scenes_data_dir)
-  assert ds.class_names == scenes_render.CLASS_NAMES and ds.num_classes == 10 and ds.head_from is None
+  assert (
+      ds.class_names == scenes_render.CLASS_NAMES and ds.num_classes == 10 and ds.head_from is None
+  )
   assert (ds.train, ds.val) == ("train_labeled", "val")
-  assert ds.tests == {"test": "test", "mixed_same": "test_mixed_same",
-                      "mixed_rand": "test_mixed_rand", "only_fg": "test_only_fg",
-                      "single": "test_single"}
+  assert ds.tests == {
+      "test": "test",
+      "mixed_same": "test_mixed_same",
+      "mixed_rand": "test_mixed_rand",
+      "only_fg": "test_only_fg",
+      "single": "test_single",
+  }
   builder = tfds.builder("scenes/tiny", data_dir=scenes_data_dir)
   for split in ds.splits:
     # 64 examples, batches of 24: the last one is padded with 8.
@@ -82,7 +88,7 @@ def _np_resize_center_crop(image, size, crop_fraction):
   nh, nw = (target, target * w // h) if h <= w else (target * h // w, target)
   x = _np_resize_axis(_np_resize_axis(image.astype(np.float64), nh, 0), nw, 1)
   top, left = (nh - size) // 2, (nw - size) // 2
-  return np.clip(np.round(x[top:top + size, left:left + size]), 0, 255).astype(np.uint8)
+  return np.clip(np.round(x[top : top + size, left : left + size]), 0, 255).astype(np.uint8)
 
 
 def _write(path, image):
@@ -126,21 +132,28 @@ def test_resize_center_crop_matches_numpy_on_a_non_square_folder_image(tmp_path)
 
 def test_coco_crop_box_selection_margin_and_clipping():
   # (ymin, xmin, ymax, xmax) normalised, as TFDS coco/2017 stores them.
-  bbox = np.array([
-      [0.1, 0.2, 0.5, 0.7],     # w 0.5, h 0.4: kept, grows by (0.1, 0.08): x 0.1..0.8, y .02..0.58
-      [0.0, 0.0, 0.05, 0.1],    # area 0.005 < 1%: dropped
-      [0.85, 0.9, 1.0, 1.0],    # w 0.1, h 0.15, area 0.015: kept, clipped at 1
-      [0.2, 0.2, 0.3, 0.3],     # area exactly 1%: kept (>=)
-      [0.5, 0.5, 0.4, 0.9],     # degenerate (ymax < ymin): dropped
-  ], np.float32)
+  bbox = np.array(
+      [
+          [0.1, 0.2, 0.5, 0.7],  # w 0.5, h 0.4: kept, grows by (0.1, 0.08): x 0.1..0.8, y .02..0.58
+          [0.0, 0.0, 0.05, 0.1],  # area 0.005 < 1%: dropped
+          [0.85, 0.9, 1.0, 1.0],  # w 0.1, h 0.15, area 0.015: kept, clipped at 1
+          [0.2, 0.2, 0.3, 0.3],  # area exactly 1%: kept (>=)
+          [0.5, 0.5, 0.4, 0.9],  # degenerate (ymax < ymin): dropped
+      ],
+      np.float32,
+  )
   labels = np.array([3, 4, 7, 9, 1, 5])  # one extra label (mock data): ignored
   boxes, kept = eval_data.coco_crop_boxes(tf.constant(bbox), tf.constant(labels))
   np.testing.assert_array_equal(kept.numpy(), [3, 7, 9])
-  np.testing.assert_allclose(boxes.numpy(), [
-      [0.1, 0.02, 0.8, 0.58],
-      [0.88, 0.82, 1.0, 1.0],
-      [0.18, 0.18, 0.32, 0.32],
-  ], atol=1e-6)
+  np.testing.assert_allclose(
+      boxes.numpy(),
+      [
+          [0.1, 0.02, 0.8, 0.58],
+          [0.88, 0.82, 1.0, 1.0],
+          [0.18, 0.18, 0.32, 0.32],
+      ],
+      atol=1e-6,
+  )
   # Pixel windows round outwards and stay inside the image (top, left, h, w).
   window = eval_data.box_pixels(tf.constant([0.1, 0.02, 0.8, 0.58]), 50, 20).numpy()
   np.testing.assert_array_equal(window, [1, 2, 29 - 1, 16 - 2])
@@ -154,8 +167,15 @@ def test_coco_crop_box_selection_margin_and_clipping():
 
 @pytest.mark.parametrize("name", sorted(eval_datasets.TFDS_TRANSFER) + ["coco_crop"])
 def test_tfds_sets_under_mock_data(name):
-  num_classes = {"caltech_birds2011": 200, "oxford_flowers102": 102, "food101": 101,
-                 "oxford_iiit_pet": 37, "cifar10": 10, "cifar100": 100, "coco_crop": 80}[name]
+  num_classes = {
+      "caltech_birds2011": 200,
+      "oxford_flowers102": 102,
+      "food101": 101,
+      "oxford_iiit_pet": 37,
+      "cifar10": 10,
+      "cifar100": 100,
+      "coco_crop": 80,
+  }[name]
   with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=5):
     ds = eval_datasets.get_eval_dataset(name)
     assert ds.num_classes == num_classes and ds.head_from is None
@@ -166,9 +186,12 @@ def test_tfds_sets_under_mock_data(name):
       if name == "coco_crop":
         assert eval_data.split_size(ds, split) is None
         builder = tfds.builder("coco/2017")
-        expected = [int(eval_data.coco_crop_boxes(ex["objects"]["bbox"],
-                                                  ex["objects"]["label"])[1].shape[0])
-                    for ex in builder.as_dataset(split=split)]
+        expected = [
+            int(
+                eval_data.coco_crop_boxes(ex["objects"]["bbox"], ex["objects"]["label"])[1].shape[0]
+            )
+            for ex in builder.as_dataset(split=split)
+        ]
         assert len(got["label"]) == sum(expected) > 0
       else:
         assert len(got["label"]) == eval_data.split_size(ds, split) == 5
@@ -207,7 +230,7 @@ def test_imagenet9_layout_splits_and_variants(tmp_path):
   assert [os.path.basename(p) for p, _ in ds.files["val"]] == ["img09.png"] * 3
   assert [label for _, label in ds.files["val"]] == [0, 1, 2]
   again = eval_datasets.get_eval_dataset("imagenet9", folders={"imagenet9": root})
-  assert again == ds and hash(again) == hash(ds)   # usable as a cache key
+  assert again == ds and hash(again) == hash(ds)  # usable as a cache key
   train = _collect(ds, "train", batch_size=7)
   np.testing.assert_array_equal(train["label"], np.repeat([0, 1, 2], 9))
   np.testing.assert_array_equal(train["image"][:, 4, 4, 0], 10 * (train["label"] + 1))
@@ -215,8 +238,9 @@ def test_imagenet9_layout_splits_and_variants(tmp_path):
   for v in eval_datasets.IMAGENET9_VARIANTS:
     got = _collect(ds, ds.tests[v])
     np.testing.assert_array_equal(got["label"], [0, 0, 1, 1, 2, 2])
-    assert np.all(np.abs(got["image"][:, 4, 4].astype(int) - 100 - 10 * (got["label"][:, None] + 1))
-                  <= 2)  # JPEG
+    assert np.all(
+        np.abs(got["image"][:, 4, 4].astype(int) - 100 - 10 * (got["label"][:, None] + 1)) <= 2
+    )  # JPEG
     assert eval_data.last_skipped(ds, v) == ()
 
 
@@ -245,7 +269,7 @@ def test_objectnet9_and_si_score_use_the_imagenet9_head(tmp_path):
   assert ds.tests == {"area": "area", "rotation": "rotation"}
   np.testing.assert_array_equal(_collect(ds, "area")["label"], [0])
   np.testing.assert_array_equal(_collect(ds, "rotation")["label"], [1, 2])
-  _write(f"{si}/location/07_primate/d.png", _solid(5))   # not among the 3 head classes
+  _write(f"{si}/location/07_primate/d.png", _solid(5))  # not among the 3 head classes
   _write(f"{si}/location/zebra/e.png", _solid(5))
   with pytest.raises(ValueError, match=r"\['07_primate', 'zebra'\]"):
     eval_datasets.get_eval_dataset("si_score", folders={**folders, "si_score": si})
@@ -260,14 +284,14 @@ def test_unreadable_files_are_skipped_counted_and_logged(tmp_path, caplog):
     _write(f"{root}/test/a/{i}.jpg", good)
   jpeg = tf.io.encode_jpeg(tf.constant(good)).numpy()
   with open(f"{root}/test/a/1_truncated.jpg", "wb") as f:
-    f.write(jpeg[:len(jpeg) // 2])
+    f.write(jpeg[: len(jpeg) // 2])
   with open(f"{root}/test/a/2_corrupt.JPG", "wb") as f:
     f.write(np.random.RandomState(1).bytes(500))
-  with open(f"{root}/test/a/notes.txt", "w") as f:   # not an image name: never listed
+  with open(f"{root}/test/a/notes.txt", "w") as f:  # not an image name: never listed
     f.write("x")
   ds = eval_datasets.get_eval_dataset(f"folder:{root}")
   assert eval_data.split_size(ds, "test") == 6
-  assert eval_data.last_skipped(ds, "test") is None   # no pass yet
+  assert eval_data.last_skipped(ds, "test") is None  # no pass yet
   with caplog.at_level(logging.WARNING):
     got = _collect(ds, "test", batch_size=4)
   assert len(got["label"]) == 4 and np.all(got["label"] == 0)
@@ -279,8 +303,10 @@ def test_unreadable_files_are_skipped_counted_and_logged(tmp_path, caplog):
 
 
 def test_folder_errors(tmp_path):
-  with pytest.raises(ValueError, match="Unknown evaluation dataset 'nope'; known: .*cifar10.*"
-                     "imagenet9.*folder:<path>"):
+  with pytest.raises(
+      ValueError,
+      match="Unknown evaluation dataset 'nope'; known: .*cifar10.*" "imagenet9.*folder:<path>",
+  ):
     eval_datasets.get_eval_dataset("nope")
   with pytest.raises(ValueError, match="config.evaluation.folders.imagenet9"):
     eval_datasets.get_eval_dataset("imagenet9")

@@ -18,11 +18,12 @@ from ocl_jax.evaluation import evaluate
 def tiny_export(tmp_path_factory, scenes_data_dir):
   """A random-init tiny encoder exported like a finished run: (config, workdir)."""
   from tests.conftest import export_random_init, make_tiny_config
+
   config = make_tiny_config(scenes_data_dir)
   workdir = str(tmp_path_factory.mktemp("run"))
   export_random_init(config, workdir)
   config.evaluation.image_size = 32
-  config.evaluation.batch_size = 24          # 6 per device; splits of 64 end with a padded batch
+  config.evaluation.batch_size = 24  # 6 per device; splits of 64 end with a padded batch
   config.evaluation.num_l2_values = 5
   config.evaluation.lbfgs_max_iters = 50
   config.evaluation.knn_k = 5
@@ -33,12 +34,16 @@ def test_features_match_a_direct_forward_in_order(tiny_export):
   config, workdir = tiny_export
   module, variables, _, _, name = export.load_model(workdir)
   assert name == os.path.basename(workdir)
-  ds = eval_datasets.get_eval_dataset("scenes", scenes_name="scenes/tiny",
-                                      data_dir=config.dataset.data_dir)
-  batches = eval_data.split_batches(ds, "test", image_size=32, crop_fraction=1.0,
-                                    batch_size=24, data_dir=config.dataset.data_dir)
+  ds = eval_datasets.get_eval_dataset(
+      "scenes", scenes_name="scenes/tiny", data_dir=config.dataset.data_dir
+  )
+  batches = eval_data.split_batches(
+      ds, "test", image_size=32, crop_fraction=1.0, batch_size=24, data_dir=config.dataset.data_dir
+  )
   feats, labels = evaluate.extract_features(module, variables, batches)
-  ref = list(tfds.as_numpy(tfds.load("scenes/tiny", split="test", data_dir=config.dataset.data_dir)))
+  ref = list(
+      tfds.as_numpy(tfds.load("scenes/tiny", split="test", data_dir=config.dataset.data_dir))
+  )
   assert feats.shape[0] == len(ref) == 64
   np.testing.assert_array_equal(labels, [r["label"] for r in ref])
   x = np.stack([r["image"] for r in ref]).astype(np.float32) / 255.0
@@ -48,15 +53,19 @@ def test_features_match_a_direct_forward_in_order(tiny_export):
 
 
 def test_results_table_hand_case():
-  rows = {"vanilla": {"scenes/linear/test": 0.8123, "loc/mask_miou": 0.4567},
-          "oacrop": {"scenes/linear/test": 0.85, "scenes/knn/test": 0.5}}
+  rows = {
+      "vanilla": {"scenes/linear/test": 0.8123, "loc/mask_miou": 0.4567},
+      "oacrop": {"scenes/linear/test": 0.85, "scenes/knn/test": 0.5},
+  }
   table = evaluate.results_table(rows, "T")
   assert table.splitlines() == [
-      "T", "",
+      "T",
+      "",
       "| checkpoint | scenes/linear/test | loc/mask_miou | scenes/knn/test |",
       "|---|---|---|---|",
       "| vanilla | 81.2 | 0.457 | – |",
-      "| oacrop | 85.0 | – | 50.0 |"]
+      "| oacrop | 85.0 | – | 50.0 |",
+  ]
 
 
 def test_eval_mode_writes_json_and_markdown_rows(tiny_export, tmp_path):
@@ -71,7 +80,9 @@ def test_eval_mode_writes_json_and_markdown_rows(tiny_export, tmp_path):
     assert 0.0 <= row[f"scenes/linear/{split}"] <= 1.0
   for split in ("test", "mixed_rand"):
     assert 0.0 <= row[f"scenes/knn/{split}"] <= 1.0
-  assert np.isclose(row["scenes/linear/bg_gap"], row["scenes/linear/test"] - row["scenes/linear/mixed_rand"])
+  assert np.isclose(
+      row["scenes/linear/bg_gap"], row["scenes/linear/test"] - row["scenes/linear/mixed_rand"]
+  )
   # The same encoder twice: the same numbers.
   assert rows["export"] == rows[os.path.basename(workdir)]
   saved = json.load(open(tmp_path / "eval_results.json"))
@@ -84,6 +95,7 @@ def test_labels_without_signal_give_chance_accuracy(tiny_export, tmp_path):
   """Noise images in random class folders (train / val / test disjoint): the probe and kNN
   must be at chance (1/4), which fails if features or labels leak between splits."""
   from PIL import Image
+
   config, workdir = tiny_export
   rng = np.random.default_rng(0)
   for split, n in (("train", 240), ("val", 80), ("test", 240)):
@@ -103,8 +115,17 @@ def test_labels_without_signal_give_chance_accuracy(tiny_export, tmp_path):
   assert abs(row[f"{name}/knn/test"] - 0.25) < 0.1, row
 
 
-@pytest.mark.parametrize("name", ["coco_crop", "caltech_birds2011", "oxford_flowers102", "food101",
-                                  "oxford_iiit_pet", "cifar100"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "coco_crop",
+        "caltech_birds2011",
+        "oxford_flowers102",
+        "food101",
+        "oxford_iiit_pet",
+        "cifar100",
+    ],
+)
 def test_every_tfds_dataset_evaluates_under_mock_data(tiny_export, name):
   config, workdir = tiny_export
   c = config.copy_and_resolve_references()
@@ -121,15 +142,23 @@ def test_imagenet9_probe_scores_objectnet9_and_si_score(tiny_export, tmp_path):
   """Test-only sets are scored with the ImageNet-9 probe: images identical to an ImageNet-9
   test variant's give the same accuracy; classes are matched by folder name."""
   from PIL import Image
+
   config, workdir = tiny_export
   rng = np.random.default_rng(1)
   classes = eval_datasets.IMAGENET9_CLASSES
   colours = rng.integers(0, 256, (9, 3))
+
   def image(k):  # class k: its colour plus noise, so a probe can learn it
     return np.clip(colours[k] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+
   bg = tmp_path / "bg_challenge"
-  for variant, split, n in [("original", "train", 10), ("original", "val", 2), ("mixed_same", "val", 2),
-                            ("mixed_rand", "val", 2), ("only_fg", "val", 2)]:
+  for variant, split, n in [
+      ("original", "train", 10),
+      ("original", "val", 2),
+      ("mixed_same", "val", 2),
+      ("mixed_rand", "val", 2),
+      ("only_fg", "val", 2),
+  ]:
     for k, name in enumerate(classes):
       d = bg / variant / split / name
       d.mkdir(parents=True)
@@ -152,5 +181,5 @@ def test_imagenet9_probe_scores_objectnet9_and_si_score(tiny_export, tmp_path):
   for proto in ("linear", "knn"):
     assert row[f"objectnet9/{proto}/test"] == row[f"imagenet9/{proto}/original"]
     assert row[f"si_score/{proto}/rotation"] == row[f"imagenet9/{proto}/original"]
-  assert row["imagenet9/linear/original"] > 0.5      # colours are learnable: far above 1/9
+  assert row["imagenet9/linear/original"] > 0.5  # colours are learnable: far above 1/9
   assert "imagenet9/linear/bg_gap" in row

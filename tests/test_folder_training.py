@@ -17,7 +17,7 @@ from ocl_jax.data import train_data
 from ocl_jax.configuration import ConfigError, validate_config
 from tests.conftest import make_tiny_config, train_two_steps
 
-CLASSES = ("00_dog", "01 bird", "02_cat")   # a space, as ImageNet-9's "02_wheeled vehicle"
+CLASSES = ("00_dog", "01 bird", "02_cat")  # a space, as ImageNet-9's "02_wheeled vehicle"
 PER_CLASS = 5
 
 
@@ -36,7 +36,9 @@ def folder(tmp_path):
       (split / name).mkdir(parents=True)
       for i in range(count):
         k = len(expected)
-        Image.fromarray(np.full((40, 48, 3), _colour(k), np.uint8)).save(split / name / f"im{i}.png")
+        Image.fromarray(np.full((40, 48, 3), _colour(k), np.uint8)).save(
+            split / name / f"im{i}.png"
+        )
         if split == root:
           expected[f"{name.replace(' ', '_')}__im{i}"] = (label, _colour(k))
   (root / "01 bird" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64)
@@ -44,7 +46,7 @@ def folder(tmp_path):
 
 
 def _config(root, batch_size=8):
-  c = make_tiny_config("unused")   # the TFDS data dir is not read for folders
+  c = make_tiny_config("unused")  # the TFDS data dir is not read for folders
   c.dataset.name = f"folder:{root}"
   c.dataset.eval_split = "val"
   c.batch_size = batch_size
@@ -53,8 +55,9 @@ def _config(root, batch_size=8):
 
 
 def test_image_ids():
-  assert folders.folder_image_id("02_wheeled vehicle/n0402_77.JPEG") == \
-      "02_wheeled_vehicle__n0402_77"
+  assert (
+      folders.folder_image_id("02_wheeled vehicle/n0402_77.JPEG") == "02_wheeled_vehicle__n0402_77"
+  )
   assert folders.folder_image_id("a/b/c.d.png") == "a__b__c.d"
 
 
@@ -62,7 +65,7 @@ def test_train_stream_is_right_deterministic_resumable_and_skips_bad_files(folde
   root, expected = folder
   data = train_data.create_train_data(_config(root))
   assert sources.num_classes(data.builder) == 3
-  assert data.num_examples == 16 and data.steps_per_epoch == 2   # listed files, corrupt included
+  assert data.num_examples == 16 and data.steps_per_epoch == 2  # listed files, corrupt included
   epochs = []
   for e in range(2):
     ids = []
@@ -73,27 +76,31 @@ def test_train_stream_is_right_deterministic_resumable_and_skips_bad_files(folde
         assert label == label_ref
         np.testing.assert_array_equal(image, np.broadcast_to(colour, (32, 32, 3)))
         ids.append(image_id.decode())
-    assert len(ids) == 16 and set(ids) == set(expected)   # the corrupt file's slot is refilled
+    assert len(ids) == 16 and set(ids) == set(expected)  # the corrupt file's slot is refilled
     epochs.append(ids)
-  assert epochs[0] != epochs[1]                            # reshuffled per epoch
-  again = [ex["id"].decode() for ex in tfds.as_numpy(
-      train_data.create_train_data(_config(root)).epoch(0).unbatch())]
-  assert again == epochs[0]                                # a function of (seed, epoch)
+  assert epochs[0] != epochs[1]  # reshuffled per epoch
+  again = [
+      ex["id"].decode()
+      for ex in tfds.as_numpy(train_data.create_train_data(_config(root)).epoch(0).unbatch())
+  ]
+  assert again == epochs[0]  # a function of (seed, epoch)
   other = _config(root)
   other.seed = 1
-  assert [ex["id"].decode() for ex in tfds.as_numpy(
-      train_data.create_train_data(other).epoch(0).unbatch())] != epochs[0]
+  assert [
+      ex["id"].decode()
+      for ex in tfds.as_numpy(train_data.create_train_data(other).epoch(0).unbatch())
+  ] != epochs[0]
 
   # Resuming at step 3 gives exactly the continuation, across the epoch boundary.
   with caplog.at_level(logging.WARNING):
     full = list(itertools.islice(data.iterate(0), 5))
   resumed = list(itertools.islice(data.iterate(3), 2))
-  assert set(full[0]) == {"image", "aspect", "label"}      # host-only keys are dropped
+  assert set(full[0]) == {"image", "aspect", "label"}  # host-only keys are dropped
   for a, b in zip(full[3:], resumed):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   broken = str(root / "01 bird" / "broken.jpg")
-  assert data.unreadable_files == {broken} and data.unreadable_count >= 2   # once per epoch
+  assert data.unreadable_files == {broken} and data.unreadable_count >= 2  # once per epoch
   assert re.search(r"Epoch 1: 1 image files .* replaced .*broken\.jpg", caplog.text)
 
 
@@ -103,7 +110,7 @@ def test_localization_and_eval_batches_use_the_same_ids(folder, caplog):
   with caplog.at_level(logging.WARNING):
     batches = list(eval_data.localization_batches(c, "train", 4))
   ids = [i for b in batches for i in b["id"]]
-  assert ids == sorted(expected)                           # listing order, corrupt file skipped
+  assert ids == sorted(expected)  # listing order, corrupt file skipped
   assert "skipped 1 of 16" in caplog.text and "broken.jpg" in caplog.text
   for b in batches:
     assert b["image"].shape[1:] == (32, 32, 3) and set(b) >= {"image", "id", "label"}
@@ -126,7 +133,7 @@ def test_localization_and_eval_batches_use_the_same_ids(folder, caplog):
 def _write_masks(folder, ids):
   folder.mkdir()
   mask = np.zeros((32, 32), np.uint8)
-  mask[8:24, 8:24] = 255                                   # a centred object, background around
+  mask[8:24, 8:24] = 255  # a centred object, background around
   for image_id in ids:
     Image.fromarray(mask).save(folder / f"{image_id}.png")
 
@@ -137,7 +144,7 @@ def test_bg_mixup_and_oa_crop_training_on_a_folder(folder, tmp_path, caplog):
   c.bg_mixup.enabled, c.bg_mixup.prob = True, 1.0
   c.bg_mixup.masks = str(tmp_path / "masks")
   _write_masks(tmp_path / "masks", expected)
-  boxes = tmp_path / "boxes_train.txt"                    # what save_boxes writes: keyed by id
+  boxes = tmp_path / "boxes_train.txt"  # what save_boxes writes: keyed by id
   boxes.write_text("".join(f"{i} 0.1,0.1,0.9,0.9\n" for i in expected))
   c.object_aware.crop, c.object_aware.boxes = True, str(boxes)
   state, log = train_two_steps(c, tmp_path / "run", caplog)
@@ -153,9 +160,10 @@ def test_missing_mask_names_the_id_and_the_folder(folder, tmp_path):
   c.bg_mixup.masks = str(tmp_path / "masks")
   _write_masks(tmp_path / "masks", [i for i in expected if i != "02_cat__im3"])
   data = train_data.create_train_data(c)
-  with pytest.raises(annotations.MaskLookupError,
-                     match=f"02_cat__im3 .*{re.escape(str(tmp_path / 'masks'))}"):
-    list(itertools.islice(data.iterate(0), data.steps_per_epoch))   # every id is in an epoch
+  with pytest.raises(
+      annotations.MaskLookupError, match=f"02_cat__im3 .*{re.escape(str(tmp_path / 'masks'))}"
+  ):
+    list(itertools.islice(data.iterate(0), data.steps_per_epoch))  # every id is in an epoch
 
 
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):

@@ -23,9 +23,13 @@ def test_every_case_is_recorded():
   assert sorted(RECORD["losses"]) == sorted(f"{m}-{a}" for m, a in golden_losses.cases())
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c, marks=() if c in IN_DEFAULT_SUITE else (pytest.mark.slow,))
-    for c in sorted(RECORD["losses"])])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c, marks=() if c in IN_DEFAULT_SUITE else (pytest.mark.slow,))
+        for c in sorted(RECORD["losses"])
+    ],
+)
 def test_losses_match_the_record(case):
   method, augmentation = case.split("-", 1)
   got = golden_losses.losses(method, augmentation)

@@ -1,4 +1,4 @@
-"""Mixup / CutMix of view 1: mixing identities, lambda ranges, the pasted box and the loss wiring."""
+"""Mixup / CutMix of view 1: mixing identities, lambda ranges, the pasted box, the loss wiring."""
 
 import re
 
@@ -22,7 +22,10 @@ def test_mixup_is_the_convex_combination_with_the_donor():
   assert sorted(np.asarray(perm).tolist()) == list(range(8))
   lam = np.asarray(lam)
   assert np.all((lam >= 0.5) & (lam <= 1.0)) and len(np.unique(lam)) == 8  # per image
-  want = lam[:, None, None, None] * np.asarray(x) + (1 - lam[:, None, None, None]) * np.asarray(x)[perm]
+  want = (
+      lam[:, None, None, None] * np.asarray(x)
+      + (1 - lam[:, None, None, None]) * np.asarray(x)[perm]
+  )
   np.testing.assert_allclose(mixed, want, rtol=1e-6, atol=1e-6)
 
 
@@ -40,14 +43,17 @@ def test_mixup_lambdas_follow_the_global_index_not_the_split():
 def test_mixup_beta_alpha_other_than_one():
   lams = [float(image_mixing.symmetric_beta(jax.random.PRNGKey(i), 0.2)) for i in range(20)]
   assert all(0.5 <= v <= 1.0 for v in lams)
-  assert np.mean(lams) > 0.8       # Beta(0.2, 0.2) is U-shaped: lambda mostly near 1
+  assert np.mean(lams) > 0.8  # Beta(0.2, 0.2) is U-shaped: lambda mostly near 1
 
 
-@pytest.mark.parametrize("u, lam, want", [
-    ((0.5, 0.5), 0.75, ((3, 9), (3, 7))),      # sides 6x5 around (6, 5): half-sides 3 and 5//2=2
-    ((0.0, 0.0), 0.75, ((0, 3), (0, 2))),      # centred in the corner: clipped to a quarter
-    ((0.99, 0.5), 1.0, ((11, 11), (5, 5))),    # lambda 1: empty box
-])
+@pytest.mark.parametrize(
+    "u, lam, want",
+    [
+        ((0.5, 0.5), 0.75, ((3, 9), (3, 7))),  # sides 6x5 around (6, 5): half-sides 3 and 5//2=2
+        ((0.0, 0.0), 0.75, ((0, 3), (0, 2))),  # centred in the corner: clipped to a quarter
+        ((0.99, 0.5), 1.0, ((11, 11), (5, 5))),  # lambda 1: empty box
+    ],
+)
 def test_cutmix_box_hand_cases(u, lam, want):
   rows, cols = image_mixing.cutmix_box(jnp.array(u), lam, 12, 10)
   assert (tuple(np.asarray(rows)), tuple(np.asarray(cols))) == want
@@ -57,13 +63,13 @@ def test_cutmix_pastes_one_box_and_lambda_is_the_own_area():
   x = _images()
   mixed, lam, perm = image_mixing.cutmix(jax.random.PRNGKey(2), x, 0)
   mixed, x, perm = np.asarray(mixed), np.asarray(x), np.asarray(perm)
-  moved = perm != np.arange(8)                                 # fixed points mix with themselves
+  moved = perm != np.arange(8)  # fixed points mix with themselves
   assert moved.sum() >= 2
   from_donor = (np.all(mixed == x[perm], axis=-1) & ~np.all(mixed == x, axis=-1))[moved]
-  assert np.all(from_donor == from_donor[:1])                  # one box for the batch
+  assert np.all(from_donor == from_donor[:1])  # one box for the batch
   rows, cols = np.nonzero(from_donor[0])
-  if len(rows):                                                # it is a rectangle
-    assert from_donor[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+  if len(rows):  # it is a rectangle
+    assert from_donor[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
   own = 1 - from_donor[0].sum() / from_donor[0].size
   np.testing.assert_allclose(np.asarray(lam), own, rtol=1e-6)
   assert np.all((np.asarray(lam) >= 0.0) & (np.asarray(lam) <= 1.0))

@@ -19,7 +19,7 @@ def test_train_batches_shapes_and_values(tiny_config):
   batch = next(data.iterate())
   n = jax.local_device_count()
   assert batch["image"].shape == (n, 16 // n, 32, 32, 3) and batch["image"].dtype == np.uint8
-  np.testing.assert_array_equal(batch["aspect"], 1.0)   # scenes images are square
+  np.testing.assert_array_equal(batch["aspect"], 1.0)  # scenes images are square
   assert batch["label"].min() >= 0 and batch["label"].max() < 10
 
 
@@ -34,12 +34,12 @@ def test_order_is_a_function_of_seed_and_step(tiny_config):
   spe = data.steps_per_epoch
   full = [_flat(b) for b in itertools.islice(data.iterate(0), spe + 3)]
   resumed = [_flat(b) for b in itertools.islice(data.iterate(spe - 2), 5)]
-  for a, b in zip(full[spe - 2:], resumed):
+  for a, b in zip(full[spe - 2 :], resumed):
     np.testing.assert_array_equal(a, b)
   # One epoch covers every image once (no duplicates inside an epoch).
   epoch = np.concatenate(full[:spe]).reshape(spe * 16, -1)
   assert len(np.unique(epoch, axis=0)) == spe * 16
-  assert not np.array_equal(full[0], full[spe])   # epoch 2 is reshuffled
+  assert not np.array_equal(full[0], full[spe])  # epoch 2 is reshuffled
   tiny_config.seed = 1
   other = next(train_data.create_train_data(tiny_config).iterate(0))
   assert not np.array_equal(_flat(other), full[0])
@@ -48,10 +48,14 @@ def test_order_is_a_function_of_seed_and_step(tiny_config):
 def test_eval_batches_pad_and_mask_without_dropping(tiny_config):
   batches = list(eval_data.eval_batches(tiny_config, "test", batch_size=24))
   masks = np.concatenate([b["valid"].reshape(-1) for b in batches])
-  assert masks.sum() == 64 and len(masks) == 3 * 24     # 64 examples, last batch padded
+  assert masks.sum() == 64 and len(masks) == 3 * 24  # 64 examples, last batch padded
   labels = np.concatenate([b["label"].reshape(-1) for b in batches])[masks > 0]
-  ref = [int(ex["label"]) for ex in tfds.as_numpy(
-      tfds.load("scenes/tiny", split="test", data_dir=tiny_config.dataset.data_dir))]
+  ref = [
+      int(ex["label"])
+      for ex in tfds.as_numpy(
+          tfds.load("scenes/tiny", split="test", data_dir=tiny_config.dataset.data_dir)
+      )
+  ]
   np.testing.assert_array_equal(labels, ref)
 
 

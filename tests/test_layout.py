@@ -44,7 +44,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state and (cycle := visit(nxt)):
         return cycle
     state[node] = "done"
@@ -64,8 +64,9 @@ def test_find_cycle_finds_one_and_only_one():
 
 def test_no_import_cycle():
   modules = dict(_modules(include_tools=True))
-  graph = {name: _module_level_imports(path, set(modules)) - {name}
-           for name, path in modules.items()}
+  graph = {
+      name: _module_level_imports(path, set(modules)) - {name} for name, path in modules.items()
+  }
   assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
@@ -76,8 +77,9 @@ def _imported_ocl_modules(tree: ast.Module) -> set[str]:
     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ocl_jax"):
       for a in node.names:
         target = f"{node.module}.{a.name}"
-        if (PACKAGE.parent / (target.replace(".", "/") + ".py")).exists() or \
-            (PACKAGE.parent / target.replace(".", "/")).is_dir():
+        if (PACKAGE.parent / (target.replace(".", "/") + ".py")).exists() or (
+            PACKAGE.parent / target.replace(".", "/")
+        ).is_dir():
           names.add(a.asname or a.name)
         if a.name.startswith("_") and not a.name.startswith("__"):
           names.add(f"!{a.name}")
@@ -94,9 +96,13 @@ def test_no_private_name_used_from_another_module(folder):
     modules = _imported_ocl_modules(tree)
     bad += [f"{path.relative_to(ROOT)}: imports {n[1:]}" for n in modules if n.startswith("!")]
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-          and node.value.id in modules and node.attr.startswith("_")
-          and not node.attr.startswith("__")):
+      if (
+          isinstance(node, ast.Attribute)
+          and isinstance(node.value, ast.Name)
+          and node.value.id in modules
+          and node.attr.startswith("_")
+          and not node.attr.startswith("__")
+      ):
         bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}")
   assert not bad, "private names used across modules:\n" + "\n".join(bad)
 
@@ -116,9 +122,11 @@ def test_library_modules_are_short_and_load_without_torch():
 
 def test_the_train_step_names_no_method():
   from ocl_jax import methods
+
   source = (PACKAGE / "train" / "step.py").read_text()
   tree = ast.parse(source)
-  strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-             and isinstance(n.value, str)}
+  strings = {
+      n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+  }
   assert not strings & set(methods.names()), strings & set(methods.names())
   assert ".method ==" not in source and "method.name" not in source

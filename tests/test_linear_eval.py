@@ -24,12 +24,12 @@ def _blobs(seed, n=N, scale=1.0):
 
 def _np_objective(theta, z, y, l2):
   """Mean softmax CE + 0.5 * l2 * ||W||^2 (bias free) and its gradient, float64."""
-  w, b = theta[:D * C].reshape(D, C), theta[D * C:]
+  w, b = theta[: D * C].reshape(D, C), theta[D * C :]
   logits = z @ w + b
   m = logits.max(axis=1, keepdims=True)
   lse = m[:, 0] + np.log(np.exp(logits - m).sum(axis=1))
   n = len(y)
-  value = np.mean(lse - logits[np.arange(n), y]) + 0.5 * l2 * np.sum(w ** 2)
+  value = np.mean(lse - logits[np.arange(n), y]) + 0.5 * l2 * np.sum(w**2)
   dlogits = np.exp(logits - lse[:, None])
   dlogits[np.arange(n), y] -= 1.0
   dlogits /= n
@@ -48,10 +48,16 @@ def test_lbfgs_matches_scipy_reference():
   np.testing.assert_allclose(clf.mean, x64.mean(axis=0), atol=1e-5)
   np.testing.assert_allclose(clf.std, x64.std(axis=0), rtol=1e-5)
   z = (x64 - np.asarray(clf.mean, np.float64)) / np.asarray(clf.std, np.float64)
-  ref = optimize.minimize(_np_objective, np.zeros(D * C + C), args=(z, y, l2), jac=True,
-                          method="L-BFGS-B", options=dict(maxiter=10_000, ftol=1e-15, gtol=1e-10))
+  ref = optimize.minimize(
+      _np_objective,
+      np.zeros(D * C + C),
+      args=(z, y, l2),
+      jac=True,
+      method="L-BFGS-B",
+      options=dict(maxiter=10_000, ftol=1e-15, gtol=1e-10),
+  )
   assert ref.success
-  w_ref, b_ref = ref.x[:D * C].reshape(D, C), ref.x[D * C:]
+  w_ref, b_ref = ref.x[: D * C].reshape(D, C), ref.x[D * C :]
   np.testing.assert_allclose(clf.kernel, w_ref, atol=2e-6)
   # The bias is determined up to a constant shift (softmax): compare centred.
   np.testing.assert_allclose(clf.bias - np.mean(clf.bias), b_ref - b_ref.mean(), atol=2e-6)
@@ -138,21 +144,25 @@ def test_sweep_picks_the_validation_argmax_on_informative_features():
   result = le.linear_probe(train, val, {"test": test}, C, l2_values=l2_values)
   best = max(result.val_accuracy_per_l2)
   assert result.val_accuracy == best
-  assert result.best_l2 == max(l2 for l2, acc in zip(l2_values, result.val_accuracy_per_l2)
-                               if acc == best)  # ties: the larger l2
+  assert result.best_l2 == max(
+      l2 for l2, acc in zip(l2_values, result.val_accuracy_per_l2) if acc == best
+  )  # ties: the larger l2
   assert result.best_l2 < 1e4
   assert result.val_accuracy_per_l2[2] < result.val_accuracy - 0.2  # W ~ 0: near chance
   assert result.val_accuracy == le.accuracy(result.classifier, *val)
   assert result.test_accuracy["test"] == le.accuracy(result.classifier, *test)
 
 
-@pytest.mark.parametrize("case, match", [
-    ("length", "features has 200 rows but labels has 199"),
-    ("label_range", "num_classes=3"),
-    ("no_valid", "no valid example"),
-    ("non_finite", "NaN or inf"),
-    ("float_labels", "integers"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("length", "features has 200 rows but labels has 199"),
+        ("label_range", "num_classes=3"),
+        ("no_valid", "no valid example"),
+        ("non_finite", "NaN or inf"),
+        ("float_labels", "integers"),
+    ],
+)
 def test_fit_errors(case, match):
   x, y = _blobs(9)
   if case == "length":
@@ -198,7 +208,12 @@ def _unit(deg):
 # One class-0 point on the query's direction, two class-1 points 30 degrees off,
 # one class-2 point orthogonal (and a padding row identical to the query).
 KNN_TRAIN = np.array([_unit(0), _unit(30), _unit(-30), _unit(90), _unit(0)], np.float32) * [
-    [1.0], [2.0], [0.5], [3.0], [1.0]]  # norms do not matter (cosine)
+    [1.0],
+    [2.0],
+    [0.5],
+    [3.0],
+    [1.0],
+]  # norms do not matter (cosine)
 KNN_LABELS = np.array([0, 1, 1, 2, -1])
 KNN_QUERY = np.array([[5.0, 0.0]], np.float32)
 
@@ -212,8 +227,9 @@ def test_knn_weighted_vote_by_hand(temperature):
   # At T = 0.07 the single closer neighbour outweighs the majority; at T = 10
   # the weights are near-uniform and the majority (class 1) wins.
   assert expected == (0 if temperature == 0.07 else 1)
-  pred = le.knn_predict(KNN_TRAIN, KNN_LABELS, KNN_QUERY, num_classes=3, k=3,
-                        temperature=temperature)
+  pred = le.knn_predict(
+      KNN_TRAIN, KNN_LABELS, KNN_QUERY, num_classes=3, k=3, temperature=temperature
+  )
   np.testing.assert_array_equal(pred, [expected])
 
 
@@ -243,18 +259,25 @@ def test_knn_ties_go_to_the_lowest_class_and_batches_agree():
   assert le.knn_accuracy(train, labels, queries, query_labels, 2, k=1) == pytest.approx(5 / 6)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(k=0), "k must be >= 1"),
-    (dict(train_labels=KNN_LABELS[:-1]), "train_features/train_labels: features has 5 rows"),
-    (dict(train_labels=np.array([0, 1, 1, 3, -1])), "num_classes=3"),
-    (dict(train_labels=-np.ones(5, int)), "no valid example"),
-    (dict(query_features=np.array([[np.inf, 0.0]], np.float32)), "query_features contain"),
-    (dict(query_features=np.zeros((1, 3), np.float32)), "query_features: features have dimension 3"),
-    (dict(temperature=0.0), "temperature"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(k=0), "k must be >= 1"),
+        (dict(train_labels=KNN_LABELS[:-1]), "train_features/train_labels: features has 5 rows"),
+        (dict(train_labels=np.array([0, 1, 1, 3, -1])), "num_classes=3"),
+        (dict(train_labels=-np.ones(5, int)), "no valid example"),
+        (dict(query_features=np.array([[np.inf, 0.0]], np.float32)), "query_features contain"),
+        (
+            dict(query_features=np.zeros((1, 3), np.float32)),
+            "query_features: features have dimension 3",
+        ),
+        (dict(temperature=0.0), "temperature"),
+    ],
+)
 def test_knn_errors(kwargs, match):
-  args = dict(train_features=KNN_TRAIN, train_labels=KNN_LABELS, query_features=KNN_QUERY,
-              num_classes=3)
+  args = dict(
+      train_features=KNN_TRAIN, train_labels=KNN_LABELS, query_features=KNN_QUERY, num_classes=3
+  )
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     le.knn_predict(**args)

@@ -19,14 +19,30 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 
 def _cli(workdir, data_dir, steps, *extra, env=None):
-  args = [sys.executable, "-m", "ocl_jax.main", "--config=configs/scenes.py", f"--workdir={workdir}",
-          f"--config.dataset.data_dir={data_dir}", "--config.dataset.name=scenes/tiny",
-          "--config.dataset.image_size=32", "--config.augment.crop_size=32",
-          "--config.model.arch=resnet10", "--config.model.width=4", "--config.model.small_stem=True",
-          "--config.model.proj_dim=8", "--config.batch_size=16", "--config.moco.queue_size=64",
-          f"--config.num_train_steps={steps}", "--config.log_every_steps=2",
-          "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2",
-          "--config.probe.eval_batches=1", "--verbosity=0", *extra]
+  args = [
+      sys.executable,
+      "-m",
+      "ocl_jax.main",
+      "--config=configs/scenes.py",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.dataset.name=scenes/tiny",
+      "--config.dataset.image_size=32",
+      "--config.augment.crop_size=32",
+      "--config.model.arch=resnet10",
+      "--config.model.width=4",
+      "--config.model.small_stem=True",
+      "--config.model.proj_dim=8",
+      "--config.batch_size=16",
+      "--config.moco.queue_size=64",
+      f"--config.num_train_steps={steps}",
+      "--config.log_every_steps=2",
+      "--config.eval_every_steps=2",
+      "--config.checkpoint_every_steps=2",
+      "--config.probe.eval_batches=1",
+      "--verbosity=0",
+      *extra,
+  ]
   return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -60,15 +76,23 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   assert int(state.step) == 6
   x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
   net = spec.build(axis_name=None)
-  expected = net.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
-                       method=net.feature_map)
-  np.testing.assert_allclose(module.apply(variables, x, train=False), expected, rtol=1e-6, atol=1e-6)
+  expected = net.apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      x,
+      train=False,
+      method=net.feature_map,
+  )
+  np.testing.assert_allclose(
+      module.apply(variables, x, train=False), expected, rtol=1e-6, atol=1e-6
+  )
 
   # A checkpoint of another model, or of another state layout, is a clear error.
   other = tiny_config.copy_and_resolve_references()
   other.model.width = 8
   with pytest.raises(checkpointing.CheckpointMismatchError, match="model="):
-    checkpointing.Checkpointer(str(workdir), ModelSpec.from_config(other), other).restore_or(template)
+    checkpointing.Checkpointer(str(workdir), ModelSpec.from_config(other), other).restore_or(
+        template
+    )
   other = tiny_config.copy_and_resolve_references()
   other.moco.queue_size = 128
   ctx2 = train.make_context(other, 6, 10)
@@ -95,17 +119,20 @@ def test_coco_config_trains_under_mock_data(tmp_path):
   assert (tmp_path / "export" / "model.json").exists()
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("method", "swav", "config.method"),
-    ("batch_size", 6, "not divisible by the 4 devices"),
-    ("moco.queue_size", 100, "config.moco.queue_size"),
-    ("optim.base_lr", -0.1, "config.optim.base_lr"),
-    ("model.arch", "vit", "config.model.arch"),
-    ("augment.flip_prob", 1.5, "flip_prob"),
-    ("augment.scale", (0.5, 0.2), "scale"),
-    ("moco.temperature", 0.0, "config.moco.temperature"),
-    ("mode", "fly", "config.mode"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("method", "swav", "config.method"),
+        ("batch_size", 6, "not divisible by the 4 devices"),
+        ("moco.queue_size", 100, "config.moco.queue_size"),
+        ("optim.base_lr", -0.1, "config.optim.base_lr"),
+        ("model.arch", "vit", "config.model.arch"),
+        ("augment.flip_prob", 1.5, "flip_prob"),
+        ("augment.scale", (0.5, 0.2), "scale"),
+        ("moco.temperature", 0.0, "config.moco.temperature"),
+        ("mode", "fly", "config.mode"),
+    ],
+)
 def test_invalid_config_values_are_named(field, value, message):
   config = load_sibling_config(str(ROOT / "configs" / "demo.py"), "demo.py")
   node = config

@@ -21,7 +21,9 @@ def _trunk(arch, **kw):
 @pytest.mark.parametrize("arch,expected", [("resnet18", 11_176_512), ("resnet50", 23_508_032)])
 def test_parameter_count_matches_torchvision(arch, expected):
   # torchvision resnet18/50 without fc (BN running stats are buffers, not parameters).
-  shapes = jax.eval_shape(lambda: _trunk(arch).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  shapes = jax.eval_shape(
+      lambda: _trunk(arch).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  )
   assert _count(shapes["params"]) == expected
 
 
@@ -40,7 +42,9 @@ def test_feature_map_shapes_and_expand_res():
 
 
 def test_zero_init_last_bn_gamma_makes_blocks_identity_on_residual():
-  params = _trunk("resnet18", width=8).init(jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)), train=False)["params"]
+  params = _trunk("resnet18", width=8).init(
+      jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)), train=False
+  )["params"]
   for name, block in params.items():
     if name.startswith("layer"):
       np.testing.assert_array_equal(block["bn2"]["scale"], 0.0)
@@ -56,9 +60,19 @@ def test_torch_default_init_bound():
 
 
 def _config(method):
-  c = ml_collections.ConfigDict({"method": method, "model": {
-      "arch": "resnet10", "width": 8, "small_stem": False, "proj_hidden_dim": 0,
-      "proj_dim": 16, "pred_hidden_dim": 32}})
+  c = ml_collections.ConfigDict(
+      {
+          "method": method,
+          "model": {
+              "arch": "resnet10",
+              "width": 8,
+              "small_stem": False,
+              "proj_hidden_dim": 0,
+              "proj_dim": 16,
+              "pred_hidden_dim": 32,
+          },
+      }
+  )
   return c
 
 
@@ -99,20 +113,27 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
   variables = models.random_variables(net32, x)
   shapes16 = jax.eval_shape(lambda: net16.init(jax.random.PRNGKey(0), x, train=False))
   assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(variables)
-  assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(shapes16))
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(shapes16))
   out16 = jax.jit(lambda v, x: net16.apply(v, x, train=False))(variables, x)
   out32 = jax.jit(lambda v, x: net32.apply(v, x, train=False))(variables, x)
   for k in ("features", "embedding", "prediction"):
     assert out16[k].dtype == jnp.float32
   # bfloat16 keeps 8 bits of mantissa: ~1% relative error through the network.
-  np.testing.assert_allclose(out16["features"], out32["features"], rtol=0.05,
-                             atol=0.05 * float(jnp.abs(out32["features"]).max()))
+  np.testing.assert_allclose(
+      out16["features"],
+      out32["features"],
+      rtol=0.05,
+      atol=0.05 * float(jnp.abs(out32["features"]).max()),
+  )
   assert float(jnp.sum(out16["embedding"] * out32["embedding"], -1).min()) > 0.99
-  loss = lambda p: net16.apply({**variables, "params": p}, x, train=True,
-                               mutable=["batch_stats"])[0]["embedding"].sum()
+  loss = lambda p: net16.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])[
+      0
+  ]["embedding"].sum()
   grads = jax.jit(jax.grad(loss))(variables["params"])
-  assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
-             for g in jax.tree_util.tree_leaves(grads))
+  assert all(
+      g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g)))
+      for g in jax.tree_util.tree_leaves(grads)
+  )
 
 
 def test_model_dtype_is_validated():
@@ -129,8 +150,9 @@ def test_small_map_convolution_equals_lax_conv(size, stride):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((3, size, size, 5)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((3, 3, 5, 7)), jnp.float32)
-  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), [(1, 1)] * 2,
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (stride, stride), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   patch = lambda x, k: models.patch_conv(x, k, stride, 1)
   np.testing.assert_allclose(patch(x, k), conv(x, k), rtol=1e-5, atol=1e-5)
   g = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
@@ -139,7 +161,9 @@ def test_small_map_convolution_equals_lax_conv(size, stride):
   # The module takes the patch path exactly when the output map is smaller than the kernel.
   module = models.Conv(7, 3, stride)
   v = module.init(jax.random.PRNGKey(0), x)
-  np.testing.assert_allclose(module.apply(v, x), conv(x, v["params"]["kernel"]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      module.apply(v, x), conv(x, v["params"]["kernel"]), rtol=1e-5, atol=1e-5
+  )
   text = jax.jit(module.apply).lower(v, x).as_text()
   out = (size + 2 - 3) // stride + 1
   assert ("convolution" in text) == (out >= 3)
@@ -149,9 +173,12 @@ def test_max_pool_values_and_gradient_equal_flax():
   """Same values and gradient as nn.max_pool, ties included (first maximum in the window): a
   pixel in several windows sums their gradients in another order, hence the 1-ulp tolerance."""
   import flax.linen as nn
+
   rng = np.random.default_rng(0)
-  for x in (jnp.asarray(rng.standard_normal((2, 9, 8, 3)), jnp.float32),
-            jnp.asarray(rng.integers(0, 3, (2, 8, 8, 3)), jnp.float32)):  # many ties
+  for x in (
+      jnp.asarray(rng.standard_normal((2, 9, 8, 3)), jnp.float32),
+      jnp.asarray(rng.integers(0, 3, (2, 8, 8, 3)), jnp.float32),
+  ):  # many ties
     ref = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1)] * 2)
     ours = lambda x: models.max_pool(x, 3, 2)
     np.testing.assert_array_equal(ours(x), ref(x))

@@ -21,11 +21,14 @@ from tests.conftest import make_tiny_config, train_two_steps
 
 ROOT = pathlib.Path(__file__).parents[1]
 
-BOXES = np.array([
-    [[0.0, 0.0, 0.5, 0.5], [0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0], [0.2, 0.3, 0.9, 0.6]],
-    [[0.3, 0.3, 0.4, 0.4], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
-    [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.25, 0.1, 0.75, 0.3]],
-], np.float32)
+BOXES = np.array(
+    [
+        [[0.0, 0.0, 0.5, 0.5], [0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0], [0.2, 0.3, 0.9, 0.6]],
+        [[0.3, 0.3, 0.4, 0.4], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+        [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.25, 0.1, 0.75, 0.3]],
+    ],
+    np.float32,
+)
 VALID = np.array([[True, False, True, True], [False] * 4, [False, False, False, True]])
 
 
@@ -52,8 +55,10 @@ def test_choose_regions_picks_valid_boxes_uniformly():
 def test_choose_regions_independent_of_batch_split():
   key = jax.random.PRNGKey(3)
   whole = augment.choose_regions(key, BOXES, VALID)
-  parts = [augment.choose_regions(key, BOXES[:1], VALID[:1], index_offset=0),
-           augment.choose_regions(key, BOXES[1:], VALID[1:], index_offset=1)]
+  parts = [
+      augment.choose_regions(key, BOXES[:1], VALID[:1], index_offset=0),
+      augment.choose_regions(key, BOXES[1:], VALID[1:], index_offset=1),
+  ]
   np.testing.assert_array_equal(whole, np.concatenate(parts))
 
 
@@ -62,8 +67,15 @@ def test_crops_lie_inside_chosen_regions():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
   aspects = np.array([1.0, 0.75, 1.5], np.float32)
-  fn = jax.jit(lambda k: augment.augment_batch(
-      k, images, aspects, cfg, regions=augment.choose_regions(jax.random.fold_in(k, 9), BOXES, VALID)))
+  fn = jax.jit(
+      lambda k: augment.augment_batch(
+          k,
+          images,
+          aspects,
+          cfg,
+          regions=augment.choose_regions(jax.random.fold_in(k, 9), BOXES, VALID),
+      )
+  )
   for seed in range(20):
     key = jax.random.PRNGKey(seed)
     regions = augment.choose_regions(jax.random.fold_in(key, 9), BOXES, VALID)
@@ -78,16 +90,20 @@ def _pmapped_views(with_boxes: bool):
   """compose.augment_views on one device, with a constant step key."""
   plan = compose.ViewPlan(view=augment.ViewConfig(crop_size=8))
   step_key = jax.random.fold_in(jax.random.PRNGKey(5), 3)
+
   def views(b):
     a = compose.augment_views(step_key, b, plan)
     return a.x1, a.x2
+
   return jax.pmap(views, axis_name=parallel.AXIS, devices=jax.local_devices()[:1])
 
 
 def test_full_image_boxes_equal_plain_views():
   rng = np.random.default_rng(1)
-  batch = {"image": rng.integers(0, 256, (1, 4, 16, 16, 3), dtype=np.uint8),
-           "aspect": rng.uniform(0.75, 1.33, (1, 4)).astype(np.float32)}
+  batch = {
+      "image": rng.integers(0, 256, (1, 4, 16, 16, 3), dtype=np.uint8),
+      "aspect": rng.uniform(0.75, 1.33, (1, 4)).astype(np.float32),
+  }
   plain = _pmapped_views(False)(batch)
   boxes = np.zeros((1, 4, 3, 4), np.float32)
   boxes[..., 1, :] = [0, 0, 1, 1]  # one full-image box per image, in slot 1

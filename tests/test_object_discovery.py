@@ -19,6 +19,7 @@ from ocl_jax.models import ModelSpec
 def model_dirs(tmp_path_factory, scenes_data_dir):
   """A training workdir (one checkpoint) and an export of the same random-init model."""
   from tests.conftest import export_random_init, make_tiny_config
+
   config = make_tiny_config(scenes_data_dir)
   workdir = str(tmp_path_factory.mktemp("run"))
   state, export_dir = export_random_init(config, workdir)
@@ -45,8 +46,9 @@ def test_checkpoint_and_export_load_the_same_model(model_dirs):
   net_b, vars_b, spec_b, _, _ = export.load_model(export_dir, expand_res=2, head=True)
   assert spec_a == spec_b and net_a.expand_res == 2 and spec_a.pred_hidden_dim == 0
   jax.tree_util.tree_map(np.testing.assert_array_equal, vars_a, vars_b)
-  np.testing.assert_array_equal(vars_a["params"]["projector"]["fc1"]["kernel"],
-                                state.params["projector"]["fc1"]["kernel"])
+  np.testing.assert_array_equal(
+      vars_a["params"]["projector"]["fc1"]["kernel"], state.params["projector"]["fc1"]["kernel"]
+  )
   with pytest.raises(FileNotFoundError, match="neither an encoder export"):
     export.load_model(os.path.join(workdir, "nothing_here"))
 
@@ -56,8 +58,12 @@ def test_save_boxes_and_masks(model_dirs, tmp_path):
   c = _cam_config(config, workdir)
   path = discover.save_boxes(c, str(tmp_path))
   table = localization.read_box_file(path)
-  ids = [str(ex["image/id"]) for ex in tfds.as_numpy(
-      tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir).take(16))]
+  ids = [
+      str(ex["image/id"])
+      for ex in tfds.as_numpy(
+          tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir).take(16)
+      )
+  ]
   assert list(table) == ids
   for boxes in table.values():
     assert boxes.shape[1:] == (4,) and np.all((boxes >= 0) & (boxes <= 1))
@@ -66,22 +72,28 @@ def test_save_boxes_and_masks(model_dirs, tmp_path):
   files = sorted(os.listdir(folder))
   assert files == sorted(f"{i}.png" for i in ids)
   mask = np.asarray(Image.open(os.path.join(folder, files[0])))
-  assert mask.shape == (32, 32) and mask.dtype == np.uint8 and mask.max() == 255  # min-max normalised
+  assert (
+      mask.shape == (32, 32) and mask.dtype == np.uint8 and mask.max() == 255
+  )  # min-max normalised
 
 
 def test_evaluate_localization_writes_table_json_and_picture(model_dirs, tmp_path):
   config, _, export_dir, _ = model_dirs
   c = _cam_config(config, export_dir)
   results = discover.evaluate_localization(c, str(tmp_path))
-  assert set(results) == {"ContraCAM (T=1)", "ContraCAM (T=2)", "Grad-CAM, signed weights (T=1)",
-                          "Centre Gaussian prior"}
+  assert set(results) == {
+      "ContraCAM (T=1)",
+      "ContraCAM (T=2)",
+      "Grad-CAM, signed weights (T=1)",
+      "Centre Gaussian prior",
+  }
   for r in results.values():
     assert 0 <= r["mask_miou"] <= 1 and 0 <= r["box_iou"] <= 1
   saved = json.load(open(tmp_path / "localization_scenes_tiny_test.json"))
   assert saved["num_images"] == 16 and saved["results"] == results
   assert "| ContraCAM (T=1) |" in open(tmp_path / "localization_scenes_tiny_test.md").read()
   picture = np.asarray(Image.open(tmp_path / "contracam_test.png"))
-  assert picture.shape == (3 * 32 * 2, (2 + 2) * 32 * 2, 3)   # 3 images; image, 2 steps, union
+  assert picture.shape == (3 * 32 * 2, (2 + 2) * 32 * 2, 3)  # 3 images; image, 2 steps, union
 
 
 def test_centre_prior_row_matches_direct_computation(model_dirs, tmp_path):
@@ -91,10 +103,14 @@ def test_centre_prior_row_matches_direct_computation(model_dirs, tmp_path):
   results = discover.evaluate_localization(c, str(tmp_path))
   prior = localization.centre_gaussian_prior(32, 32)
   ious = []
-  for ex in tfds.as_numpy(tfds.load("scenes/tiny", split="test", data_dir=c.dataset.data_dir).take(16)):
+  for ex in tfds.as_numpy(
+      tfds.load("scenes/tiny", split="test", data_dir=c.dataset.data_dir).take(16)
+  ):
     clean = localization.clean_mask(prior, 0.5, c.contracam.eval_min_obj_scale).astype(np.float32)
     ious.append(float(localization.mask_iou(clean, ex["mask"][..., 0].astype(np.float32))))
-  np.testing.assert_allclose(results["Centre Gaussian prior"]["mask_miou"], np.mean(ious), rtol=1e-6)
+  np.testing.assert_allclose(
+      results["Centre Gaussian prior"]["mask_miou"], np.mean(ious), rtol=1e-6
+  )
 
 
 def test_localization_batches_read_cub_masks_and_boxes(model_dirs):
@@ -103,10 +119,11 @@ def test_localization_batches_read_cub_masks_and_boxes(model_dirs):
   c.dataset.name = "caltech_birds2011"
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
     from ocl_jax.data import eval_data
+
     (batch,) = list(eval_data.localization_batches(c, "test", batch_size=8))
   assert batch["image"].shape == (5, 32, 32, 3) and batch["gt_mask"].shape == (5, 32, 32)
   assert set(np.unique(batch["gt_mask"])) <= {0.0, 1.0}
-  assert batch["gt_box_valid"].sum(1).tolist() == [1] * 5   # CUB: one box per image
+  assert batch["gt_box_valid"].sum(1).tolist() == [1] * 5  # CUB: one box per image
 
 
 def test_picture_grid_layout_and_overlay():
@@ -114,5 +131,5 @@ def test_picture_grid_layout_and_overlay():
   cams = np.zeros((3, 2, 8, 8), np.float32)
   grid = discover.picture_grid(images, cams, [np.zeros((0, 4))] * 2, scale=1)
   assert grid.shape == (16, 8 * 5, 3)
-  np.testing.assert_array_equal(grid[:, :8], 100)                 # first column: the image
+  np.testing.assert_array_equal(grid[:, :8], 100)  # first column: the image
   np.testing.assert_array_equal(discover.overlay(images[0], cams[0, 0], alpha=0.0), images[0])

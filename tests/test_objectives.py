@@ -44,14 +44,15 @@ def test_moco_matches_numpy():
 def test_moco_gradient_ignores_keys_and_queue():
   rng = np.random.default_rng(1)
   q, k, queue = _normalized(rng, 4, 8), _normalized(rng, 4, 8), _normalized(rng, 16, 8)
-  gk, gqueue = jax.grad(lambda k, qu: objectives.moco_per_example(q, k, qu, 0.2).sum(),
-                        argnums=(0, 1))(k, queue)
+  gk, gqueue = jax.grad(
+      lambda k, qu: objectives.moco_per_example(q, k, qu, 0.2).sum(), argnums=(0, 1)
+  )(k, queue)
   assert np.all(gk == 0) and np.all(gqueue == 0)
 
 
 def test_moco_accuracy_hand_case():
   q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
-  k = jnp.array([[1.0, 0.0], [1.0, 0.0]])       # second query's key is orthogonal
+  k = jnp.array([[1.0, 0.0], [1.0, 0.0]])  # second query's key is orthogonal
   queue = jnp.array([[0.0, 1.0], [-1.0, 0.0]])  # ... and the queue holds its own direction
   assert float(objectives.moco_accuracy(q, k, queue)) == 0.5
 
@@ -101,13 +102,15 @@ def test_nt_xent_over_devices_equals_global_batch():
     return objectives.weighted_mean(per, axis_name="d")
 
   def step(a, b):
-    l, g = jax.value_and_grad(device_loss, argnums=(0, 1))(a, b)
+    loss, g = jax.value_and_grad(device_loss, argnums=(0, 1))(a, b)
     # Parameter gradients are pmean'd in training; the embedding gradients here are
     # per-device rows, so scale the same way: 1/devices of the summed cotangent.
-    return jax.lax.pmean(l, "d"), jax.tree_util.tree_map(lambda x: x / n_dev, g)
+    return jax.lax.pmean(loss, "d"), jax.tree_util.tree_map(lambda x: x / n_dev, g)
 
   shard = lambda x: x.reshape(n_dev, -1, x.shape[-1])
-  dl, (dg1, dg2) = jax.pmap(step, axis_name="d", devices=jax.local_devices()[:n_dev])(shard(z1), shard(z2))
+  dl, (dg1, dg2) = jax.pmap(step, axis_name="d", devices=jax.local_devices()[:n_dev])(
+      shard(z1), shard(z2)
+  )
   np.testing.assert_allclose(dl[0], loss, rtol=1e-5)
   np.testing.assert_allclose(dg1.reshape(g1.shape), g1, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(dg2.reshape(g2.shape), g2, rtol=1e-4, atol=1e-6)
@@ -117,10 +120,15 @@ def test_nt_xent_over_devices_equals_global_batch():
 def test_weighted_mean_over_devices(use_weights):
   rng = np.random.default_rng(5)
   losses = rng.normal(size=8).astype(np.float32)
-  weights = rng.uniform(0.1, 2.0, size=8).astype(np.float32) if use_weights else np.ones(8, np.float32)
+  weights = (
+      rng.uniform(0.1, 2.0, size=8).astype(np.float32) if use_weights else np.ones(8, np.float32)
+  )
   expected = np.sum(weights * losses) / np.sum(weights)
-  out = jax.pmap(lambda l, w: jax.lax.pmean(objectives.weighted_mean(l, w, "d"), "d"),
-                 axis_name="d", devices=jax.local_devices()[:4])(losses.reshape(4, 2), weights.reshape(4, 2))
+  out = jax.pmap(
+      lambda per, w: jax.lax.pmean(objectives.weighted_mean(per, w, "d"), "d"),
+      axis_name="d",
+      devices=jax.local_devices()[:4],
+  )(losses.reshape(4, 2), weights.reshape(4, 2))
   np.testing.assert_allclose(out[0], expected, rtol=1e-5)
   np.testing.assert_allclose(objectives.weighted_mean(losses, weights), expected, rtol=1e-5)
 
@@ -130,8 +138,15 @@ def test_moco_mix_matches_numpy_and_reduces_to_one_target():
   q, keys, queue = _normalized(rng, 4, 8), _normalized(rng, 8, 8), _normalized(rng, 16, 8)
   own, donor = np.array([4, 5, 6, 7]), np.array([6, 4, 7, 5])  # this device holds keys 4..7
   lam = np.array([1.0, 0.5, 0.75, 0.9], np.float32)
-  got = objectives.moco_mix_per_example(jnp.array(q), jnp.array(keys), jnp.array(queue),
-                                        jnp.array(own), jnp.array(donor), jnp.array(lam), 0.2)
+  got = objectives.moco_mix_per_example(
+      jnp.array(q),
+      jnp.array(keys),
+      jnp.array(queue),
+      jnp.array(own),
+      jnp.array(donor),
+      jnp.array(lam),
+      0.2,
+  )
   logits = np.concatenate([q @ keys.T, q @ queue.T], 1) / 0.2
   want = lam * _np_ce(logits, own) + (1 - lam) * _np_ce(logits, donor)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -11,8 +11,10 @@ def test_use_cpu_devices_sets_one_device_per_core_dividing_the_batch(monkeypatch
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
   monkeypatch.setattr(parallel, "usable_cores", lambda: 6)
   assert parallel.use_cpu_devices(0, batch_size=64) == 4  # the largest count <= 6 dividing 64
-  assert os.environ["XLA_FLAGS"].split() == ["--xla_cpu_enable_fast_math=false",
-                                             "--xla_force_host_platform_device_count=4"]
+  assert os.environ["XLA_FLAGS"].split() == [
+      "--xla_cpu_enable_fast_math=false",
+      "--xla_force_host_platform_device_count=4",
+  ]
   assert parallel.use_cpu_devices(2, batch_size=64) == 1  # a count is already set: left alone
   monkeypatch.setenv("XLA_FLAGS", "")
   assert parallel.use_cpu_devices(1, batch_size=64) == 1 and os.environ["XLA_FLAGS"] == ""

@@ -54,9 +54,12 @@ def test_every_path_field_of_the_config_is_resolved(tmp_path, monkeypatch):
   assert r.evaluation.folders.si_score.startswith("REQUIRED:")  # left for validation to report
   # The input is not modified, and defaults (None placeholders, 'gt', '') stay.
   assert c.dataset.data_dir == "tfds"
-  d = paths.resolve_config(load_sibling_config(os.path.join(ROOT, "configs", "default.py"),
-                                               "default.py"))
-  assert d.dataset.data_dir is None and d.object_aware.boxes == "gt" and d.contracam.checkpoint == ""
+  d = paths.resolve_config(
+      load_sibling_config(os.path.join(ROOT, "configs", "default.py"), "default.py")
+  )
+  assert (
+      d.dataset.data_dir is None and d.object_aware.boxes == "gt" and d.contracam.checkpoint == ""
+  )
   assert d.dataset.name == "scenes/default"
 
 

@@ -15,7 +15,9 @@ def _pipeline_config(tiny_config):
   return pipeline_test_config(tiny_config)
 
 
-def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(tiny_config, tmp_path, caplog, capsys):
+def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(
+    tiny_config, tmp_path, caplog, capsys
+):
   c = _pipeline_config(tiny_config)
   work = str(tmp_path)
   with caplog.at_level(logging.INFO):
@@ -53,11 +55,14 @@ def test_pipeline_runs_every_stage_and_resumes_stage_by_stage(tiny_config, tmp_p
   assert caplog.text.count("already done") == 5
 
 
-@pytest.mark.parametrize("stages, message", [
-    (("vanilla", "oacrop", "contracam"), "'contracam' must come before it"),
-    (("contracam", "vanilla"), "'vanilla' must come before it"),
-    (("vanilla", "sgd"), "unknown stage 'sgd'"),
-])
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        (("vanilla", "oacrop", "contracam"), "'contracam' must come before it"),
+        (("contracam", "vanilla"), "'vanilla' must come before it"),
+        (("vanilla", "sgd"), "unknown stage 'sgd'"),
+    ],
+)
 def test_stage_order_is_validated(tiny_config, stages, message):
   c = tiny_config
   c.pipeline.stages = stages
@@ -73,4 +78,4 @@ def test_stage_configs(tiny_config, tmp_path):
   bg = pipeline.stage_config(c, "bgmix", str(tmp_path))
   assert bg.bg_mixup.enabled and bg.bg_mixup.masks == str(tmp_path / "contracam" / "masks_train")
   assert not bg.object_aware.crop
-  assert not c.bg_mixup.enabled    # the pipeline's own config is untouched
+  assert not c.bg_mixup.enabled  # the pipeline's own config is untouched

@@ -29,8 +29,9 @@ def test_every_mode_has_a_runner():
   assert set(main.MODE_RUNNERS) == set(configuration.MODES)
 
 
-def test_every_mode_runs_with_relative_and_home_paths(tiny_config, scenes_data_dir, tmp_path,
-                                                      monkeypatch):
+def test_every_mode_runs_with_relative_and_home_paths(
+    tiny_config, scenes_data_dir, tmp_path, monkeypatch
+):
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   monkeypatch.chdir(elsewhere)
@@ -79,13 +80,27 @@ def test_cli_with_a_relative_workdir_keeps_the_console_readable(scenes_data_dir,
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   config = os.path.relpath(ROOT / "configs" / "scenes.py", elsewhere)
-  args = [sys.executable, "-m", "ocl_jax.main", f"--config={config}", "--workdir=runs/cli",
-          f"--config.dataset.data_dir={os.path.relpath(scenes_data_dir, elsewhere)}",
-          "--config.dataset.name=scenes/tiny", "--config.dataset.image_size=32",
-          "--config.augment.crop_size=32", "--config.model.arch=resnet10",
-          "--config.model.width=4", "--config.model.small_stem=True", "--config.model.proj_dim=8",
-          "--config.batch_size=16", "--config.moco.queue_size=64", "--config.num_train_steps=2",
-          "--config.log_every_steps=1", "--config.eval_every_steps=0", "--config.view_pictures=2"]
+  args = [
+      sys.executable,
+      "-m",
+      "ocl_jax.main",
+      f"--config={config}",
+      "--workdir=runs/cli",
+      f"--config.dataset.data_dir={os.path.relpath(scenes_data_dir, elsewhere)}",
+      "--config.dataset.name=scenes/tiny",
+      "--config.dataset.image_size=32",
+      "--config.augment.crop_size=32",
+      "--config.model.arch=resnet10",
+      "--config.model.width=4",
+      "--config.model.small_stem=True",
+      "--config.model.proj_dim=8",
+      "--config.batch_size=16",
+      "--config.moco.queue_size=64",
+      "--config.num_train_steps=2",
+      "--config.log_every_steps=1",
+      "--config.eval_every_steps=0",
+      "--config.view_pictures=2",
+  ]
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   run = subprocess.run(args, cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -98,5 +113,6 @@ def test_cli_with_a_relative_workdir_keeps_the_console_readable(scenes_data_dir,
   log = (work / "log.txt").read_text()
   assert "Training moco for 2 steps" in log and "] [2] " in log and "Hyperparameters" not in log
   saved = json.load(open(work / "config.json"))
-  assert saved["dataset"]["data_dir"] == str(pathlib.Path(scenes_data_dir).resolve()) or \
-      os.path.samefile(saved["dataset"]["data_dir"], scenes_data_dir)
+  assert saved["dataset"]["data_dir"] == str(
+      pathlib.Path(scenes_data_dir).resolve()
+  ) or os.path.samefile(saved["dataset"]["data_dir"], scenes_data_dir)

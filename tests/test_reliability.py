@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 def test_nonfinite_steps_are_skipped_and_counted(tiny_config, tmp_path, caplog):
   c = tiny_config
-  c.optim.base_lr = 1e30       # diverges at once
+  c.optim.base_lr = 1e30  # diverges at once
   c.nonfinite = "skip"
   state, log = train_two_steps(c, tmp_path, caplog)
   assert "non-finite loss or gradients; update skipped" in log
@@ -44,7 +44,7 @@ def test_nonfinite_step_stops_the_run_keeping_the_last_good_checkpoint(tiny_conf
     train.train_and_evaluate(c, str(tmp_path))
   bad = int(re.search(r"at step (\d)", str(e.value)).group(1))
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
-  assert saved == list(range(1, bad))          # every good step, none from the bad one on
+  assert saved == list(range(1, bad))  # every good step, none from the bad one on
   assert f"last good checkpoint (step {bad - 1})" in str(e.value)
 
 
@@ -53,17 +53,36 @@ def _run(workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None):
   training step `kill_at` / `term_at` (or later), after a further random fraction of
   a step. Step-triggered, not timed, so the fault lands where the test needs it on a
   fast or a slow machine alike."""
-  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(workdir).parent / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env_extra or {})}
-  args = [sys.executable, "-m", "tests.fault_injection_run", "--config=configs/scenes.py",
-          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
-          "--config.dataset.name=scenes/tiny", "--config.dataset.image_size=32",
-          "--config.augment.crop_size=32", "--config.model.arch=resnet10", "--config.model.width=4",
-          "--config.model.small_stem=True", "--config.model.proj_dim=8", "--config.batch_size=16",
-          "--config.moco.queue_size=64", f"--config.num_train_steps={steps}",
-          "--config.log_every_steps=1", "--config.eval_every_steps=0",
-          "--config.checkpoint_every_steps=4", "--config.view_pictures=0",
-          "--config.export_encoder=False", "--verbosity=0"]
+  env = {
+      **os.environ,
+      "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(workdir).parent / "jax_cache"),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      **(env_extra or {}),
+  }
+  args = [
+      sys.executable,
+      "-m",
+      "tests.fault_injection_run",
+      "--config=configs/scenes.py",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.dataset.name=scenes/tiny",
+      "--config.dataset.image_size=32",
+      "--config.augment.crop_size=32",
+      "--config.model.arch=resnet10",
+      "--config.model.width=4",
+      "--config.model.small_stem=True",
+      "--config.model.proj_dim=8",
+      "--config.batch_size=16",
+      "--config.moco.queue_size=64",
+      f"--config.num_train_steps={steps}",
+      "--config.log_every_steps=1",
+      "--config.eval_every_steps=0",
+      "--config.checkpoint_every_steps=4",
+      "--config.view_pictures=0",
+      "--config.export_encoder=False",
+      "--verbosity=0",
+  ]
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
   target = kill_at if kill_at is not None else term_at
   sig = signal.SIGKILL if kill_at is not None else signal.SIGTERM
@@ -82,7 +101,9 @@ def _run(workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None):
 
 def _final_params(workdir, step):
   with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints"))) as m:
-    return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state["params"]
+    return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state[
+        "params"
+    ]
 
 
 def test_killed_and_resumed_run_ends_with_identical_parameters(tmp_path, scenes_data_dir):
@@ -102,7 +123,9 @@ def test_killed_and_resumed_run_ends_with_identical_parameters(tmp_path, scenes_
   assert killed.group(1) not in os.listdir(work / "checkpoints")
   # 3. SIGTERM at a random step: the run saves the step it is at and exits with 143.
   first = int(killed.group(1)) + 1
-  code, log = _run(work, scenes_data_dir, steps, term_at=int(rng.integers(first, max(first + 1, 30))))
+  code, log = _run(
+      work, scenes_data_dir, steps, term_at=int(rng.integers(first, max(first + 1, 30)))
+  )
   assert code == preemption.EXIT_STATUS, log[-3000:]
   saved = int(re.search(r"Termination requested: saved step (\d+)", log).group(1))
   # 4. Resume to the end.

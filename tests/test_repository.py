@@ -24,8 +24,9 @@ def test_ci_runs_the_readme_commands_verbatim():
 
 
 def _tracked_text_files():
-  names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.split()
+  names = subprocess.run(
+      ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.split()
   for name in names:
     path = ROOT / name
     if path.suffix in (".png", ".jpg", ".safetensors") or not path.is_file():
@@ -39,7 +40,11 @@ def _tracked_text_files():
 def test_no_file_refers_outside_the_repository_or_to_development_rounds():
   outside = re.compile(r"\.\./shared/|METHOD\.md|PERF_NOTES|SCENES\.md")
   rounds = re.compile(r"\bsession \d|\bround \d", re.I)
-  bad = [f"{name}:{i + 1}: {line.strip()}" for name, text in _tracked_text_files()
-         if name != "tests/test_repository.py"
-         for i, line in enumerate(text.splitlines()) if outside.search(line) or rounds.search(line)]
+  bad = [
+      f"{name}:{i + 1}: {line.strip()}"
+      for name, text in _tracked_text_files()
+      if name != "tests/test_repository.py"
+      for i, line in enumerate(text.splitlines())
+      if outside.search(line) or rounds.search(line)
+  ]
   assert not bad, "\n".join(bad)

@@ -44,8 +44,7 @@ BIG = dataclasses.replace(TINY, name='big', num_train=2048, num_test=2048)
 def _batches(config, split):
   """All generate_batch outputs of a split, concatenated."""
   n = scenes.split_size(config, split)
-  parts = [scenes.generate_batch(config, split, b)
-           for b in range(-(-n // scenes.BATCH))]
+  parts = [scenes.generate_batch(config, split, b) for b in range(-(-n // scenes.BATCH))]
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -59,8 +58,7 @@ def big_train():
 
 
 def test_registered_configs():
-  for name, size, train in [('default', 96, 20_000), ('small', 96, 4_000),
-                            ('tiny', 32, 256)]:
+  for name, size, train in [('default', 96, 20_000), ('small', 96, 4_000), ('tiny', 32, 256)]:
     config = tfds.builder(f'scenes/{name}').builder_config
     assert isinstance(config, scenes.ScenesConfig)
     assert (config.image_size, config.num_train) == (size, train)
@@ -70,9 +68,16 @@ def test_registered_configs():
 
 def test_split_sizes(tiny):
   builder, splits = tiny
-  expected = {'train': 256, 'train_labeled': 64, 'val': 64, 'test': 64,
-              'test_mixed_same': 64, 'test_mixed_rand': 64,
-              'test_only_fg': 64, 'test_single': 64}
+  expected = {
+      'train': 256,
+      'train_labeled': 64,
+      'val': 64,
+      'test': 64,
+      'test_mixed_same': 64,
+      'test_mixed_rand': 64,
+      'test_only_fg': 64,
+      'test_single': 64,
+  }
   assert {s: len(ex) for s, ex in splits.items()} == expected
   assert {s: builder.info.splits[s].num_examples for s in expected} == expected
 
@@ -111,10 +116,8 @@ def test_tfds_examples_equal_generated_arrays(tiny):
       np.testing.assert_array_equal(ex['mask'][..., 0], ref['mask'][k])
       assert ex['label'] == ref['label'][k]
       assert ex['background'] == ref['background'][k]
-      np.testing.assert_array_equal(ex['objects']['label'],
-                                    ref['classes'][k][keep])
-      np.testing.assert_array_equal(ex['objects']['bbox'],
-                                    ref['boxes'][k][keep])
+      np.testing.assert_array_equal(ex['objects']['label'], ref['classes'][k][keep])
+      np.testing.assert_array_equal(ex['objects']['bbox'], ref['boxes'][k][keep])
 
 
 def test_boxes_and_mask_agree(tiny):
@@ -151,10 +154,8 @@ def test_shifted_splits_share_objects_with_test(tiny):
     for ex, ref in zip(splits[variant], splits['test']):
       assert _scene(ex) == _scene(ref)
       np.testing.assert_array_equal(ex['mask'], ref['mask'])
-      np.testing.assert_array_equal(ex['objects']['label'],
-                                    ref['objects']['label'])
-      np.testing.assert_array_equal(ex['objects']['bbox'],
-                                    ref['objects']['bbox'])
+      np.testing.assert_array_equal(ex['objects']['label'], ref['objects']['label'])
+      np.testing.assert_array_equal(ex['objects']['bbox'], ref['objects']['bbox'])
       assert ex['label'] == ref['label']
       fg = ref['mask'][..., 0] == 1
       np.testing.assert_array_equal(ex['image'][fg], ref['image'][fg])
@@ -180,14 +181,18 @@ def test_mixed_same_uses_class_family(tiny):
 def test_test_single_has_one_object(tiny):
   _, splits = tiny
   assert all(len(ex['objects']['label']) == 1 for ex in splits['test_single'])
-  assert all(ex['label'] == ex['objects']['label'][0]
-             for ex in splits['test_single'])
+  assert all(ex['label'] == ex['objects']['label'][0] for ex in splits['test_single'])
 
 
 def test_tfds_load_with_shuffled_files(tiny):
   builder, splits = tiny
-  ds = tfds.load('scenes/tiny', split='test', data_dir=builder.data_dir_root,
-                 shuffle_files=True, download=False)
+  ds = tfds.load(
+      'scenes/tiny',
+      split='test',
+      data_dir=builder.data_dir_root,
+      shuffle_files=True,
+      download=False,
+  )
   ids = sorted(int(ex['image/id']) for ex in tfds.as_numpy(ds))
   assert ids == [int(ex['image/id']) for ex in splits['test']]
 
@@ -218,8 +223,7 @@ def test_generation_is_deterministic_in_the_seed():
   b = scenes.generate_batch(TINY, 'test_mixed_rand', 0)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
-  other = scenes.generate_batch(dataclasses.replace(TINY, seed=1),
-                                'test_mixed_rand', 0)
+  other = scenes.generate_batch(dataclasses.replace(TINY, seed=1), 'test_mixed_rand', 0)
   assert not np.array_equal(a['image'], other['image'])
   assert not np.array_equal(a['label'], other['label'])
   # splits draw from different streams
@@ -257,8 +261,7 @@ def test_later_objects_occlude_earlier_ones():
   visible, _ = scenes_render.visible_objects(index)
   top = (layout.classes >= 0).sum(1) - 1  # last painted slot
   for slot in range(scenes_render.MAX_OBJECTS):
-    alone = dataclasses.replace(
-        layout, classes=np.where(np.arange(3) == slot, layout.classes, -1))
+    alone = dataclasses.replace(layout, classes=np.where(np.arange(3) == slot, layout.classes, -1))
     full, _ = scenes_render.visible_objects(scenes_render.render_objects(alone, 48)[0])
     assert np.all(visible[:, slot] <= full[:, slot])
     on_top = top == slot
@@ -322,8 +325,10 @@ def test_shapes_are_distinct():
     for j in range(i + 1, scenes_render.NUM_CLASSES):
       inter = (masks[i][:1] & masks[j]).sum((1, 2))
       union = (masks[i][:1] | masks[j]).sum((1, 2))
-      assert (inter / union).max() < 0.85, (scenes_render.CLASS_NAMES[i],
-                                           scenes_render.CLASS_NAMES[j])
+      assert (inter / union).max() < 0.85, (
+          scenes_render.CLASS_NAMES[i],
+          scenes_render.CLASS_NAMES[j],
+      )
 
 
 def test_objects_stay_in_the_image_and_scale_range():
@@ -349,14 +354,12 @@ def test_encode_png_roundtrip():
 
 def test_paint_uses_the_palette():
   index = np.array([[[-1, 0], [1, 2]]], np.int8)
-  shade = np.array([[[0, scenes_render.SHADES - 1], [0, scenes_render.SHADES - 1]]],
-                   np.uint8)
+  shade = np.array([[[0, scenes_render.SHADES - 1], [0, scenes_render.SHADES - 1]]], np.uint8)
   obj = np.zeros((1, 3, 2, 3))
   obj[0, 0] = [[1, 0, 0], [0, 1, 0]]
   obj[0, 1] = [[0, 0, 1], [1, 1, 1]]
   obj[0, 2] = [[0, 0, 0], [0.5, 0.5, 0.5]]
   bg = np.array([[[0.2, 0.4, 0.6], [0, 0, 0]]])
   img = scenes_render.paint(index, shade, obj, bg)
-  expect = np.array([[[51, 102, 153], [0, 255, 0]],
-                     [[0, 0, 255], [128, 128, 128]]], np.uint8)
+  expect = np.array([[[51, 102, 153], [0, 255, 0]], [[0, 0, 255], [128, 128, 128]]], np.uint8)
   np.testing.assert_array_equal(img[0], expect)

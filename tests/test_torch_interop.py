@@ -33,7 +33,9 @@ def _trunk(arch, width=8, small_stem=False):
 
 def _spec(arch, width=8, small_stem=False):
   d = models.feature_dim(arch, width)
-  return models.ModelSpec(arch, width, small_stem, proj_hidden_dim=d, proj_dim=16, pred_hidden_dim=0)
+  return models.ModelSpec(
+      arch, width, small_stem, proj_hidden_dim=d, proj_dim=16, pred_hidden_dim=0
+  )
 
 
 def _images(n=2, size=64, seed=0):
@@ -77,8 +79,9 @@ def torch_semantics_forward(sd, x_nchw, arch, small_stem=False):
   def conv(x, key, stride):
     w = jnp.asarray(sd[key])
     k = w.shape[-1]
-    return lax.conv_general_dilated(x, w, (stride, stride), [(k // 2, k // 2)] * 2,
-                                    dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    return lax.conv_general_dilated(
+        x, w, (stride, stride), [(k // 2, k // 2)] * 2, dimension_numbers=("NCHW", "OIHW", "NCHW")
+    )
 
   def bn(x, m):
     c = lambda f: jnp.asarray(sd[f"{m}.{f}"])[None, :, None, None]
@@ -89,8 +92,9 @@ def torch_semantics_forward(sd, x_nchw, arch, small_stem=False):
     x = relu(bn(conv(x_nchw, "conv1.weight", 1), "bn1"))
   else:
     x = relu(bn(conv(x_nchw, "conv1.weight", 2), "bn1"))
-    x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, 3, 3), (1, 1, 2, 2),
-                          [(0, 0), (0, 0), (1, 1), (1, 1)])
+    x = lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, 1, 3, 3), (1, 1, 2, 2), [(0, 0), (0, 0), (1, 1), (1, 1)]
+    )
   for s, n in enumerate(stages, start=1):
     for i in range(n):
       p = f"layer{s}.{i}"
@@ -111,8 +115,9 @@ def torch_semantics_forward(sd, x_nchw, arch, small_stem=False):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_safetensors_round_trip_is_bit_exact(arch, tmp_path):
   net, variables = _model(arch)
-  path = pytorch.export_torchvision_safetensors(variables, tmp_path / f"{arch}.safetensors",
-                                                      spec=_spec(arch))
+  path = pytorch.export_torchvision_safetensors(
+      variables, tmp_path / f"{arch}.safetensors", spec=_spec(arch)
+  )
   with safetensors.safe_open(path, framework="np") as f:
     meta = f.metadata()
   assert meta["arch"] == arch and meta["width"] == "8" and meta["small_stem"] == "false"
@@ -120,7 +125,11 @@ def test_safetensors_round_trip_is_bit_exact(arch, tmp_path):
   assert meta["torchvision_equivalent"].startswith("none: width 8")
   module, imported = pytorch.import_torchvision_state_dict(path)  # arch and width inferred
   assert (module.stage_sizes, module.block, module.width, module.small_stem) == (
-      net.stage_sizes, net.block, 8, False)
+      net.stage_sizes,
+      net.block,
+      8,
+      False,
+  )
   _assert_trees_equal(imported, variables)
   # Given explicitly, the description is checked and gives the same result.
   _, again = pytorch.import_torchvision_state_dict(path, arch=arch, width=8, small_stem=False)
@@ -129,8 +138,12 @@ def test_safetensors_round_trip_is_bit_exact(arch, tmp_path):
 
 @pytest.mark.parametrize("arch,num_params", [("resnet18", 11_176_512), ("resnet50", 23_508_032)])
 def test_exported_keys_and_shapes_are_torchvisions(arch, num_params):
-  shapes = jax.eval_shape(lambda: _trunk(arch, 64).init(jax.random.PRNGKey(0), _images(1), train=False))
-  sd = pytorch.to_torchvision_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+  shapes = jax.eval_shape(
+      lambda: _trunk(arch, 64).init(jax.random.PRNGKey(0), _images(1), train=False)
+  )
+  sd = pytorch.to_torchvision_state_dict(
+      jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  )
   expected = torchvision_keys(arch)
   assert len(expected) == {"resnet18": 122, "resnet50": 320}[arch] - 2  # len(state_dict()) minus fc
   assert sorted(sd) == sorted(expected)
@@ -139,7 +152,10 @@ def test_exported_keys_and_shapes_are_torchvisions(arch, num_params):
   buffers = ("running_mean", "running_var", "num_batches_tracked")
   assert sum(v.size for k, v in sd.items() if not k.endswith(buffers)) == num_params
   assert sd["conv1.weight"].shape == (64, 3, 7, 7) and sd["bn1.running_var"].shape == (64,)
-  assert sd["layer1.0.bn1.num_batches_tracked"].shape == () and sd["bn1.num_batches_tracked"].dtype == np.int64
+  assert (
+      sd["layer1.0.bn1.num_batches_tracked"].shape == ()
+      and sd["bn1.num_batches_tracked"].dtype == np.int64
+  )
   if arch == "resnet50":
     assert sd["layer1.0.conv1.weight"].shape == (64, 64, 1, 1)
     assert sd["layer1.0.conv3.weight"].shape == (256, 64, 1, 1)
@@ -153,7 +169,9 @@ def test_exported_keys_and_shapes_are_torchvisions(arch, num_params):
     assert sd["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
 
 
-@pytest.mark.parametrize("arch,small_stem", [("resnet18", False), ("resnet50", False), ("resnet10", True)])
+@pytest.mark.parametrize(
+    "arch,small_stem", [("resnet18", False), ("resnet50", False), ("resnet10", True)]
+)
 def test_layouts_give_the_same_features_under_torch_semantics(arch, small_stem):
   net, variables = _model(arch, small_stem=small_stem)
   x = _images(2, 32 if small_stem else 64)
@@ -166,7 +184,11 @@ def test_layouts_give_the_same_features_under_torch_semantics(arch, small_stem):
   # Imported back, the module computes exactly the original features.
   module, imported = pytorch.import_torchvision_state_dict(sd)
   assert (module.stage_sizes, module.block, module.width, module.small_stem) == (
-      net.stage_sizes, net.block, net.width, small_stem)
+      net.stage_sizes,
+      net.block,
+      net.width,
+      small_stem,
+  )
   np.testing.assert_array_equal(np.asarray(apply(imported, x)), expected)
 
 
@@ -175,35 +197,55 @@ def test_moco_checkpoint_layout_loads(tmp_path, caplog):
   sd = pytorch.to_torchvision_state_dict(variables)
   rng = np.random.default_rng(0)
   moco = {f"module.encoder_q.{k}": v for k, v in sd.items()}
-  moco.update({"module.encoder_q.fc.0.weight": rng.normal(size=(64, 64)).astype(np.float32),
-               "module.encoder_q.fc.0.bias": np.zeros(64, np.float32),
-               "module.encoder_q.fc.2.weight": rng.normal(size=(16, 64)).astype(np.float32),
-               "module.encoder_q.fc.2.bias": np.zeros(16, np.float32)})
+  moco.update(
+      {
+          "module.encoder_q.fc.0.weight": rng.normal(size=(64, 64)).astype(np.float32),
+          "module.encoder_q.fc.0.bias": np.zeros(64, np.float32),
+          "module.encoder_q.fc.2.weight": rng.normal(size=(16, 64)).astype(np.float32),
+          "module.encoder_q.fc.2.bias": np.zeros(16, np.float32),
+      }
+  )
   moco.update({f"module.encoder_k.{k}": v + 1 for k, v in sd.items() if v.dtype == np.float32})
-  moco.update({"module.queue": np.zeros((16, 32), np.float32), "module.queue_ptr": np.zeros(1, np.int64)})
-  checkpoint = {"epoch": 200, "arch": "resnet18", "state_dict": moco}  # main_moco.py's save_checkpoint
+  moco.update(
+      {"module.queue": np.zeros((16, 32), np.float32), "module.queue_ptr": np.zeros(1, np.int64)}
+  )
+  checkpoint = {
+      "epoch": 200,
+      "arch": "resnet18",
+      "state_dict": moco,
+  }  # main_moco.py's save_checkpoint
   with caplog.at_level(logging.INFO):
     module, imported = pytorch.import_torchvision_state_dict(checkpoint, arch="resnet18")
-  _assert_trees_equal(imported, variables)       # the query encoder, not encoder_k
+  _assert_trees_equal(imported, variables)  # the query encoder, not encoder_k
   assert "MoCo v2's projector" in caplog.text and "encoder_q" in caplog.text
   # A file whose every key carries the prefixes (an encoder_q-only release) loads too.
   path = str(tmp_path / "moco.safetensors")
   from safetensors.numpy import save_file
+
   save_file({k: v for k, v in moco.items() if k.startswith("module.encoder_q.")}, path)
   _, from_file = pytorch.import_torchvision_state_dict(path)
   _assert_trees_equal(from_file, variables)
   # So do {'model': ...} wrappers and backbone. prefixes (detection checkpoints).
-  _, wrapped = pytorch.import_torchvision_state_dict({"model": {f"backbone.{k}": v for k, v in sd.items()}})
+  _, wrapped = pytorch.import_torchvision_state_dict(
+      {"model": {f"backbone.{k}": v for k, v in sd.items()}}
+  )
   _assert_trees_equal(wrapped, variables)
 
 
 def test_wrong_architecture_keys_and_shapes_are_clear_errors(tmp_path):
   _, variables = _model("resnet18")
-  path = pytorch.export_torchvision_safetensors(variables, tmp_path / "r18.safetensors",
-                                                      spec=_spec("resnet18"))
-  with pytest.raises(CheckpointMismatchError, match=r"r18\.safetensors holds a resnet18.*not the requested resnet50"):
+  path = pytorch.export_torchvision_safetensors(
+      variables, tmp_path / "r18.safetensors", spec=_spec("resnet18")
+  )
+  with pytest.raises(
+      CheckpointMismatchError,
+      match=r"r18\.safetensors holds a resnet18.*not the requested resnet50",
+  ):
     pytorch.import_torchvision_state_dict(path, arch="resnet50")
-  with pytest.raises(CheckpointMismatchError, match=r"conv1\.weight has shape \(8, 3, 7, 7\).*expects \(16, 3, 7, 7\)"):
+  with pytest.raises(
+      CheckpointMismatchError,
+      match=r"conv1\.weight has shape \(8, 3, 7, 7\).*expects \(16, 3, 7, 7\)",
+  ):
     pytorch.import_torchvision_state_dict(path, width=16)
   with pytest.raises(CheckpointMismatchError, match=r"conv1\.weight.*expects \(8, 3, 3, 3\)"):
     pytorch.import_torchvision_state_dict(path, small_stem=True)
@@ -211,12 +253,19 @@ def test_wrong_architecture_keys_and_shapes_are_clear_errors(tmp_path):
   missing = {k: v for k, v in sd.items() if k != "layer2.1.conv2.weight"}
   with pytest.raises(CheckpointMismatchError, match=r"missing \['layer2\.1\.conv2\.weight'\]"):
     pytorch.import_torchvision_state_dict(missing)
-  with pytest.raises(CheckpointMismatchError, match=r"unexpected \['layer3\.0\.attention\.weight'\]"):
-    pytorch.import_torchvision_state_dict({**sd, "layer3.0.attention.weight": np.zeros(3, np.float32)})
+  with pytest.raises(
+      CheckpointMismatchError, match=r"unexpected \['layer3\.0\.attention\.weight'\]"
+  ):
+    pytorch.import_torchvision_state_dict(
+        {**sd, "layer3.0.attention.weight": np.zeros(3, np.float32)}
+    )
   bad = {**sd, "layer3.0.bn1.running_var": np.ones(7, np.float32)}
-  with pytest.raises(CheckpointMismatchError, match=r"layer3\.0\.bn1\.running_var has shape \(7,\).*expects \(32,\)"):
+  with pytest.raises(
+      CheckpointMismatchError,
+      match=r"layer3\.0\.bn1\.running_var has shape \(7,\).*expects \(32,\)",
+  ):
     pytorch.import_torchvision_state_dict(bad)
-  deeper = {**sd, "layer2.2.conv1.weight": sd["layer2.1.conv1.weight"]}   # 3 blocks in layer2
+  deeper = {**sd, "layer2.2.conv1.weight": sd["layer2.1.conv1.weight"]}  # 3 blocks in layer2
   with pytest.raises(CheckpointMismatchError, match=r"blocks per stage \(2, 3, 2, 2\)"):
     pytorch.import_torchvision_state_dict(deeper)
   with pytest.raises(CheckpointMismatchError, match="no 'conv1.weight'"):
@@ -225,12 +274,16 @@ def test_wrong_architecture_keys_and_shapes_are_clear_errors(tmp_path):
 
 def test_truncated_or_corrupt_safetensors_name_the_file(tmp_path):
   _, variables = _model("resnet10")
-  path = pytorch.export_torchvision_safetensors(variables, tmp_path / "model.safetensors",
-                                                      spec=_spec("resnet10"))
+  path = pytorch.export_torchvision_safetensors(
+      variables, tmp_path / "model.safetensors", spec=_spec("resnet10")
+  )
   data = open(path, "rb").read()
   truncated = tmp_path / "truncated.safetensors"
   truncated.write_bytes(data[: len(data) // 2])
-  with pytest.raises(ValueError, match=r"truncated\.safetensors: cannot read it as safetensors.*truncated or corrupt"):
+  with pytest.raises(
+      ValueError,
+      match=r"truncated\.safetensors: cannot read it as safetensors.*truncated or corrupt",
+  ):
     pytorch.import_torchvision_state_dict(str(truncated))
   garbage = tmp_path / "garbage.safetensors"
   garbage.write_bytes(b"not a safetensors file")
@@ -251,16 +304,21 @@ def test_pth_without_torch_is_a_clear_error(tmp_path):
 
 def test_import_to_export_loads_with_load_model(tmp_path):
   net, variables = _model("resnet18", seed=5)
-  path = pytorch.export_torchvision_safetensors(variables, tmp_path / "r18.safetensors",
-                                                      spec=_spec("resnet18"))
+  path = pytorch.export_torchvision_safetensors(
+      variables, tmp_path / "r18.safetensors", spec=_spec("resnet18")
+  )
   export_dir = pytorch.import_to_export(path, tmp_path / "export")
   module, loaded, _, meta, _ = export.load_model(export_dir)
   assert meta["model"]["arch"] == "resnet18" and meta["model"]["width"] == 8
-  assert meta["imported_from"]["has_head"] is False and not os.path.exists(os.path.join(export_dir, "head"))
+  assert meta["imported_from"]["has_head"] is False and not os.path.exists(
+      os.path.join(export_dir, "head")
+  )
   _assert_trees_equal(jax.tree_util.tree_map(np.asarray, loaded), variables)
   x = _images(2)
-  np.testing.assert_array_equal(np.asarray(module.apply(loaded, x, train=False)),
-                                np.asarray(net.apply(variables, x, train=False)))
+  np.testing.assert_array_equal(
+      np.asarray(module.apply(loaded, x, train=False)),
+      np.asarray(net.apply(variables, x, train=False)),
+  )
   with pytest.raises(CheckpointMismatchError, match="no projector"):
     export.load_model(export_dir, head=True)
 
@@ -272,19 +330,29 @@ def test_projector_round_trips_through_fc_sequential(tmp_path):
   x = _images(2, 32)
   v = jax.device_get(models.random_variables(net, x, seed=7))
   src = export.export_encoder(str(tmp_path / "src"), v["params"], v["batch_stats"], spec)
-  path = pytorch.export_torchvision_safetensors(src, tmp_path / "with_head.safetensors", include_head=True)
+  path = pytorch.export_torchvision_safetensors(
+      src, tmp_path / "with_head.safetensors", include_head=True
+  )
   with safetensors.safe_open(path, framework="np") as f:
     keys, meta = set(f.keys()), f.metadata()
   assert keys - set(torchvision_keys("resnet10")) == {
-      "fc.0.weight", *(f"fc.1.{b}" for b in BN_FIELDS), "fc.3.weight", "fc.3.bias"}
-  assert meta["small_stem"] == "true" and meta["torchvision_equivalent"].startswith("none: small stem")
+      "fc.0.weight",
+      *(f"fc.1.{b}" for b in BN_FIELDS),
+      "fc.3.weight",
+      "fc.3.bias",
+  }
+  assert meta["small_stem"] == "true" and meta["torchvision_equivalent"].startswith(
+      "none: small stem"
+  )
   assert json.loads(meta["stage_sizes"]) == [1, 1, 1, 1]
   dst = pytorch.import_to_export(path, tmp_path / "dst")
   net2, v2, spec2 = export.load_model(dst, head=True)[:3]
   assert spec2 == spec
   _assert_trees_equal(jax.tree_util.tree_map(np.asarray, v2), v)
-  np.testing.assert_array_equal(np.asarray(net2.apply(v2, x, train=False)["embedding"]),
-                                np.asarray(net.apply(v, x, train=False)["embedding"]))
+  np.testing.assert_array_equal(
+      np.asarray(net2.apply(v2, x, train=False)["embedding"]),
+      np.asarray(net.apply(v, x, train=False)["embedding"]),
+  )
   # Without include_head the same export gives the encoder only.
   plain = pytorch.export_torchvision_safetensors(src, tmp_path / "plain.safetensors")
   with safetensors.safe_open(plain, framework="np") as f:
@@ -305,11 +373,18 @@ def test_against_torchvision_when_torch_is_installed(tmp_path):
   trunk = torch.nn.Sequential(*list(tv.children())[:-2])
   with torch.no_grad():
     got = trunk(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-  np.testing.assert_allclose(got.transpose(0, 2, 3, 1), np.asarray(net.apply(variables, x, train=False)),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      got.transpose(0, 2, 3, 1),
+      np.asarray(net.apply(variables, x, train=False)),
+      rtol=1e-4,
+      atol=1e-4,
+  )
   # A MoCo-style .pth.tar through torch.load(weights_only=True).
   path = str(tmp_path / "moco.pth.tar")
-  torch.save({"epoch": 1, "state_dict": {f"module.encoder_q.{k}": v for k, v in tv.state_dict().items()}}, path)
+  torch.save(
+      {"epoch": 1, "state_dict": {f"module.encoder_q.{k}": v for k, v in tv.state_dict().items()}},
+      path,
+  )
   _, imported = pytorch.import_torchvision_state_dict(path)
   _assert_trees_equal(imported, variables)
 
@@ -319,8 +394,9 @@ def test_relative_and_home_paths(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
   net, variables = _model("resnet18", seed=5)
-  path = pytorch.export_torchvision_safetensors(variables, "out/r18.safetensors",
-                                                      spec=_spec("resnet18"))
+  path = pytorch.export_torchvision_safetensors(
+      variables, "out/r18.safetensors", spec=_spec("resnet18")
+  )
   assert path == str(tmp_path / "out" / "r18.safetensors") and os.path.exists(path)
   export_dir = pytorch.import_to_export("out/r18.safetensors", "~/exports/r18")
   assert export_dir == str(tmp_path / "home" / "exports" / "r18")

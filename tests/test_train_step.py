@@ -38,10 +38,12 @@ def tiny_config(method, sgcl=()):
 
 def fake_batch(n, size=32, seed=0):
   rng = np.random.default_rng(seed)
-  return {"image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-          "aspect": rng.uniform(0.75, 1.33, n).astype(np.float32),
-          "label": rng.integers(0, 5, n).astype(np.int32),
-          "index": np.arange(n, dtype=np.int32)}
+  return {
+      "image": rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+      "aspect": rng.uniform(0.75, 1.33, n).astype(np.float32),
+      "label": rng.integers(0, 5, n).astype(np.int32),
+      "index": np.arange(n, dtype=np.int32),
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,8 +54,9 @@ def compiled(method, num_devices, sgcl=()):
   ctx = train.make_context(config, 10, num_classes=5, num_examples=16)
   state = train.create_train_state(0, config, ctx)
   devices = jax.local_devices()[:num_devices]
-  p_step = jax.pmap(functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS,
-                    devices=devices)
+  p_step = jax.pmap(
+      functools.partial(train.train_step, ctx=ctx), axis_name=parallel.AXIS, devices=devices
+  )
   return config, state, p_step, devices
 
 
@@ -79,12 +82,21 @@ def test_four_devices_equal_one_device(method):
   state1, losses1, _ = run_steps(method, 1)
   state4, losses4, _ = run_steps(method, 4)
   np.testing.assert_allclose(losses4, losses1, rtol=1e-4, atol=1e-5)
-  for name in ("params", "batch_stats", "target_params", "target_batch_stats", "queue", "probe_params"):
+  for name in (
+      "params",
+      "batch_stats",
+      "target_params",
+      "target_batch_stats",
+      "queue",
+      "probe_params",
+  ):
     a, b = getattr(state1, name), getattr(state4, name)
     if a is None:
       assert b is None
       continue
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5), a, b)
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-3, atol=2e-5), a, b
+    )
   assert int(state4.step) == 2
 
 
@@ -96,8 +108,9 @@ def test_step_updates_params_ema_and_queue():
   w0 = np.asarray(init.params["encoder"]["conv1"]["kernel"])
   w1 = np.asarray(state.params["encoder"]["conv1"]["kernel"])
   assert not np.allclose(w0, w1)
-  np.testing.assert_allclose(state.target_params["encoder"]["conv1"]["kernel"],
-                             m * w0 + (1 - m) * w1, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      state.target_params["encoder"]["conv1"]["kernel"], m * w0 + (1 - m) * w1, rtol=1e-5, atol=1e-7
+  )
   # The global batch's 8 keys were written to queue slots 0..7, unit norm; the rest untouched.
   assert int(state.queue_ptr) == 8
   np.testing.assert_allclose(np.linalg.norm(state.queue[:8], axis=1), 1.0, rtol=1e-5)
@@ -118,19 +131,30 @@ def test_simclr_has_no_target_and_finds_positives_at_init():
 
 # ---- SGCL (docs/method.md#sgcl) --------------------------------------------------------
 
-STATE_FIELDS = ("params", "batch_stats", "opt_state", "target_params", "target_batch_stats",
-                "queue", "probe_params")
+STATE_FIELDS = (
+    "params",
+    "batch_stats",
+    "opt_state",
+    "target_params",
+    "target_batch_stats",
+    "queue",
+    "probe_params",
+)
 
 
 @pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
 def test_sgcl_with_gamma_and_temperature_zero_is_the_baseline_bit_for_bit(method):
   """Online saliency is computed, but crops are plain and every pair weighs exactly 1."""
   base, base_losses, _ = run_steps(method, 1)
-  sgcl, sgcl_losses, metrics = run_steps(method, 1, sgcl=(("gamma", 0.0), ("crop_temperature", 0.0)))
+  sgcl, sgcl_losses, metrics = run_steps(
+      method, 1, sgcl=(("gamma", 0.0), ("crop_temperature", 0.0))
+  )
   assert sgcl_losses == base_losses
   for name in STATE_FIELDS:
-    for a, b in zip(jax.tree_util.tree_leaves(getattr(base, name)),
-                    jax.tree_util.tree_leaves(getattr(sgcl, name))):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(getattr(base, name)),
+        jax.tree_util.tree_leaves(getattr(sgcl, name)),
+    ):
       np.testing.assert_array_equal(a, b)
   assert float(metrics["sgcl_weight_min"]) == float(metrics["sgcl_weight_max"]) == 1.0
   assert float(metrics["saliency_refreshed"]) == 1.0
@@ -146,9 +170,13 @@ def test_sgcl_step_with_bank_and_local_crops_is_device_count_invariant():
   state4, losses4, _ = run_steps("moco", 4, num_steps=3, sgcl=SGCL_ON, history=h4)
   np.testing.assert_allclose(losses4, losses1, rtol=1e-4, atol=1e-5)
   for name in ("params", "queue", "saliency_bank"):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(
-        np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=2e-3, atol=2e-2),
-        getattr(state1, name), getattr(state4, name))
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=2e-3, atol=2e-2
+        ),
+        getattr(state1, name),
+        getattr(state4, name),
+    )
   np.testing.assert_array_equal(state4.saliency_stamp, [2] * 8 + [-1] * 8)
   # Indices 0..7 every step with k = 2: computed at step 0, reused at 1, recomputed at 2.
   assert [float(m["saliency_refreshed"]) for m in h4] == [1.0, 0.0, 1.0]

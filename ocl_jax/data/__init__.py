@@ -1,1 +1,1 @@
-"""Data: TFDS and image-folder sources, box and mask annotations, train and eval readers, `scenes`."""
+"""Data: TFDS and image-folder sources, box and mask annotations, train and eval readers, scenes."""

@@ -34,15 +34,20 @@ COCO_CROP_MIN_AREA = 0.01  # COCO-Crop, docs/method.md#coco-crop
 COCO_CROP_MARGIN = 0.2
 
 
-def pad_batch(batch: dict[str, np.ndarray], size: int, label_fill: int = 0
-              ) -> dict[str, np.ndarray]:
+def pad_batch(
+    batch: dict[str, np.ndarray], size: int, label_fill: int = 0
+) -> dict[str, np.ndarray]:
   """A short last batch padded to `size` with zeros (`label` with label_fill), so batch
   shapes are fixed and `valid` (0 in the padding) tells real examples apart."""
   pad = size - batch["valid"].shape[0]
   if not pad:
     return batch
-  return {k: np.concatenate([v, np.full((pad,) + v.shape[1:], label_fill if k == "label" else 0,
-                                        v.dtype)]) for k, v in batch.items()}
+  return {
+      k: np.concatenate(
+          [v, np.full((pad,) + v.shape[1:], label_fill if k == "label" else 0, v.dtype)]
+      )
+      for k, v in batch.items()
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -54,12 +59,17 @@ def _longest_shard(builder: sources.Builder, split: str) -> int:
   n = jax.process_count()
   if isinstance(builder, FolderSource):
     return -(-len(builder.files(split)) // n)  # shard 0 of every n-th file
-  return max(builder.info.splits[s].num_examples
-             for s in tfds.even_splits(split, n, drop_remainder=False))
+  return max(
+      builder.info.splits[s].num_examples for s in tfds.even_splits(split, n, drop_remainder=False)
+  )
 
 
-def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int | None = None,
-                 max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    config: ml_collections.ConfigDict,
+    split: str,
+    batch_size: int | None = None,
+    max_batches: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's shard of `split`, in order; the last batch is padded and
   every batch carries `valid` (1 for real examples), so no example is dropped or counted twice.
 
@@ -83,8 +93,10 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int 
       num_batches = min(num_batches, max_batches)
   pre = make_preprocess(builder, d.image_size)
   keep = ("file_index",) if files is not None else ()
-  ds = ds.map(lambda ex: {**pre(ex), **{k: ex[k] for k in keep}, "valid": tf.constant(1, tf.int32)},
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(
+      lambda ex: {**pre(ex), **{k: ex[k] for k in keep}, "valid": tf.constant(1, tf.int32)},
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )
   ds = ds.batch(local_batch).prefetch(tf.data.AUTOTUNE)
   batches = tfds.as_numpy(ds)
   if files is not None:
@@ -94,15 +106,18 @@ def eval_batches(config: ml_collections.ConfigDict, split: str, batch_size: int 
     if max_batches is not None and i > max_batches:
       break
     yield shard_for_devices(pad_batch(batch, local_batch))
-  empty = {k: np.zeros((local_batch,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
-           for k, spec in ds.element_spec.items() if k not in keep}
+  empty = {
+      k: np.zeros((local_batch,) + tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype)
+      for k, spec in ds.element_spec.items()
+      if k not in keep
+  }
   for _ in range(i, num_batches or 0):  # this shard ran out before the longest one
     yield shard_for_devices(empty)
 
 
-
-def localization_batches(config: ml_collections.ConfigDict, split: str, batch_size: int,
-                         max_examples: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+def localization_batches(
+    config: ml_collections.ConfigDict, split: str, batch_size: int, max_examples: int | None = None
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's shard of `split` in order, with ids and whatever ground truth exists.
 
   Yields host batches (the last one smaller): image (B,S,S,3) uint8, id (B,) str,
@@ -150,22 +165,24 @@ def _decode_ids(ids: np.ndarray) -> np.ndarray:
   return np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids])
 
 
-def _folder_localization_batches(source: FolderSource, split: str, size: int, batch_size: int,
-                                 max_examples: int | None) -> Iterator[dict[str, np.ndarray]]:
+def _folder_localization_batches(
+    source: FolderSource, split: str, size: int, batch_size: int, max_examples: int | None
+) -> Iterator[dict[str, np.ndarray]]:
   """localization_batches of a folder: image, aspect, label and id (folders have no ground
   truth masks or boxes); unreadable files are skipped, counted and logged after the pass."""
   files = source.files(split).shard(jax.process_index(), jax.process_count())
   if max_examples is not None and max_examples >= 0:
     files = files.shard(0, 1, max_examples)
   pre = make_preprocess(source, size)
-  ds = files.decoded().map(lambda ex: {**pre(ex), "id": ex["image/id"],
-                                       "file_index": ex["file_index"]},
-                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = files.decoded().map(
+      lambda ex: {**pre(ex), "id": ex["image/id"], "file_index": ex["file_index"]},
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+  )
   ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
   for batch in files.track_unreadable(tfds.as_numpy(ds), f"{source.name} split {split!r}"):
     batch["id"] = _decode_ids(batch["id"])
     yield batch
-
 
 
 # ----------------------------------------------------------------------------
@@ -195,13 +212,17 @@ def resize_center_crop(image: tf.Tensor, size: int, crop_fraction: float) -> tf.
   new_size = tf.cast(tf.stack([new_h, new_w]), tf.int32)
   resized = tf.image.resize(image, new_size, method="bilinear", antialias=True)
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  out = resized[top:top + size, left:left + size]
+  out = resized[top : top + size, left : left + size]
   out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
   return tf.ensure_shape(out, (size, size, 3))
 
 
-def coco_crop_boxes(bbox_yxyx: tf.Tensor, labels: tf.Tensor, min_area: float = COCO_CROP_MIN_AREA,
-                    margin: float = COCO_CROP_MARGIN) -> tuple[tf.Tensor, tf.Tensor]:
+def coco_crop_boxes(
+    bbox_yxyx: tf.Tensor,
+    labels: tf.Tensor,
+    min_area: float = COCO_CROP_MIN_AREA,
+    margin: float = COCO_CROP_MARGIN,
+) -> tuple[tf.Tensor, tf.Tensor]:
   """COCO-Crop instances of one image (docs/method.md#coco-crop).
 
   Keeps every box with area >= `min_area` of the image (normalised w * h;
@@ -232,8 +253,9 @@ def box_pixels(box_xyxy: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.T
   return tf.stack([y1, x1, y2 - y1, x2 - x1])
 
 
-def _coco_crops(size: int, crop_fraction: float
-                ) -> Callable[[dict[str, Any]], dict[str, tf.Tensor]]:
+def _coco_crops(
+    size: int, crop_fraction: float
+) -> Callable[[dict[str, Any]], dict[str, tf.Tensor]]:
   def per_image(ex: dict[str, Any]) -> dict[str, tf.Tensor]:
     image = ex["image"]
     boxes, labels = coco_crop_boxes(ex["objects"]["bbox"], ex["objects"]["label"])
@@ -241,12 +263,12 @@ def _coco_crops(size: int, crop_fraction: float
 
     def crop(box):
       top, left, h, w = tf.unstack(box_pixels(box, shape[0], shape[1]))
-      return resize_center_crop(image[top:top + h, left:left + w], size, crop_fraction)
+      return resize_center_crop(image[top : top + h, left : left + w], size, crop_fraction)
 
     crops = tf.map_fn(crop, boxes, fn_output_signature=tf.TensorSpec((size, size, 3), tf.uint8))
     return {"image": crops, "label": labels}
-  return per_image
 
+  return per_image
 
 
 def last_skipped(ds: EvalDataset, split: str) -> tuple[str, ...] | None:
@@ -263,12 +285,14 @@ def _folder_shard(ds: EvalDataset, split: str, max_examples: int | None = None) 
   max_examples of them."""
   if split not in ds.files:
     raise ValueError(f"{ds.name} has no split {split!r}; it has {sorted(ds.files)}")
-  return FolderFiles.from_pairs(ds.files[split]).shard(jax.process_index(), jax.process_count(),
-                                                       max_examples)
+  return FolderFiles.from_pairs(ds.files[split]).shard(
+      jax.process_index(), jax.process_count(), max_examples
+  )
 
 
-def split_size(ds: EvalDataset, split: str, *, data_dir: str | None = None,
-               max_examples: int | None = None) -> int | None:
+def split_size(
+    ds: EvalDataset, split: str, *, data_dir: str | None = None, max_examples: int | None = None
+) -> int | None:
   """Examples in this process's shard of `split` when known without reading it, else None.
 
   TFDS: the recorded count. coco_crop: None (instances are found while
@@ -287,9 +311,16 @@ def split_size(ds: EvalDataset, split: str, *, data_dir: str | None = None,
   return n if max_examples is None or max_examples < 0 else min(n, max_examples)
 
 
-def split_batches(ds: EvalDataset, split: str, *, image_size: int, crop_fraction: float,
-                  batch_size: int, data_dir: str | None = None, max_examples: int | None = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def split_batches(
+    ds: EvalDataset,
+    split: str,
+    *,
+    image_size: int,
+    crop_fraction: float,
+    batch_size: int,
+    data_dir: str | None = None,
+    max_examples: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's shard of `split`, in a fixed order.
 
   Yields host batches of exactly `batch_size` (examples of this process):
@@ -303,28 +334,41 @@ def split_batches(ds: EvalDataset, split: str, *, image_size: int, crop_fraction
   files = None
   if ds.source == "folder":
     files = _folder_shard(ds, split, max_examples)
-    data = files.decoded(lambda ex: {"image": resize_center_crop(ex["image"], image_size,
-                                                                 crop_fraction),
-                                     "label": ex["label"], "file_index": ex["file_index"]})
+    data = files.decoded(
+        lambda ex: {
+            "image": resize_center_crop(ex["image"], image_size, crop_fraction),
+            "label": ex["label"],
+            "file_index": ex["file_index"],
+        }
+    )
   else:
     builder = sources.get_builder(ds.tfds_name, data_dir or ds.data_dir)
     data = sources.open_process_shard(builder, split)
     if ds.source == "coco_crop":
-      data = data.map(_coco_crops(image_size, crop_fraction), num_parallel_calls=tf.data.AUTOTUNE,
-                      deterministic=True).unbatch()
+      data = data.map(
+          _coco_crops(image_size, crop_fraction),
+          num_parallel_calls=tf.data.AUTOTUNE,
+          deterministic=True,
+      ).unbatch()
     else:
-      data = data.map(lambda ex: {"image": resize_center_crop(ex["image"], image_size,
-                                                              crop_fraction),
-                                  "label": tf.cast(ex["label"], tf.int32)},
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      data = data.map(
+          lambda ex: {
+              "image": resize_center_crop(ex["image"], image_size, crop_fraction),
+              "label": tf.cast(ex["label"], tf.int32),
+          },
+          num_parallel_calls=tf.data.AUTOTUNE,
+          deterministic=True,
+      )
     if limit:
       data = data.take(max_examples)
   data = data.map(lambda ex: {**ex, "valid": tf.constant(1, tf.int32)})
   data = data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
   batches = tfds.as_numpy(data)
   if files is not None:
+
     def remember(skipped: tuple[str, ...]) -> None:
       ds.skipped[split] = skipped
+
     batches = files.track_unreadable(batches, f"{ds.name} split {split!r}", on_complete=remember)
   for batch in batches:
     yield pad_batch(batch, batch_size, label_fill=-1)

@@ -33,8 +33,17 @@ from ocl_jax.data.folders import subfolders
 
 # ImageNet-9 (Xiao et al. 2020) class folders; the head of objectnet9 / si_score
 # when config.evaluation.folders.imagenet9 is not given.
-IMAGENET9_CLASSES = ("00_dog", "01_bird", "02_wheeled vehicle", "03_reptile", "04_carnivore",
-                     "05_insect", "06_musical instrument", "07_primate", "08_fish")
+IMAGENET9_CLASSES = (
+    "00_dog",
+    "01_bird",
+    "02_wheeled vehicle",
+    "03_reptile",
+    "04_carnivore",
+    "05_insect",
+    "06_musical instrument",
+    "07_primate",
+    "08_fish",
+)
 IMAGENET9_VARIANTS = ("original", "mixed_same", "mixed_rand", "only_fg")
 VAL_EVERY = 10  # folder datasets without a val split: every 10th file of each class is val
 
@@ -49,10 +58,22 @@ TFDS_TRANSFER = {
     "cifar10": ("train[:90%]", "train[90%:]", "test"),
     "cifar100": ("train[:90%]", "train[90%:]", "test"),
 }
-SCENES_TESTS = {"test": "test", "mixed_same": "test_mixed_same", "mixed_rand": "test_mixed_rand",
-                "only_fg": "test_only_fg", "single": "test_single"}
-KNOWN_NAMES = ("scenes", "coco_crop", *TFDS_TRANSFER, "imagenet9", "objectnet9", "si_score",
-               "folder:<path>")
+SCENES_TESTS = {
+    "test": "test",
+    "mixed_same": "test_mixed_same",
+    "mixed_rand": "test_mixed_rand",
+    "only_fg": "test_only_fg",
+    "single": "test_single",
+}
+KNOWN_NAMES = (
+    "scenes",
+    "coco_crop",
+    *TFDS_TRANSFER,
+    "imagenet9",
+    "objectnet9",
+    "si_score",
+    "folder:<path>",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,23 +84,26 @@ class EvalDataset:
   empty folder fails when the dataset is chosen, not halfway through an
   evaluation, and every pass reads the same files in the same order.
   """
-  name: str                      # registry name, e.g. 'scenes', 'cifar10', 'imagenet9'
+
+  name: str  # registry name, e.g. 'scenes', 'cifar10', 'imagenet9'
   class_names: tuple[str, ...]
-  train: str | None              # split used to fit the probe (None for test-only sets)
-  val: str | None                # split used to choose the L2 weight
+  train: str | None  # split used to fit the probe (None for test-only sets)
+  val: str | None  # split used to choose the L2 weight
   tests: dict[str, str] = dataclasses.field(hash=False)  # display name -> split
-  head_from: str | None = None   # test-only sets: dataset whose probe is applied; the labels
-                                 # here already index its class_names (matched by name)
-  source: str = "tfds"           # 'tfds' | 'coco_crop' | 'folder'
-  tfds_name: str | None = None   # tfds and coco_crop: the builder name
-  data_dir: str | None = None    # tfds and coco_crop: default TFDS data dir
-  root: str | None = None        # folder: the root folder
+  head_from: str | None = None  # test-only sets: dataset whose probe is applied; the labels
+  # here already index its class_names (matched by name)
+  source: str = "tfds"  # 'tfds' | 'coco_crop' | 'folder'
+  tfds_name: str | None = None  # tfds and coco_crop: the builder name
+  data_dir: str | None = None  # tfds and coco_crop: default TFDS data dir
+  root: str | None = None  # folder: the root folder
   files: Mapping[str, tuple[tuple[str, int], ...]] = dataclasses.field(
-      default_factory=dict, repr=False, hash=False)  # folder: split -> ((path, label), ...)
+      default_factory=dict, repr=False, hash=False
+  )  # folder: split -> ((path, label), ...)
   # folder: split -> files the last complete eval_data.split_batches pass of this object
   # skipped (mutable, so no part of equality or hashing).
   skipped: dict[str, tuple[str, ...]] = dataclasses.field(
-      default_factory=dict, repr=False, compare=False)
+      default_factory=dict, repr=False, compare=False
+  )
 
   @property
   def num_classes(self) -> int:
@@ -96,9 +120,13 @@ class EvalDataset:
 # Registry.
 
 
-def get_eval_dataset(name: str, *, scenes_name: str = "scenes/default",
-                     folders: Mapping[str, str] | None = None, data_dir: str | None = None
-                     ) -> EvalDataset:
+def get_eval_dataset(
+    name: str,
+    *,
+    scenes_name: str = "scenes/default",
+    folders: Mapping[str, str] | None = None,
+    data_dir: str | None = None,
+) -> EvalDataset:
   """The evaluation dataset registered as `name` (see the module docstring).
 
   folders: roots of the local image-folder datasets by name
@@ -107,42 +135,82 @@ def get_eval_dataset(name: str, *, scenes_name: str = "scenes/default",
   folders = folders if folders is not None else {}
   if name == "scenes":
     builder = sources.get_builder(scenes_name, data_dir)
-    return EvalDataset(name=name, class_names=_class_names(builder, "label"),
-                       train="train_labeled", val="val", tests=dict(SCENES_TESTS),
-                       tfds_name=scenes_name, data_dir=data_dir)
+    return EvalDataset(
+        name=name,
+        class_names=_class_names(builder, "label"),
+        train="train_labeled",
+        val="val",
+        tests=dict(SCENES_TESTS),
+        tfds_name=scenes_name,
+        data_dir=data_dir,
+    )
   if name == "coco_crop":
     builder = sources.get_builder("coco/2017", data_dir)
-    return EvalDataset(name=name, class_names=_class_names(builder, "objects/label"),
-                       train="train[:90%]", val="train[90%:]", tests={"test": "validation"},
-                       source="coco_crop", tfds_name="coco/2017", data_dir=data_dir)
+    return EvalDataset(
+        name=name,
+        class_names=_class_names(builder, "objects/label"),
+        train="train[:90%]",
+        val="train[90%:]",
+        tests={"test": "validation"},
+        source="coco_crop",
+        tfds_name="coco/2017",
+        data_dir=data_dir,
+    )
   if name in TFDS_TRANSFER:
     train, val, test = TFDS_TRANSFER[name]
     builder = sources.get_builder(name, data_dir)
-    return EvalDataset(name=name, class_names=_class_names(builder, "label"), train=train,
-                       val=val, tests={"test": test}, tfds_name=name, data_dir=data_dir)
+    return EvalDataset(
+        name=name,
+        class_names=_class_names(builder, "label"),
+        train=train,
+        val=val,
+        tests={"test": test},
+        tfds_name=name,
+        data_dir=data_dir,
+    )
   if name == "imagenet9":
     return _imagenet9(_folder_root(name, folders))
   if name == "objectnet9":
     root = _folder_root(name, folders)
     head = _imagenet9_classes(folders)
     files = class_folder_files(root, head, f"{name} ({root})")
-    return EvalDataset(name=name, class_names=head, train=None, val=None,
-                       tests={"test": "test"}, head_from="imagenet9", source="folder",
-                       root=root, files={"test": files})
+    return EvalDataset(
+        name=name,
+        class_names=head,
+        train=None,
+        val=None,
+        tests={"test": "test"},
+        head_from="imagenet9",
+        source="folder",
+        root=root,
+        files={"test": files},
+    )
   if name == "si_score":
     root = _folder_root(name, folders)
     head = _imagenet9_classes(folders)
     factors = subfolders(root)
     if not factors:
-      raise ValueError(f"si_score folder {root} has no factor folders (e.g. area, location, "
-                       f"rotation), each holding <class>/<image> files")
-    files = {f: class_folder_files(os.path.join(root, f), head, f"si_score factor {f!r}")
-             for f in factors}
-    return EvalDataset(name=name, class_names=head, train=None, val=None,
-                       tests={f: f for f in factors}, head_from="imagenet9", source="folder",
-                       root=root, files=files)
+      raise ValueError(
+          f"si_score folder {root} has no factor folders (e.g. area, location, "
+          f"rotation), each holding <class>/<image> files"
+      )
+    files = {
+        f: class_folder_files(os.path.join(root, f), head, f"si_score factor {f!r}")
+        for f in factors
+    }
+    return EvalDataset(
+        name=name,
+        class_names=head,
+        train=None,
+        val=None,
+        tests={f: f for f in factors},
+        head_from="imagenet9",
+        source="folder",
+        root=root,
+        files=files,
+    )
   if name.startswith("folder:"):
-    return _generic_folder(name, name[len("folder:"):])
+    return _generic_folder(name, name[len("folder:") :])
   raise ValueError(f"Unknown evaluation dataset {name!r}; known: {', '.join(KNOWN_NAMES)}")
 
 
@@ -158,26 +226,29 @@ def _class_names(builder: tfds.core.DatasetBuilder, key: str) -> tuple[str, ...]
 def _folder_root(name: str, folders: Mapping[str, str]) -> str:
   root = folders.get(name)
   if not root:
-    raise ValueError(f"Evaluation dataset {name!r} reads a local image folder: set "
-                     f"config.evaluation.folders.{name} to its root")
+    raise ValueError(
+        f"Evaluation dataset {name!r} reads a local image folder: set "
+        f"config.evaluation.folders.{name} to its root"
+    )
   root = os.path.expanduser(str(root))
   if not os.path.isdir(root):
     raise ValueError(f"config.evaluation.folders.{name}={root!r} is not a directory")
   return root
 
 
-
-
-def _hold_out_val(files: tuple[tuple[str, int], ...], what: str
-                  ) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+def _hold_out_val(
+    files: tuple[tuple[str, int], ...], what: str
+) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
   """Deterministic train/val split: every VAL_EVERY-th file of each class (sorted) is val."""
   train, val, seen = [], [], {}
   for path, label in files:
     k = seen[label] = seen.get(label, -1) + 1
     (val if k % VAL_EVERY == VAL_EVERY - 1 else train).append((path, label))
   if not val:
-    raise ValueError(f"{what}: too few images to hold out a validation split (every "
-                     f"{VAL_EVERY}th image of a class); add images or a val folder")
+    raise ValueError(
+        f"{what}: too few images to hold out a validation split (every "
+        f"{VAL_EVERY}th image of a class); add images or a val folder"
+    )
   return tuple(train), tuple(val)
 
 
@@ -191,21 +262,35 @@ def _imagenet9_classes(folders: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def _imagenet9(root: str) -> EvalDataset:
-  missing = [p for p in [os.path.join(root, "original", "train")] +
-             [os.path.join(root, v, "val") for v in IMAGENET9_VARIANTS] if not os.path.isdir(p)]
+  missing = [
+      p
+      for p in [os.path.join(root, "original", "train")]
+      + [os.path.join(root, v, "val") for v in IMAGENET9_VARIANTS]
+      if not os.path.isdir(p)
+  ]
   if missing:
-    raise ValueError(f"imagenet9 (config.evaluation.folders.imagenet9={root}) expects the "
-                     f"bg_challenge layout; missing: {', '.join(missing)}")
+    raise ValueError(
+        f"imagenet9 (config.evaluation.folders.imagenet9={root}) expects the "
+        f"bg_challenge layout; missing: {', '.join(missing)}"
+    )
   classes = tuple(subfolders(os.path.join(root, "original", "train")))
-  files = class_folder_files(os.path.join(root, "original", "train"), classes,
-                              "imagenet9 original/train")
+  files = class_folder_files(
+      os.path.join(root, "original", "train"), classes, "imagenet9 original/train"
+  )
   train, val = _hold_out_val(files, "imagenet9 original/train")
   splits = {"train": train, "val": val}
   for v in IMAGENET9_VARIANTS:
     splits[v] = class_folder_files(os.path.join(root, v, "val"), classes, f"imagenet9 {v}/val")
-  return EvalDataset(name="imagenet9", class_names=classes, train="train", val="val",
-                     tests={v: v for v in IMAGENET9_VARIANTS}, source="folder", root=root,
-                     files=splits)
+  return EvalDataset(
+      name="imagenet9",
+      class_names=classes,
+      train="train",
+      val="val",
+      tests={v: v for v in IMAGENET9_VARIANTS},
+      source="folder",
+      root=root,
+      files=splits,
+  )
 
 
 def _generic_folder(name: str, root: str) -> EvalDataset:
@@ -221,7 +306,13 @@ def _generic_folder(name: str, root: str) -> EvalDataset:
   else:
     train, val = _hold_out_val(train, f"{name} train")
   test = class_folder_files(os.path.join(root, "test"), classes, f"{name} test")
-  return EvalDataset(name=name, class_names=classes, train="train", val="val",
-                     tests={"test": "test"}, source="folder", root=root,
-                     files={"train": train, "val": val, "test": test})
-
+  return EvalDataset(
+      name=name,
+      class_names=classes,
+      train="train",
+      val="val",
+      tests={"test": "test"},
+      source="folder",
+      root=root,
+      files={"train": train, "val": val, "test": test},
+  )

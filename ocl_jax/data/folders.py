@@ -53,8 +53,11 @@ def image_files(path: str) -> list[str]:
   out = []
   for dirpath, dirnames, filenames in os.walk(path):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-               if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    out.extend(
+        os.path.join(dirpath, f)
+        for f in sorted(filenames)
+        if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+    )
   return out
 
 
@@ -64,19 +67,22 @@ def require_dir(path: str, what: str) -> None:
     raise ValueError(f"{what}: folder {path} does not exist")
 
 
-def class_folder_files(path: str, classes: tuple[str, ...], what: str
-                       ) -> tuple[tuple[str, int], ...]:
+def class_folder_files(
+    path: str, classes: tuple[str, ...], what: str
+) -> tuple[tuple[str, int], ...]:
   """(file, index in `classes`) of every image in <path>/<class>/, classes in sorted order."""
   require_dir(path, what)
   found = subfolders(path)
   unknown = [c for c in found if c not in classes]
   if unknown:
-    raise ValueError(f"{what}: class folders {unknown} in {path} are not among the classes "
-                     f"{list(classes)}")
+    raise ValueError(
+        f"{what}: class folders {unknown} in {path} are not among the classes " f"{list(classes)}"
+    )
   files = tuple((f, classes.index(c)) for c in found for f in image_files(os.path.join(path, c)))
   if not files:
-    raise ValueError(f"{what}: no images ({', '.join(IMAGE_EXTENSIONS)}) in <class> folders "
-                     f"of {path}")
+    raise ValueError(
+        f"{what}: no images ({', '.join(IMAGE_EXTENSIONS)}) in <class> folders " f"of {path}"
+    )
   return files
 
 
@@ -93,6 +99,7 @@ def decode_image_file(path: tf.Tensor) -> tf.Tensor:
 @dataclasses.dataclass(frozen=True)
 class FolderFiles:
   """Image files of a folder split in a fixed order, with labels and ids."""
+
   paths: tuple[str, ...]
   labels: tuple[int, ...]
   ids: tuple[str, ...]
@@ -110,16 +117,22 @@ class FolderFiles:
   def shard(self, index: int, count: int, limit: int | None = None) -> "FolderFiles":
     """Every count-th file from `index` (this process's share), at most `limit` of them."""
     end = None if limit is None or limit < 0 else limit
-    return FolderFiles(self.paths[index::count][:end], self.labels[index::count][:end],
-                       self.ids[index::count][:end])
+    return FolderFiles(
+        self.paths[index::count][:end],
+        self.labels[index::count][:end],
+        self.ids[index::count][:end],
+    )
 
   def records(self) -> tf.data.Dataset:
     """Undecoded records (image/filename, label, image/id, file_index), in order."""
-    return tf.data.Dataset.from_tensor_slices({
-        "image/filename": tf.constant(self.paths, tf.string, shape=(len(self),)),
-        "label": tf.constant(self.labels, tf.int32, shape=(len(self),)),
-        "image/id": tf.constant(self.ids, tf.string, shape=(len(self),)),
-        "file_index": tf.range(len(self), dtype=tf.int64)})
+    return tf.data.Dataset.from_tensor_slices(
+        {
+            "image/filename": tf.constant(self.paths, tf.string, shape=(len(self),)),
+            "label": tf.constant(self.labels, tf.int32, shape=(len(self),)),
+            "image/id": tf.constant(self.ids, tf.string, shape=(len(self),)),
+            "file_index": tf.range(len(self), dtype=tf.int64),
+        }
+    )
 
   def loader(self) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """file index -> decoded example (image, label, image/id, file_index); fails on files
@@ -129,9 +142,13 @@ class FolderFiles:
     ids = tf.constant(self.ids, tf.string, shape=(len(self),))
 
     def load(index):
-      return {"image": decode_image_file(tf.gather(paths, index)),
-              "label": tf.gather(labels, index), "image/id": tf.gather(ids, index),
-              "file_index": tf.cast(index, tf.int64)}
+      return {
+          "image": decode_image_file(tf.gather(paths, index)),
+          "label": tf.gather(labels, index),
+          "image/id": tf.gather(ids, index),
+          "file_index": tf.cast(index, tf.int64),
+      }
+
     return load
 
   def decoded(self, transform: Callable[[dict], dict] | None = None) -> tf.data.Dataset:
@@ -143,9 +160,12 @@ class FolderFiles:
     ds = tf.data.Dataset.range(len(self))
     return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
-  def track_unreadable(self, batches: Iterator[dict[str, np.ndarray]], what: str,
-                       on_complete: Callable[[tuple[str, ...]], None] | None = None
-                       ) -> Iterator[dict[str, np.ndarray]]:
+  def track_unreadable(
+      self,
+      batches: Iterator[dict[str, np.ndarray]],
+      what: str,
+      on_complete: Callable[[tuple[str, ...]], None] | None = None,
+  ) -> Iterator[dict[str, np.ndarray]]:
     """Pass `batches` on without their file_index; after a complete pass, log the files that
     were skipped (count and first names) and hand them to `on_complete`."""
     seen = []
@@ -157,8 +177,13 @@ class FolderFiles:
     if on_complete is not None:
       on_complete(skipped)
     if skipped:
-      logging.warning("%s: skipped %d of %d image files that could not be read or decoded; "
-                      "first: %s", what, len(skipped), len(self), ", ".join(skipped[:5]))
+      logging.warning(
+          "%s: skipped %d of %d image files that could not be read or decoded; " "first: %s",
+          what,
+          len(skipped),
+          len(self),
+          ", ".join(skipped[:5]),
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,27 +200,30 @@ class FolderSource:
   that cannot be read or decoded are skipped (evaluation, ContraCAM) or
   replaced (training, see train_data.TrainData), and logged with their count.
   """
+
   FEATURES = ("image", "label", "image/id")  # what make_preprocess and example_id key on
 
-  name: str                        # 'folder:<root>', as in config.dataset.name
+  name: str  # 'folder:<root>', as in config.dataset.name
   root: str
   class_names: tuple[str, ...]
 
   @classmethod
   def open(cls, name: str) -> "FolderSource":
-    root = os.path.expanduser(name[len(FOLDER_PREFIX):])
+    root = os.path.expanduser(name[len(FOLDER_PREFIX) :])
     root = os.path.normpath(root) if root else ""
     if not root or not os.path.isdir(root):
-      raise DatasetNotFoundError(f"config.dataset.name={name!r}: {root!r} is not a folder of "
-                                 f"<class>/<image> folders")
+      raise DatasetNotFoundError(
+          f"config.dataset.name={name!r}: {root!r} is not a folder of " f"<class>/<image> folders"
+      )
     source = cls(name=name, root=root, class_names=tuple(subfolders(root)))
     source.files("train")  # an empty folder fails here, when the dataset is chosen
     return source
 
   def split_dir(self, split: str) -> str:
     if not isinstance(split, str) or not split:
-      raise ValueError(f"config.dataset.name={self.name!r}: folder splits are folder names, "
-                       f"got {split!r}")
+      raise ValueError(
+          f"config.dataset.name={self.name!r}: folder splits are folder names, " f"got {split!r}"
+      )
     if split in ("train", os.path.basename(self.root)):
       return self.root
     path = os.path.join(os.path.dirname(self.root), split)
@@ -203,7 +231,8 @@ class FolderSource:
       raise DatasetNotFoundError(
           f"config.dataset.name={self.name!r} has no split {split!r}: a folder dataset's split "
           f"is 'train' (the folder itself) or the name of a sibling folder of {self.root} "
-          f"({path} does not exist)")
+          f"({path} does not exist)"
+      )
     return path
 
   def files(self, split: str) -> FolderFiles:
@@ -218,8 +247,10 @@ class FolderSource:
         if i in seen:
           dups.append(f"{p[0]} ({i})")
         seen.add(i)
-      raise ValueError(f"{what}: {len(dups)} image files have the id of another file (same path "
-                       f"up to extension or whitespace), e.g. {', '.join(dups[:3])}; rename them")
+      raise ValueError(
+          f"{what}: {len(dups)} image files have the id of another file (same path "
+          f"up to extension or whitespace), e.g. {', '.join(dups[:3])}; rename them"
+      )
     return FolderFiles(tuple(p for p, _ in pairs), tuple(int(label) for _, label in pairs), ids)
 
   def records(self, split: str) -> tf.data.Dataset:

@@ -33,15 +33,19 @@ def _image_label(example: dict[str, Any], has_label: bool, has_objects: bool) ->
     n = tf.minimum(tf.shape(bbox)[0], tf.shape(labels)[0])  # equal in valid records
     bbox, labels = bbox[:n], labels[:n]
     area = (bbox[:, 2] - bbox[:, 0]) * (bbox[:, 3] - bbox[:, 1])
-    return tf.cond(n > 0, lambda: tf.gather(labels, tf.argmax(area)),
-                   lambda: tf.constant(-1, tf.int32))
+    return tf.cond(
+        n > 0, lambda: tf.gather(labels, tf.argmax(area)), lambda: tf.constant(-1, tf.int32)
+    )
   return tf.constant(-1, tf.int32)
 
 
-def make_preprocess(builder: sources.Builder, image_size: int,
-                    region_boxes: RegionBoxes | None = None, fg_masks: str | None = None,
-                    mask_ids: MaskIds | None = None
-                    ) -> Callable[[dict[str, Any]], dict[str, tf.Tensor]]:
+def make_preprocess(
+    builder: sources.Builder,
+    image_size: int,
+    region_boxes: RegionBoxes | None = None,
+    fg_masks: str | None = None,
+    mask_ids: MaskIds | None = None,
+) -> Callable[[dict[str, Any]], dict[str, tf.Tensor]]:
   """Decode-side preprocessing: fixed-size uint8 image, aspect, label.
 
   With `region_boxes` (OA-crop) each example also carries its candidate crop
@@ -66,8 +70,7 @@ def make_preprocess(builder: sources.Builder, image_size: int,
     aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
     resized = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
     image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-    out = {"image": image, "aspect": aspect,
-           "label": _image_label(example, has_label, has_objects)}
+    out = {"image": image, "aspect": aspect, "label": _image_label(example, has_label, has_objects)}
     if region_boxes is not None:
       out.update(region_boxes(example))
     if fg_masks is not None:

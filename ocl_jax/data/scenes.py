@@ -27,9 +27,16 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ocl_jax.data.scenes_render import (CLASS_NAMES, FAMILY_NAMES, choose_families, paint,
-                                       render_backgrounds, render_objects, sample_layout,
-                                       visible_objects)
+from ocl_jax.data.scenes_render import (
+    CLASS_NAMES,
+    FAMILY_NAMES,
+    choose_families,
+    paint,
+    render_backgrounds,
+    render_objects,
+    sample_layout,
+    visible_objects,
+)
 
 ID_STRIDE = 10_000_000  # image/id = split index * ID_STRIDE + scene index
 
@@ -74,15 +81,12 @@ def split_size(config: ScenesConfig, split: str) -> int:
 # Whole scenes.
 
 
-def _rng(config: ScenesConfig, split: str, batch: int,
-         stream: int) -> np.random.Generator:
+def _rng(config: ScenesConfig, split: str, batch: int, stream: int) -> np.random.Generator:
   """Independent stream per (seed, split, batch, purpose)."""
-  return np.random.default_rng(
-      [config.seed, _SPLIT_INDEX[split], batch, stream])
+  return np.random.default_rng([config.seed, _SPLIT_INDEX[split], batch, stream])
 
 
-def generate_batch(config: ScenesConfig, split: str,
-                   batch: int) -> dict[str, np.ndarray]:
+def generate_batch(config: ScenesConfig, split: str, batch: int) -> dict[str, np.ndarray]:
   """Renders scenes [batch * BATCH, ...) of `split` as NumPy arrays.
 
   Returns image (n,S,S,3) uint8, mask (n,S,S) uint8, label (n,),
@@ -96,8 +100,9 @@ def generate_batch(config: ScenesConfig, split: str,
   if n <= 0:
     raise ValueError(f'batch {batch} is past the end of split {split}')
   size = config.image_size
-  layout = sample_layout(_rng(config, source, batch, 0), n, size,
-                         config.context_bias, single=source == 'test_single')
+  layout = sample_layout(
+      _rng(config, source, batch, 0), n, size, config.context_bias, single=source == 'test_single'
+  )
   index, obj_shade = render_objects(layout, size)
   areas, boxes = visible_objects(index)
   classes = np.where(areas > 0, layout.classes, -1)
@@ -107,12 +112,18 @@ def generate_batch(config: ScenesConfig, split: str,
   families = choose_families(rng, labels, mode, config.background_bias)
   bg_shade, bg_colors = render_backgrounds(rng, families, size)
   fg = index >= 0
-  image = paint(index, np.where(fg, obj_shade, bg_shade), layout.colors,
-                bg_colors)
+  image = paint(index, np.where(fg, obj_shade, bg_shade), layout.colors, bg_colors)
   ids = _SPLIT_INDEX[split] * ID_STRIDE + start + np.arange(n)
-  return dict(image=image, mask=fg.astype(np.uint8), label=labels,
-              background=families, id=ids, classes=classes, areas=areas,
-              boxes=boxes)
+  return dict(
+      image=image,
+      mask=fg.astype(np.uint8),
+      label=labels,
+      background=families,
+      id=ids,
+      classes=classes,
+      areas=areas,
+      boxes=boxes,
+  )
 
 
 def encode_png(images: np.ndarray, level: int = 1) -> list[bytes]:
@@ -129,19 +140,17 @@ def encode_png(images: np.ndarray, level: int = 1) -> list[bytes]:
   raw = np.concatenate([np.ones((n, h, 1), np.uint8), filtered], axis=2)
 
   def chunk(tag: bytes, data: bytes) -> bytes:
-    return (struct.pack('>I', len(data)) + tag + data +
-            struct.pack('>I', zlib.crc32(tag + data)))
+    return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
 
   color_type = {1: 0, 3: 2}[c]
-  head = (b'\x89PNG\r\n\x1a\n' +
-          chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, color_type, 0, 0, 0)))
+  head = b'\x89PNG\r\n\x1a\n' + chunk(
+      b'IHDR', struct.pack('>IIBBBBB', w, h, 8, color_type, 0, 0, 0)
+  )
   tail = chunk(b'IEND', b'')
-  return [head + chunk(b'IDAT', zlib.compress(r.tobytes(), level)) + tail
-          for r in raw]
+  return [head + chunk(b'IDAT', zlib.compress(r.tobytes(), level)) + tail for r in raw]
 
 
-def _encoded_batch(config: ScenesConfig, split: str,
-                   batch: int) -> list[tuple[int, dict]]:
+def _encoded_batch(config: ScenesConfig, split: str, batch: int) -> list[tuple[int, dict]]:
   """One batch as ready-to-write TFDS examples (images pre-encoded)."""
   b = generate_batch(config, split, batch)
   images = encode_png(b['image'])
@@ -149,15 +158,19 @@ def _encoded_batch(config: ScenesConfig, split: str,
   examples = []
   for i in range(len(images)):
     keep = b['areas'][i] > 0
-    examples.append((int(b['id'][i] % ID_STRIDE), {
-        'image': images[i],
-        'image/id': int(b['id'][i]),
-        'label': int(b['label'][i]),
-        'objects': {'label': b['classes'][i][keep],
-                    'bbox': b['boxes'][i][keep]},
-        'mask': masks[i],
-        'background': int(b['background'][i]),
-    }))
+    examples.append(
+        (
+            int(b['id'][i] % ID_STRIDE),
+            {
+                'image': images[i],
+                'image/id': int(b['id'][i]),
+                'label': int(b['label'][i]),
+                'objects': {'label': b['classes'][i][keep], 'bbox': b['boxes'][i][keep]},
+                'mask': masks[i],
+                'background': int(b['background'][i]),
+            },
+        )
+    )
   return examples
 
 
@@ -190,17 +203,32 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
       ScenesConfig(
-          name='default', image_size=96, num_train=20_000,
-          num_train_labeled=5_000, num_val=1_000, num_test=2_000,
-          description='96 px, 20k unlabelled training images.'),
+          name='default',
+          image_size=96,
+          num_train=20_000,
+          num_train_labeled=5_000,
+          num_val=1_000,
+          num_test=2_000,
+          description='96 px, 20k unlabelled training images.',
+      ),
       ScenesConfig(
-          name='small', image_size=96, num_train=4_000,
-          num_train_labeled=2_000, num_val=500, num_test=1_000,
-          description='96 px, 4k training images, for quick demos.'),
+          name='small',
+          image_size=96,
+          num_train=4_000,
+          num_train_labeled=2_000,
+          num_val=500,
+          num_test=1_000,
+          description='96 px, 4k training images, for quick demos.',
+      ),
       ScenesConfig(
-          name='tiny', image_size=32, num_train=256, num_train_labeled=64,
-          num_val=64, num_test=64,
-          description='32 px, a few hundred images, for unit tests.'),
+          name='tiny',
+          image_size=32,
+          num_train=256,
+          num_train_labeled=64,
+          num_val=64,
+          num_test=64,
+          description='32 px, a few hundred images, for unit tests.',
+      ),
   ]
   DEFAULT_CONFIG_NAME = 'default'
 
@@ -228,18 +256,23 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
             'object; objects are listed back to front; background = -1 '
             'in test_only_fg. Scene k of test, test_mixed_same, '
             'test_mixed_rand and test_only_fg has the same objects '
-            f'(k = image/id % {ID_STRIDE}).'),
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(size, size, 3)),
-            'image/id': np.int64,
-            'label': classes,
-            'objects': tfds.features.Sequence({
-                'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-                'bbox': tfds.features.BBoxFeature(),
-            }),
-            'mask': tfds.features.Image(shape=(size, size, 1)),
-            'background': tfds.features.ClassLabel(names=FAMILY_NAMES),
-        }),
+            f'(k = image/id % {ID_STRIDE}).'
+        ),
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(size, size, 3)),
+                'image/id': np.int64,
+                'label': classes,
+                'objects': tfds.features.Sequence(
+                    {
+                        'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+                        'bbox': tfds.features.BBoxFeature(),
+                    }
+                ),
+                'mask': tfds.features.Image(shape=(size, size, 1)),
+                'background': tfds.features.ClassLabel(names=FAMILY_NAMES),
+            }
+        ),
         supervised_keys=('image', 'label'),
     )
 

@@ -11,10 +11,30 @@ import dataclasses
 
 import numpy as np
 
-CLASS_NAMES = ('circle', 'square', 'triangle', 'star', 'cross', 'ring',
-               'diamond', 'hexagon', 'crescent', 'ellipse')
-FAMILY_NAMES = ('stripes', 'checks', 'clouds', 'gradient', 'dots', 'rings',
-                'waves', 'grid', 'mosaic', 'bricks')
+CLASS_NAMES = (
+    'circle',
+    'square',
+    'triangle',
+    'star',
+    'cross',
+    'ring',
+    'diamond',
+    'hexagon',
+    'crescent',
+    'ellipse',
+)
+FAMILY_NAMES = (
+    'stripes',
+    'checks',
+    'clouds',
+    'gradient',
+    'dots',
+    'rings',
+    'waves',
+    'grid',
+    'mosaic',
+    'bricks',
+)
 NUM_CLASSES = len(CLASS_NAMES)
 NUM_FAMILIES = len(FAMILY_NAMES)
 # Background family that co-occurs with each class under the background bias.
@@ -52,8 +72,7 @@ def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
   return v[..., None] * (1.0 - s[..., None] * f)
 
 
-def _crowded(centers: np.ndarray, radii: np.ndarray,
-             valid: np.ndarray) -> np.ndarray:
+def _crowded(centers: np.ndarray, radii: np.ndarray, valid: np.ndarray) -> np.ndarray:
   """Scenes where two objects overlap so much that one would mostly vanish."""
   bad = np.zeros(centers.shape[0], bool)
   for i in range(MAX_OBJECTS):
@@ -64,8 +83,9 @@ def _crowded(centers: np.ndarray, radii: np.ndarray,
   return bad
 
 
-def sample_layout(rng: np.random.Generator, n: int, image_size: int,
-                  context_bias: float, single: bool = False) -> Layout:
+def sample_layout(
+    rng: np.random.Generator, n: int, image_size: int, context_bias: float, single: bool = False
+) -> Layout:
   """Samples classes, placements and colours of the objects of `n` scenes.
 
   Slot 0 is the primary object (largest scale); slot 1, when present, is of
@@ -85,9 +105,13 @@ def sample_layout(rng: np.random.Generator, n: int, image_size: int,
   valid = np.arange(MAX_OBJECTS)[None] < counts[:, None]
   classes = np.where(valid, classes, -1)
 
-  scales = np.concatenate([
-      rng.uniform(0.3 if not single else 0.25, MAX_SCALE, (n, 1)),
-      rng.uniform(MIN_SCALE, 0.3, (n, MAX_OBJECTS - 1))], axis=1)
+  scales = np.concatenate(
+      [
+          rng.uniform(0.3 if not single else 0.25, MAX_SCALE, (n, 1)),
+          rng.uniform(MIN_SCALE, 0.3, (n, MAX_OBJECTS - 1)),
+      ],
+      axis=1,
+  )
   radii = scales * image_size / 2
   span = (image_size - 2 * radii)[..., None]
   centers = radii[..., None] + rng.random((n, MAX_OBJECTS, 2)) * span
@@ -106,8 +130,7 @@ def sample_layout(rng: np.random.Generator, n: int, image_size: int,
   sat = rng.uniform(0.55, 0.95, classes.shape)
   val = rng.uniform(0.7, 1.0, classes.shape)
   dark = val * rng.uniform(0.35, 0.6, classes.shape)
-  colors = np.stack([hsv_to_rgb(hue, sat, val),
-                     hsv_to_rgb(hue + 0.05, sat, dark)], axis=2)
+  colors = np.stack([hsv_to_rgb(hue, sat, val), hsv_to_rgb(hue + 0.05, sat, dark)], axis=2)
   params = rng.random((n, MAX_OBJECTS, 3))
 
   # Random paint order; empty slots stay at the end.
@@ -118,9 +141,14 @@ def sample_layout(rng: np.random.Generator, n: int, image_size: int,
     idx = order.reshape(order.shape + (1,) * (a.ndim - 2))
     return np.take_along_axis(a, idx, axis=1)
 
-  return Layout(classes=take(classes), centers=take(centers),
-                radii=take(radii), angles=take(angles), colors=take(colors),
-                params=take(params))
+  return Layout(
+      classes=take(classes),
+      centers=take(centers),
+      radii=take(radii),
+      angles=take(angles),
+      colors=take(colors),
+      params=take(params),
+  )
 
 
 # --------------------------------------------------------------------------
@@ -138,13 +166,11 @@ def _polygon_gauge(u: np.ndarray, v: np.ndarray, sides: int) -> np.ndarray:
   angles = (2 * np.arange(sides) + 1) * np.pi / sides  # face normals
   gauge = u * np.float32(np.cos(angles[0])) + v * np.float32(np.sin(angles[0]))
   for a in angles[1:]:
-    gauge = np.maximum(gauge, u * np.float32(np.cos(a)) +
-                       v * np.float32(np.sin(a)))
+    gauge = np.maximum(gauge, u * np.float32(np.cos(a)) + v * np.float32(np.sin(a)))
   return gauge / np.float32(np.cos(np.pi / sides))
 
 
-def _star_radius(u: np.ndarray, v: np.ndarray, points: int,
-                 inner: float) -> np.ndarray:
+def _star_radius(u: np.ndarray, v: np.ndarray, points: int, inner: float) -> np.ndarray:
   """Boundary radius of a star polygon (tips at radius 1) towards (u, v)."""
   sector = 2 * np.pi / points
   theta = np.arctan2(v, u)
@@ -179,20 +205,19 @@ def shape_mask(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
   if cls == 5:  # ring
     rho2 = u * u + v * v
-    return (rho2 <= 1.0) & (rho2 >= 0.55 ** 2)
+    return (rho2 <= 1.0) & (rho2 >= 0.55**2)
   if cls == 6:  # diamond
     return np.abs(u) + np.abs(v) / 0.6 <= 1.0
   if cls == 7:  # hexagon
     return _polygon_gauge(u, v, 6) <= 1.0
   if cls == 8:  # crescent
-    return (u * u + v * v <= 1.0) & ((u - 0.45) ** 2 + v * v >= 0.85 ** 2)
+    return (u * u + v * v <= 1.0) & ((u - 0.45) ** 2 + v * v >= 0.85**2)
   if cls == 9:  # ellipse
     return u * u + 4.0 * v * v <= 1.0
   raise ValueError(f'unknown class {cls}')
 
 
-def object_texture(cls: int, u: np.ndarray, v: np.ndarray,
-                   p: np.ndarray) -> np.ndarray:
+def object_texture(cls: int, u: np.ndarray, v: np.ndarray, p: np.ndarray) -> np.ndarray:
   """Mix weight in [0, 1] between an object's two colours.
 
   Each class has its own pattern, fixed to the object frame (it rotates and
@@ -209,8 +234,7 @@ def object_texture(cls: int, u: np.ndarray, v: np.ndarray,
     return np.clip(0.5 + 0.5 * u * (0.8 + 0.4 * p0), 0, 1)
   if cls == 4:  # checks
     f = 1.25 + 0.75 * p0
-    return ((_frac(f * u + 2 * p1) < 0.5) ^
-            (_frac(f * v + 2 * p2) < 0.5)).astype(np.float32)
+    return ((_frac(f * u + 2 * p1) < 0.5) ^ (_frac(f * v + 2 * p2) < 0.5)).astype(np.float32)
   if cls == 5:  # spokes
     k = 6 + np.floor(4 * p0)
     return _soft_wave(k * np.arctan2(v, u) + 2 * np.pi * p1)
@@ -232,8 +256,7 @@ def _quantise(t: np.ndarray) -> np.ndarray:
   return (t * (SHADES - 1) + 0.5).astype(np.uint8)
 
 
-def render_objects(layout: Layout,
-                   image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def render_objects(layout: Layout, image_size: int) -> tuple[np.ndarray, np.ndarray]:
   """Paints the objects back to front.
 
   Each object is evaluated only in a window around it, batched over the
@@ -252,8 +275,7 @@ def render_objects(layout: Layout,
     for cls in range(NUM_CLASSES):
       for lo, hi in bins:
         r = layout.radii[:, slot]
-        img = np.nonzero((layout.classes[:, slot] == cls) & (r > lo) &
-                         (r <= hi))[0]
+        img = np.nonzero((layout.classes[:, slot] == cls) & (r > lo) & (r <= hi))[0]
         if img.size == 0:
           continue
         r = r[img]
@@ -272,8 +294,7 @@ def render_objects(layout: Layout,
         u = cos * dx + sin * dy
         v = cos * dy - sin * dx
         m, wy, wx = np.nonzero(shape_mask(cls, u, v))
-        t = object_texture(cls, u, v,
-                           layout.params[img, slot].astype(np.float32))
+        t = object_texture(cls, u, v, layout.params[img, slot].astype(np.float32))
         t = np.broadcast_to(t, u.shape)[m, wy, wx]
         # Shapes lie within their radius, so inside pixels are in the
         # image; clipping only guards against rounding at the border.
@@ -308,8 +329,9 @@ def visible_objects(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # Backgrounds.
 
 
-def choose_families(rng: np.random.Generator, labels: np.ndarray, mode: str,
-                    bias: float) -> np.ndarray:
+def choose_families(
+    rng: np.random.Generator, labels: np.ndarray, mode: str, bias: float
+) -> np.ndarray:
   """Background family per scene; -1 means black (Only-FG).
 
   'biased': CLASS_FAMILY[label] with probability `bias`, otherwise uniform
@@ -340,8 +362,7 @@ def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
   return rows[:, :, i0] * (1 - w) + rows[:, :, i0 + 1] * w
 
 
-def background_pattern(family: int, rng: np.random.Generator, m: int,
-                       size: int) -> np.ndarray:
+def background_pattern(family: int, rng: np.random.Generator, m: int, size: int) -> np.ndarray:
   """Mix weight (m, S, S) in [0, 1] of `m` random instances of a family."""
   p = rng.random((m, 4)).astype(np.float32)
   angle = rng.uniform(0, 2 * np.pi, m).astype(np.float32)
@@ -354,8 +375,7 @@ def background_pattern(family: int, rng: np.random.Generator, m: int,
     return _soft_wave(2 * np.pi * ((3 + 5 * p0) * xr + p1))
   if family == 1:  # checks
     f = 1.25 + 2 * p0
-    return ((_frac(f * xr + p1) < 0.5) ^
-            (_frac(f * yr + p2) < 0.5)).astype(np.float32)
+    return ((_frac(f * xr + p1) < 0.5) ^ (_frac(f * yr + p2) < 0.5)).astype(np.float32)
   if family == 2:  # clouds: smooth value noise
     return _upsample(rng.random((m, 5, 5)).astype(np.float32), size)
   if family == 3:  # linear gradient
@@ -372,8 +392,7 @@ def background_pattern(family: int, rng: np.random.Generator, m: int,
     return _soft_wave(2 * np.pi * ((3 + 3 * p0) * (yr + bend) + p3))
   if family == 7:  # grid lines
     f, w = 3 + 4 * p0, 0.1 + 0.08 * p3
-    return ((_frac(f * xr + p1) < w) |
-            (_frac(f * yr + p2) < w)).astype(np.float32)
+    return ((_frac(f * xr + p1) < w) | (_frac(f * yr + p2) < w)).astype(np.float32)
   if family == 8:  # mosaic of flat random tiles
     tiles = 6 + np.floor(8 * p0[:, 0, 0]).astype(int)
     grid = rng.random((m, 14, 14)).astype(np.float32)
@@ -383,13 +402,13 @@ def background_pattern(family: int, rng: np.random.Generator, m: int,
     f = 3 + 3 * p0
     rows = f * yr + p1
     odd = _frac(0.5 * np.floor(rows))  # 0 or 0.5: alternate row offset
-    return ((_frac(rows) < 0.15) |
-            (_frac(0.5 * f * xr + odd + p2) < 0.08)).astype(np.float32)
+    return ((_frac(rows) < 0.15) | (_frac(0.5 * f * xr + odd + p2) < 0.08)).astype(np.float32)
   raise ValueError(f'unknown background family {family}')
 
 
-def render_backgrounds(rng: np.random.Generator, families: np.ndarray,
-                       size: int) -> tuple[np.ndarray, np.ndarray]:
+def render_backgrounds(
+    rng: np.random.Generator, families: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Backgrounds for the given families (-1: black).
 
   Returns the shade map (n, S, S) uint8 and the colour pair (n, 2, 3) in
@@ -409,16 +428,20 @@ def render_backgrounds(rng: np.random.Generator, families: np.ndarray,
     val = rng.uniform(0.3, 0.8, m)
     step = rng.uniform(0.15, 0.3, m)
     val2 = np.where(val > 0.55, val - step, val + step)
-    colors[img] = np.stack([
-        hsv_to_rgb(hue, rng.uniform(0.1, 0.4, m), val),
-        hsv_to_rgb(hue + rng.uniform(-0.08, 0.08, m),
-                   rng.uniform(0.1, 0.4, m), val2)], axis=1)
+    colors[img] = np.stack(
+        [
+            hsv_to_rgb(hue, rng.uniform(0.1, 0.4, m), val),
+            hsv_to_rgb(hue + rng.uniform(-0.08, 0.08, m), rng.uniform(0.1, 0.4, m), val2),
+        ],
+        axis=1,
+    )
     shade[img] = _quantise(background_pattern(fam, rng, m, size))
   return shade, colors
 
 
-def paint(index: np.ndarray, shade: np.ndarray, object_colors: np.ndarray,
-          background_colors: np.ndarray) -> np.ndarray:
+def paint(
+    index: np.ndarray, shade: np.ndarray, object_colors: np.ndarray, background_colors: np.ndarray
+) -> np.ndarray:
   """RGB images (n, S, S, 3) uint8 from layer index and shade maps.
 
   Every pixel is a (layer, shade) code into a per-image palette of 4 x SHADES
@@ -433,9 +456,9 @@ def paint(index: np.ndarray, shade: np.ndarray, object_colors: np.ndarray,
   lut = pairs[:, :, None, 0] + w * (pairs[:, :, None, 1] - pairs[:, :, None, 0])
   lut = np.rint(lut * 255).astype(np.uint32).reshape(n, -1, 3)
   packed = (lut[..., 0] | (lut[..., 1] << 8) | (lut[..., 2] << 16)).astype(
-      '<u4')  # little-endian, so the bytes read R, G, B, 0
+      '<u4'
+  )  # little-endian, so the bytes read R, G, B, 0
   code = (index + 1).astype(np.uint8) * np.uint8(SHADES) + shade  # < 256
   flat = code.reshape(n, -1) + (np.arange(n) * 4 * SHADES)[:, None]
   rgbx = packed.ravel()[flat].view(np.uint8)
-  return np.ascontiguousarray(
-      rgbx.reshape(index.shape + (4,))[..., :3])
+  return np.ascontiguousarray(rgbx.reshape(index.shape + (4,))[..., :3])

@@ -28,10 +28,12 @@ Builder = Union[tfds.core.DatasetBuilder, FolderSource]
 def _prepare_hint(name: str, data_dir: str) -> str:
   base = name.split("/")[0]
   if base == "coco":
-    return (f"Download the COCO 2017 zips (train2017, val2017, annotations_trainval2017) and run "
-            f"`tfds build {name} --data_dir={data_dir} --manual_dir=<folder with the zips>` "
-            f"on a machine with the files, or copy an existing TFDS coco/2017 folder into "
-            f"{data_dir}.")
+    return (
+        f"Download the COCO 2017 zips (train2017, val2017, annotations_trainval2017) and run "
+        f"`tfds build {name} --data_dir={data_dir} --manual_dir=<folder with the zips>` "
+        f"on a machine with the files, or copy an existing TFDS coco/2017 folder into "
+        f"{data_dir}."
+    )
   return f"Prepare it with `tfds build {name} --data_dir={data_dir}` or copy a prepared copy there."
 
 
@@ -43,6 +45,7 @@ def get_builder(name: str, data_dir: str | None) -> Builder:
   if is_folder_dataset(name):
     return FolderSource.open(name)
   import ocl_jax.data.scenes  # noqa: F401  (registers the scenes builder)
+
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -52,9 +55,14 @@ def get_builder(name: str, data_dir: str | None) -> Builder:
   return builder
 
 
-def open_split(builder: Builder, split: Any, *,
-               shuffle_seed: int | None = None, decoders: Any = None,
-               add_tfds_id: bool = False) -> tf.data.Dataset:
+def open_split(
+    builder: Builder,
+    split: Any,
+    *,
+    shuffle_seed: int | None = None,
+    decoders: Any = None,
+    add_tfds_id: bool = False,
+) -> tf.data.Dataset:
   """builder.as_dataset with a clear error when the data is not where the config says.
 
   For a FolderSource: the file records of `split` (image/filename, label,
@@ -65,12 +73,20 @@ def open_split(builder: Builder, split: Any, *,
     return builder.records(split)
   # Ordered reads are often cut short (.take(n) of an evaluation split); TFDS's automatic cache
   # of small splits would then warn that the cache was not filled. The data are the same.
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16,
-                                skip_prefetch=True, add_tfds_id=add_tfds_id,
-                                try_autocache=shuffle_seed is not None)
+  read_config = tfds.ReadConfig(
+      shuffle_seed=shuffle_seed,
+      interleave_cycle_length=16,
+      skip_prefetch=True,
+      add_tfds_id=add_tfds_id,
+      try_autocache=shuffle_seed is not None,
+  )
   try:
-    return builder.as_dataset(split=split, shuffle_files=shuffle_seed is not None,
-                              read_config=read_config, decoders=decoders)
+    return builder.as_dataset(
+        split=split,
+        shuffle_files=shuffle_seed is not None,
+        read_config=read_config,
+        decoders=decoders,
+    )
   except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
     raise DatasetNotFoundError(
         f"Dataset {builder.info.full_name} split {split!r} was not found in data_dir "
@@ -115,8 +131,9 @@ def base_split_name(split: Any) -> str:
   return str(split).split("[", 1)[0].strip()
 
 
-def tfds_example_index(builder: "tfds.core.DatasetBuilder", split: Any
-                       ) -> tuple[Callable[[tf.Tensor], tf.Tensor], int]:
+def tfds_example_index(
+    builder: "tfds.core.DatasetBuilder", split: Any
+) -> tuple[Callable[[tf.Tensor], tf.Tensor], int]:
   """(tfds_id -> position in the whole base split, as int32; the base split's size).
 
   A tfds_id is '<shard file>__<record>'; the position is the shard's offset
@@ -127,15 +144,16 @@ def tfds_example_index(builder: "tfds.core.DatasetBuilder", split: Any
   offsets = np.concatenate([[0], np.cumsum(info.shard_lengths)[:-1]]).astype(np.int64)
   table = tf.lookup.StaticHashTable(
       tf.lookup.KeyValueTensorInitializer(tf.constant(list(info.filenames)), tf.constant(offsets)),
-      default_value=-1)
+      default_value=-1,
+  )
 
   def index_of(tfds_id: tf.Tensor) -> tf.Tensor:
     parts = tf.strings.split(tfds_id, "__")
     offset = table.lookup(parts[0])
     check = tf.debugging.assert_non_negative(
-        offset, message="tfds_id names a shard file the split's metadata does not list")
+        offset, message="tfds_id names a shard file the split's metadata does not list"
+    )
     with tf.control_dependencies([check]):
       return tf.cast(offset + tf.strings.to_number(parts[-1], tf.int64), tf.int32)
 
   return index_of, int(info.num_examples)
-

@@ -44,7 +44,6 @@ def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
   return int(np.random.SeedSequence([seed, epoch, *extra]).generate_state(1)[0] % (2**31))
 
 
-
 @dataclasses.dataclass
 class TrainData:
   """The training stream of this process, its size and how its epochs are cut.
@@ -65,6 +64,7 @@ class TrainData:
   epoch() batches then also carry the host-only `id`, `slot` and `file_index`,
   which iterate() drops.
   """
+
   builder: sources.Builder
   split: Any
   local_batch: int
@@ -83,7 +83,7 @@ class TrainData:
   process_index: int = 0  # this process's slice of each global batch ...
   process_count: int = 1  # ... out of this many
   with_index: bool = False  # batches carry `index`, the image's position in the split (SGCL bank)
-  index_size: int = 0       # ... indices are < this (the whole base split / folder)
+  index_size: int = 0  # ... indices are < this (the whole base split / folder)
   index_split: str = "train"  # the TFDS split named in the config (its base split is indexed)
 
   @property
@@ -100,8 +100,10 @@ class TrainData:
   def folder_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """Folder datasets: (order, alt), the permutations of the files in `epoch`."""
     n = len(self.files)
-    return (np.random.default_rng(_epoch_seed(self.seed, epoch)).permutation(n),
-            np.random.default_rng(_epoch_seed(self.seed, epoch, 1)).permutation(n))
+    return (
+        np.random.default_rng(_epoch_seed(self.seed, epoch)).permutation(n),
+        np.random.default_rng(_epoch_seed(self.seed, epoch, 1)).permutation(n),
+    )
 
   def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
     if self.files is not None:
@@ -109,9 +111,13 @@ class TrainData:
     seed = _epoch_seed(self.seed, epoch)
     # Several processes: images are decoded after the slice, only by the process that keeps them.
     deferred = sources.image_features(self.builder) if self.process_count > 1 else []
-    ds = sources.open_split(self.builder, self.split, shuffle_seed=seed,
-                    decoders={k: tfds.decode.SkipDecoding() for k in deferred} or None,
-                    add_tfds_id=self.with_index)
+    ds = sources.open_split(
+        self.builder,
+        self.split,
+        shuffle_seed=seed,
+        decoders={k: tfds.decode.SkipDecoding() for k in deferred} or None,
+        add_tfds_id=self.with_index,
+    )
     ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.take(self.steps_per_epoch * self.global_batch)
     ds = ds.skip(skip_batches * self.global_batch)
@@ -123,16 +129,18 @@ class TrainData:
       preprocess = lambda ex: {**base_preprocess(ex), "index": index_of(ex["tfds_id"])}
     if deferred:
       decode = lambda ex: {**ex, **{k: feats[k].decode_example(ex[k]) for k in deferred}}
-      ds = ds.map(lambda ex: preprocess(decode(ex)), num_parallel_calls=tf.data.AUTOTUNE,
-                  deterministic=True)
+      ds = ds.map(
+          lambda ex: preprocess(decode(ex)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+      )
     else:
       ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self.local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
   def _preprocess(self):
-    return make_preprocess(self.builder, self.image_size, self.region_boxes, self.fg_masks,
-                           self.mask_ids)
+    return make_preprocess(
+        self.builder, self.image_size, self.region_boxes, self.fg_masks, self.mask_ids
+    )
 
   def _folder_epoch(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
     n, k = len(self.files), FALLBACK_CANDIDATES
@@ -147,17 +155,34 @@ class TrainData:
 
     ds = tf.data.Dataset.range(self.steps_per_epoch * self.global_batch)
     ds = self._own_slice(ds.skip(skip_batches * self.global_batch))  # before decoding
-    ds = ds.interleave(slot_example, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.interleave(
+        slot_example,
+        cycle_length=tf.data.AUTOTUNE,
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     preprocess = self._preprocess()
-    ds = ds.map(lambda ex: {**preprocess(ex), "id": ex["image/id"], "slot": ex["slot"],
-                            "file_index": ex["file_index"]},
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda ex: {
+            **preprocess(ex),
+            "id": ex["image/id"],
+            "slot": ex["slot"],
+            "file_index": ex["file_index"],
+        },
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     ds = ds.batch(self.local_batch, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
-  def _folder_bookkeeping(self, batch: dict[str, np.ndarray], order: np.ndarray, step_in_epoch: int,
-                          unreadable: list[str]) -> None:
+  def _folder_bookkeeping(
+      self,
+      batch: dict[str, np.ndarray],
+      order: np.ndarray,
+      step_in_epoch: int,
+      unreadable: list[str],
+  ) -> None:
     """Drop the host-only keys of a folder batch; record the files that were replaced."""
     del batch["id"]
     slots, used = batch.pop("slot"), batch.pop("file_index")
@@ -171,7 +196,8 @@ class TrainData:
           f"{self.builder.name}: none of the {FALLBACK_CANDIDATES + 1} candidate files of epoch "
           f"slot(s) {lost[:5]} could be read and decoded (first: "
           f"{self.files.paths[order[lost[0]]] if lost else '?'}); is the folder mostly "
-          f"unreadable?")
+          f"unreadable?"
+      )
     for slot, index in zip(slots, used):
       if order[slot] != index:
         unreadable.append(self.files.paths[order[slot]])
@@ -192,22 +218,34 @@ class TrainData:
           seen = len(unreadable)
           self._folder_bookkeeping(batch, order, i, unreadable)
           if len(unreadable) > seen and not self.unreadable_files:
-            logging.warning("%s: image file %s cannot be read or decoded; it is replaced by "
-                            "another image of the folder (counted and logged per epoch)",
-                            self.builder.name, unreadable[seen])
+            logging.warning(
+                "%s: image file %s cannot be read or decoded; it is replaced by "
+                "another image of the folder (counted and logged per epoch)",
+                self.builder.name,
+                unreadable[seen],
+            )
           self.unreadable_count += len(unreadable) - seen
           self.unreadable_files.update(unreadable[seen:])
         yield shard_for_devices(batch)
       if missing:
         self.missing_box_count += missing
-        logging.warning("Epoch %d: %d training images are not in box file %s; they were "
-                        "cropped from the whole image (object_aware.tolerate_box_errors)",
-                        epoch, missing, self.region_boxes.path)
+        logging.warning(
+            "Epoch %d: %d training images are not in box file %s; they were "
+            "cropped from the whole image (object_aware.tolerate_box_errors)",
+            epoch,
+            missing,
+            self.region_boxes.path,
+        )
       if unreadable:
-        logging.warning("Epoch %d: %d image files of %s could not be read or decoded and were "
-                        "replaced by other images of the folder (%d distinct so far); first: %s",
-                        epoch, len(unreadable), self.builder.name, len(self.unreadable_files),
-                        ", ".join(sorted(set(unreadable))[:5]))
+        logging.warning(
+            "Epoch %d: %d image files of %s could not be read or decoded and were "
+            "replaced by other images of the folder (%d distinct so far); first: %s",
+            epoch,
+            len(unreadable),
+            self.builder.name,
+            len(self.unreadable_files),
+            ", ".join(sorted(set(unreadable))[:5]),
+        )
       epoch, skip = epoch + 1, 0
 
 
@@ -225,43 +263,72 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
     data = _create_folder_train_data(config, builder, local_batch, fg_masks, mask_ids)
     return dataclasses.replace(data, with_index=with_index, index_size=data.num_examples)
   # The whole split, as one process reads it: every process walks the same global order.
-  split = tfds.split_for_jax_process(d.train_split, process_index=0, process_count=1,
-                                     drop_remainder=True)
+  split = tfds.split_for_jax_process(
+      d.train_split, process_index=0, process_count=1, drop_remainder=True
+  )
   n = int(sources.open_split(builder, split).cardinality())
   if n < 0:
     raise ValueError(f"Cannot count the examples of {d.name} split {d.train_split!r}")
   if n < config.batch_size:
-    raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} examples of "
-                     f"{d.name} split {d.train_split!r}")
-  return TrainData(builder=builder, split=split, local_batch=local_batch, num_examples=n,
-                   steps_per_epoch=n // config.batch_size, image_size=d.image_size,
-                   shuffle_buffer=d.shuffle_buffer, seed=config.seed,
-                   region_boxes=create_region_boxes(config, builder),
-                   fg_masks=fg_masks, mask_ids=mask_ids, process_index=jax.process_index(),
-                   process_count=jax.process_count(), with_index=with_index,
-                   index_split=d.train_split,
-                   index_size=(sources.tfds_example_index(builder, d.train_split)[1] if with_index
-                               else n))
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is larger than the {n} examples of "
+        f"{d.name} split {d.train_split!r}"
+    )
+  return TrainData(
+      builder=builder,
+      split=split,
+      local_batch=local_batch,
+      num_examples=n,
+      steps_per_epoch=n // config.batch_size,
+      image_size=d.image_size,
+      shuffle_buffer=d.shuffle_buffer,
+      seed=config.seed,
+      region_boxes=create_region_boxes(config, builder),
+      fg_masks=fg_masks,
+      mask_ids=mask_ids,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      with_index=with_index,
+      index_split=d.train_split,
+      index_size=(sources.tfds_example_index(builder, d.train_split)[1] if with_index else n),
+  )
 
 
-def _create_folder_train_data(config: ml_collections.ConfigDict, source: FolderSource,
-                              local_batch: int, fg_masks: str | None, mask_ids: MaskIds | None
-                              ) -> TrainData:
+def _create_folder_train_data(
+    config: ml_collections.ConfigDict,
+    source: FolderSource,
+    local_batch: int,
+    fg_masks: str | None,
+    mask_ids: MaskIds | None,
+) -> TrainData:
   """The whole folder is the training set; every process permutes all its files alike and
   reads only the slots of its slice of each global batch."""
   d = config.dataset
   if d.train_split != "train":
-    raise ValueError(f"config.dataset.train_split={d.train_split!r}: a folder dataset "
-                     f"({d.name}) trains on its whole folder; set it to 'train'")
+    raise ValueError(
+        f"config.dataset.train_split={d.train_split!r}: a folder dataset "
+        f"({d.name}) trains on its whole folder; set it to 'train'"
+    )
   files = source.files("train")
   n = len(files)
   if n < config.batch_size:
-    raise ValueError(f"config.batch_size={config.batch_size} is larger than the {n} images of "
-                     f"{d.name}")
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is larger than the {n} images of " f"{d.name}"
+    )
   logging.info("%s: %d image files in %d classes", d.name, n, len(source.class_names))
-  return TrainData(builder=source, split="train", local_batch=local_batch, num_examples=n,
-                   steps_per_epoch=n // config.batch_size, image_size=d.image_size,
-                   shuffle_buffer=d.shuffle_buffer, seed=config.seed,
-                   region_boxes=create_region_boxes(config, source), fg_masks=fg_masks,
-                   mask_ids=mask_ids, files=files, process_index=jax.process_index(),
-                   process_count=jax.process_count())
+  return TrainData(
+      builder=source,
+      split="train",
+      local_batch=local_batch,
+      num_examples=n,
+      steps_per_epoch=n // config.batch_size,
+      image_size=d.image_size,
+      shuffle_buffer=d.shuffle_buffer,
+      seed=config.seed,
+      region_boxes=create_region_boxes(config, source),
+      fg_masks=fg_masks,
+      mask_ids=mask_ids,
+      files=files,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )

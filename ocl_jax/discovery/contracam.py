@@ -60,7 +60,11 @@ class CamSettings:
   eps: float = 1e-20
 
   def __post_init__(self):
-    if isinstance(self.iterations, bool) or int(self.iterations) != self.iterations or self.iterations < 1:
+    if (
+        isinstance(self.iterations, bool)
+        or int(self.iterations) != self.iterations
+        or self.iterations < 1
+    ):
       raise ValueError(f"CamSettings.iterations must be an integer >= 1, got {self.iterations!r}")
     object.__setattr__(self, "iterations", int(self.iterations))
     models.check_expand_res(self.expand_res, "CamSettings.expand_res")
@@ -68,11 +72,15 @@ class CamSettings:
     if self.mode not in MODES:
       raise ValueError(f"CamSettings.mode must be one of {MODES}, got {self.mode!r}")
     if self.clamp_weights is not None and not isinstance(self.clamp_weights, bool):
-      raise ValueError(f"CamSettings.clamp_weights must be True, False or None, got {self.clamp_weights!r}")
+      raise ValueError(
+          f"CamSettings.clamp_weights must be True, False or None, got {self.clamp_weights!r}"
+      )
     if not isinstance(self.official_score, bool):
       raise ValueError(f"CamSettings.official_score must be a bool, got {self.official_score!r}")
     if not (self.temperature > 0 and math.isfinite(self.temperature)):
-      raise ValueError(f"CamSettings.temperature must be a finite number > 0, got {self.temperature!r}")
+      raise ValueError(
+          f"CamSettings.temperature must be a finite number > 0, got {self.temperature!r}"
+      )
     if not (self.eps >= 0 and math.isfinite(self.eps)):
       raise ValueError(f"CamSettings.eps must be a finite number >= 0, got {self.eps!r}")
 
@@ -82,12 +90,18 @@ class CamSettings:
     field of the section, one a line, with the box / mask options the modes read beside it."""
     c = config.contracam
     errors = []
-    checks = [(c.mask_iterations >= 1, "mask_iterations",
-               f"T must be >= 1, got {c.mask_iterations}"),
-              (c.batch_size >= 2, "batch_size", "the contrastive score needs >= 2 images"),
-              (c.box_margin >= 0, "box_margin", f"must be >= 0, got {c.box_margin}")]
-    for f in ("clean_threshold", "box_min_obj_scale", "eval_min_obj_scale", "box_threshold",
-              "box_min_area"):
+    checks = [
+        (c.mask_iterations >= 1, "mask_iterations", f"T must be >= 1, got {c.mask_iterations}"),
+        (c.batch_size >= 2, "batch_size", "the contrastive score needs >= 2 images"),
+        (c.box_margin >= 0, "box_margin", f"must be >= 0, got {c.box_margin}"),
+    ]
+    for f in (
+        "clean_threshold",
+        "box_min_obj_scale",
+        "eval_min_obj_scale",
+        "box_threshold",
+        "box_min_area",
+    ):
       checks.append((0.0 <= c[f] <= 1.0, f, f"must be in [0, 1], got {c[f]}"))
     for ok, field, message in checks:
       if not ok:
@@ -119,10 +133,13 @@ def cam_network(spec: models.ModelSpec, settings: CamSettings) -> models.Contras
 
 def _cubic_weights(t: np.ndarray, a: float) -> tuple[np.ndarray, ...]:
   """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2 from floor."""
+
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
+
   def far(x):  # 1 < |x| < 2
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
   return far(t + 1), near(t), near(1 - t), far(2 - t)
 
 
@@ -162,9 +179,15 @@ def normalize_per_image(maps: jax.Array, eps: float = 1e-20) -> jax.Array:
   return maps / (maps.max(axis=(-2, -1), keepdims=True) + eps)
 
 
-def contrastive_score(query: jax.Array, key: jax.Array, negatives: jax.Array, num_valid: Any,
-                      official: bool = False, temperature: float = 1.0,
-                      axis_name: str | None = None) -> jax.Array:
+def contrastive_score(
+    query: jax.Array,
+    key: jax.Array,
+    negatives: jax.Array,
+    num_valid: Any,
+    official: bool = False,
+    temperature: float = 1.0,
+    axis_name: str | None = None,
+) -> jax.Array:
   """Per-image contrastive score (B,) of docs/method.md#contracam.
 
   query, key: (B, D) unit vectors; negatives: (S, B, D) buffer of which the
@@ -186,7 +209,9 @@ def contrastive_score(query: jax.Array, key: jax.Array, negatives: jax.Array, nu
     offset = jax.lax.axis_index(axis_name) * b
   logits = jnp.einsum("id,sjd->isj", query, negatives) / temperature
   set_valid = (jnp.arange(negatives.shape[0]) < num_valid)[None, :, None]
-  self_pair = (offset + jnp.arange(b)[:, None] == jnp.arange(negatives.shape[1])[None, :])[:, None, :]
+  self_pair = (offset + jnp.arange(b)[:, None] == jnp.arange(negatives.shape[1])[None, :])[
+      :, None, :
+  ]
   if official:
     logits = jnp.where(self_pair, 0.0, logits)
     neg = jax.nn.logsumexp(jnp.where(set_valid, logits, -jnp.inf), axis=(1, 2))
@@ -222,10 +247,15 @@ def classifier_logits(features: jax.Array, classifier: Mapping[str, jax.Array]) 
 # The T-step refinement.
 
 
-def contracam_apply(net: models.ContrastiveNet, settings: CamSettings, variables: Mapping[str, Any],
-                    images: jax.Array, classifier: Mapping[str, jax.Array] | None = None,
-                    labels: jax.Array | None = None, axis_name: str | None = None
-                    ) -> dict[str, jax.Array]:
+def contracam_apply(
+    net: models.ContrastiveNet,
+    settings: CamSettings,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    classifier: Mapping[str, jax.Array] | None = None,
+    labels: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> dict[str, jax.Array]:
   """ContraCAM of a batch, unjitted (call inside jit, or use `contracam`).
 
   Inside pmap, `axis_name` makes every device's images negatives of the
@@ -239,8 +269,10 @@ def contracam_apply(net: models.ContrastiveNet, settings: CamSettings, variables
   if images.ndim != 4:
     raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
   if net.expand_res != settings.expand_res:
-    raise ValueError(f"the network has expand_res={net.expand_res} but CamSettings.expand_res="
-                     f"{settings.expand_res}; build it with cam_network(spec, settings)")
+    raise ValueError(
+        f"the network has expand_res={net.expand_res} but CamSettings.expand_res="
+        f"{settings.expand_res}; build it with cam_network(spec, settings)"
+    )
   b, h, w, _ = images.shape
   t_steps = settings.iterations
   supervised = settings.mode == "supervised"
@@ -263,24 +295,32 @@ def contracam_apply(net: models.ContrastiveNet, settings: CamSettings, variables
 
   if supervised:
     infer_labels = labels is None  # then explain each original image's predicted class
-    labels = jnp.zeros((b,), jnp.int32) if infer_labels else jnp.asarray(labels, jnp.int32).reshape(b)
+    labels = (
+        jnp.zeros((b,), jnp.int32) if infer_labels else jnp.asarray(labels, jnp.int32).reshape(b)
+    )
 
     def score_fn(a, t, labels, negatives):
       logits = classifier_logits(a.mean(axis=(1, 2)), classifier)
       if infer_labels:
-        labels = jnp.where(t == 0, jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).astype(jnp.int32), labels)
+        labels = jnp.where(
+            t == 0, jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).astype(jnp.int32), labels
+        )
       s = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
       return s.sum(), (s, labels, negatives)
+
     key, negatives = labels, jnp.zeros((1,), jnp.float32)
   else:
+
     def score_fn(a, t, key, negatives):
       q = embed(a)
       q_sg = jax.lax.stop_gradient(q)
       key = jnp.where(t == 0, q_sg, key)  # step 0 runs on the originals: q_0 is the key
       negatives = jax.lax.dynamic_update_index_in_dim(negatives, q_sg, t, axis=0)
-      s = contrastive_score(q, key, negatives, t + 1, settings.official_score, settings.temperature,
-                            axis_name)
+      s = contrastive_score(
+          q, key, negatives, t + 1, settings.official_score, settings.temperature, axis_name
+      )
       return s.sum(), (s, key, negatives)
+
     dim = int(jax.eval_shape(embed, jax.eval_shape(fmap_of, images)).shape[-1])
     key, negatives = jnp.zeros((b, dim), jnp.float32), jnp.zeros((t_steps, b, dim), jnp.float32)
 
@@ -306,9 +346,14 @@ def _contracam_jit(net, settings, variables, images, classifier, labels):
   return contracam_apply(net, settings, variables, images, classifier, labels)
 
 
-def contracam(net: models.ContrastiveNet, variables: Mapping[str, Any], images: jax.Array,
-              settings: CamSettings = CamSettings(), classifier: Mapping[str, jax.Array] | None = None,
-              labels: jax.Array | None = None) -> dict[str, jax.Array]:
+def contracam(
+    net: models.ContrastiveNet,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    settings: CamSettings = CamSettings(),
+    classifier: Mapping[str, jax.Array] | None = None,
+    labels: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """Jitted `contracam_apply`: one compilation per (net, settings, shapes)."""
   return _contracam_jit(net, settings, variables, images, classifier, labels)
 
@@ -316,13 +361,20 @@ def contracam(net: models.ContrastiveNet, variables: Mapping[str, Any], images: 
 @functools.lru_cache(maxsize=16)
 def _contracam_pmap(net: models.ContrastiveNet, settings: CamSettings, num_devices: int):
   axis = "contracam_images"
-  return jax.pmap(lambda v, x: contracam_apply(net, settings, v, x, axis_name=axis),
-                  axis_name=axis, in_axes=(None, 0), devices=jax.local_devices()[:num_devices])
+  return jax.pmap(
+      lambda v, x: contracam_apply(net, settings, v, x, axis_name=axis),
+      axis_name=axis,
+      in_axes=(None, 0),
+      devices=jax.local_devices()[:num_devices],
+  )
 
 
-def contracam_on_local_devices(net: models.ContrastiveNet, variables: Mapping[str, Any],
-                               images: jax.Array, settings: CamSettings = CamSettings()
-                               ) -> dict[str, jax.Array]:
+def contracam_on_local_devices(
+    net: models.ContrastiveNet,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    settings: CamSettings = CamSettings(),
+) -> dict[str, jax.Array]:
   """`contracam` split over this process's devices: the same maps, each device a share.
 
   Every device's images are negatives of every other's (global-batch score), so
@@ -331,8 +383,7 @@ def contracam_on_local_devices(net: models.ContrastiveNet, variables: Mapping[st
   has no cross-device form) and the supervised mode run on one device.
   """
   n, b = jax.local_device_count(), images.shape[0]
-  if (n == 1 or b % n or b // n < 2 or settings.official_score
-      or settings.mode == "supervised"):
+  if n == 1 or b % n or b // n < 2 or settings.official_score or settings.mode == "supervised":
     return contracam(net, variables, images, settings)
   out = _contracam_pmap(net, settings, n)(variables, images.reshape((n, b // n) + images.shape[1:]))
   merged = {}

@@ -28,7 +28,6 @@ from ocl_jax.discovery import localization
 from ocl_jax.views import augment
 from ocl_jax.pictures import overlay
 
-
 # config.contracam's CamSettings (keyword overrides), validating the section.
 cam_settings = contracam.CamSettings.from_config
 
@@ -78,14 +77,19 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
 
 def _boxes(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   c = config.contracam
-  return localization.cam_to_boxes(cam, clean_threshold=c.clean_threshold,
-                                   min_obj_scale=c.box_min_obj_scale, threshold_frac=c.box_threshold,
-                                   min_area=c.box_min_area, margin=c.box_margin,
-                                   largest_only=c.largest_box_only)
+  return localization.cam_to_boxes(
+      cam,
+      clean_threshold=c.clean_threshold,
+      min_obj_scale=c.box_min_obj_scale,
+      threshold_frac=c.box_threshold,
+      min_area=c.box_min_area,
+      margin=c.box_margin,
+      largest_only=c.largest_box_only,
+  )
 
 
 def save_boxes(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """ContraCAM (T = contracam.iterations) boxes of every image of contracam.split, release format."""
+  """ContraCAM (T = contracam.iterations) boxes of each image of contracam.split, release format."""
   return save_boxes_and_masks(config, workdir, masks=False)["boxes"]
 
 
@@ -94,8 +98,9 @@ def save_masks(config: ml_collections.ConfigDict, workdir: str) -> str:
   return save_boxes_and_masks(config, workdir, boxes=False)["masks"]
 
 
-def save_boxes_and_masks(config: ml_collections.ConfigDict, workdir: str, boxes: bool = True,
-                         masks: bool = True) -> dict[str, str]:
+def save_boxes_and_masks(
+    config: ml_collections.ConfigDict, workdir: str, boxes: bool = True, masks: bool = True
+) -> dict[str, str]:
   """Boxes (WORKDIR/boxes_<split>.txt) and/or masks (WORKDIR/masks_<split>/<id>.png) in one pass.
 
   With contracam.iterations == contracam.mask_iterations both come from the
@@ -126,8 +131,12 @@ def save_boxes_and_masks(config: ml_collections.ConfigDict, workdir: str, boxes:
     written["boxes"] = os.path.join(workdir, f"boxes_{c.split}.txt")
     localization.write_box_file(written["boxes"], table)
     with_box = sum(len(b) > 0 for b in table.values())
-    logging.info("Wrote %d images' boxes (%d with at least one box) to %s", len(table), with_box,
-                 written["boxes"])
+    logging.info(
+        "Wrote %d images' boxes (%d with at least one box) to %s",
+        len(table),
+        with_box,
+        written["boxes"],
+    )
   if masks:
     written["masks"] = folder
     logging.info("Wrote %d masks to %s", count, folder)
@@ -135,11 +144,14 @@ def save_boxes_and_masks(config: ml_collections.ConfigDict, workdir: str, boxes:
 
 
 def _mask_for_eval(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-  return localization.clean_mask(cam, threshold=0.5,
-                                 min_obj_scale=config.contracam.eval_min_obj_scale).astype(np.float32)
+  return localization.clean_mask(
+      cam, threshold=0.5, min_obj_scale=config.contracam.eval_min_obj_scale
+  ).astype(np.float32)
 
 
-def evaluate_localization(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+def evaluate_localization(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, dict[str, float]]:
   """Mask mIoU and box IoU of ContraCAM vs a centred Gaussian prior and plain Grad-CAM.
 
   Rows: ContraCAM at T=1 and at T=contracam.iterations; one-step Grad-CAM with the
@@ -167,7 +179,9 @@ def evaluate_localization(config: ml_collections.ConfigDict, workdir: str) -> di
     for name, cams in maps.items():
       for i, cam in enumerate(cams):
         if has_mask:
-          mask_ious[name].append(float(localization.mask_iou(_mask_for_eval(cam, config), batch["gt_mask"][i])))
+          mask_ious[name].append(
+              float(localization.mask_iou(_mask_for_eval(cam, config), batch["gt_mask"][i]))
+          )
         box_preds[name].append(_boxes(np.asarray(cam), config))
     if has_boxes:
       gt_boxes += [b[v] for b, v in zip(batch["gt_boxes"], batch["gt_box_valid"])]
@@ -197,13 +211,25 @@ def _write_results(config, workdir, results, num_images, per_image):
   os.makedirs(workdir, exist_ok=True)
   tag = localization_tag(config)
   with open(os.path.join(workdir, f"localization_{tag}.json"), "w") as f:
-    json.dump({"dataset": config.dataset.name, "split": config.contracam.eval_split,
-               "num_images": num_images, "expand_res": config.contracam.expand_res,
-               "results": results, "per_image_mask_iou": per_image}, f)
+    json.dump(
+        {
+            "dataset": config.dataset.name,
+            "split": config.contracam.eval_split,
+            "num_images": num_images,
+            "expand_res": config.contracam.expand_res,
+            "results": results,
+            "per_image_mask_iou": per_image,
+        },
+        f,
+    )
   cols = sorted({k for r in results.values() for k in r})
-  lines = [f"Localisation on {config.dataset.name} `{config.contracam.eval_split}` "
-           f"({num_images} images, expand_res={config.contracam.expand_res})", "",
-           "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  lines = [
+      f"Localisation on {config.dataset.name} `{config.contracam.eval_split}` "
+      f"({num_images} images, expand_res={config.contracam.expand_res})",
+      "",
+      "| method | " + " | ".join(cols) + " |",
+      "|---|" + "---|" * len(cols),
+  ]
   for name, r in results.items():
     lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in cols) + " |")
   table = "\n".join(lines)
@@ -212,12 +238,16 @@ def _write_results(config, workdir, results, num_images, per_image):
   logging.info("Localisation results (%s):\n%s", workdir, table)
 
 
-def picture_grid(images: np.ndarray, cams: np.ndarray, boxes: list[np.ndarray], scale: int = 2) -> np.ndarray:
+def picture_grid(
+    images: np.ndarray, cams: np.ndarray, boxes: list[np.ndarray], scale: int = 2
+) -> np.ndarray:
   """Rows: images; columns: the image, each refinement step's map, the union with its boxes."""
   n, h, w, _ = images.shape
   t_steps = cams.shape[0]
   union = np.max(cams, axis=0)
-  cols = [images] + [np.stack([overlay(images[i], cams[t, i]) for i in range(n)]) for t in range(t_steps)]
+  cols = [images] + [
+      np.stack([overlay(images[i], cams[t, i]) for i in range(n)]) for t in range(t_steps)
+  ]
   cols.append(np.stack([overlay(images[i], union[i]) for i in range(n)]))
   grid = np.concatenate([np.concatenate(list(col), axis=0) for col in cols], axis=1)
   img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
@@ -225,8 +255,16 @@ def picture_grid(images: np.ndarray, cams: np.ndarray, boxes: list[np.ndarray], 
   x0 = (t_steps + 1) * w * scale
   for i, bs in enumerate(boxes):
     for x1, y1, x2, y2 in bs:
-      draw.rectangle([x0 + x1 * w * scale, i * h * scale + y1 * h * scale,
-                      x0 + x2 * w * scale - 1, i * h * scale + y2 * h * scale - 1], outline=(255, 255, 255), width=2)
+      draw.rectangle(
+          [
+              x0 + x1 * w * scale,
+              i * h * scale + y1 * h * scale,
+              x0 + x2 * w * scale - 1,
+              i * h * scale + y2 * h * scale - 1,
+          ],
+          outline=(255, 255, 255),
+          width=2,
+      )
   return np.asarray(img)
 
 
@@ -257,8 +295,9 @@ def run_save_masks(config: ml_collections.ConfigDict, workdir: str) -> str:
   return save_masks(paths.resolve_config(config), paths.resolve(workdir))
 
 
-def run_eval_localization(config: ml_collections.ConfigDict,
-                          workdir: str) -> dict[str, dict[str, float]]:
+def run_eval_localization(
+    config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, dict[str, float]]:
   """--config.mode=eval_localization: the results table, also shown on the console."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   results = evaluate_localization(config, workdir)

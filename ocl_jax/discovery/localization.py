@@ -17,7 +17,10 @@ import numpy as np
 from scipy import ndimage
 
 # 4- and 8-connectivity structuring elements for scipy.ndimage.label.
-_STRUCTURE = {4: ndimage.generate_binary_structure(2, 1), 8: ndimage.generate_binary_structure(2, 2)}
+_STRUCTURE = {
+    4: ndimage.generate_binary_structure(2, 1),
+    8: ndimage.generate_binary_structure(2, 2),
+}
 
 
 def _check_map(cam: np.ndarray, name: str = "cam") -> np.ndarray:
@@ -37,8 +40,12 @@ def _structure(connectivity: int) -> np.ndarray:
 # Masks.
 
 
-def clean_mask(cam: np.ndarray, threshold: float = 0.5, min_obj_scale: float = 0.001,
-               largest_only: bool = False) -> np.ndarray:
+def clean_mask(
+    cam: np.ndarray,
+    threshold: float = 0.5,
+    min_obj_scale: float = 0.001,
+    largest_only: bool = False,
+) -> np.ndarray:
   """Binary (H, W) mask of the 4-connected components of `cam > threshold`.
 
   Keeps components with more than `min_obj_scale` of the image's pixels
@@ -58,9 +65,16 @@ def clean_mask(cam: np.ndarray, threshold: float = 0.5, min_obj_scale: float = 0
   return np.concatenate([[False], keep])[labels]
 
 
-def refine_crf(image_uint8: np.ndarray, prob: np.ndarray, iterations: int = 5,
-               gaussian_sxy: float = 3, gaussian_compat: float = 3, bilateral_sxy: float = 80,
-               bilateral_srgb: float = 13, bilateral_compat: float = 10) -> np.ndarray:
+def refine_crf(
+    image_uint8: np.ndarray,
+    prob: np.ndarray,
+    iterations: int = 5,
+    gaussian_sxy: float = 3,
+    gaussian_compat: float = 3,
+    bilateral_sxy: float = 80,
+    bilateral_srgb: float = 13,
+    bilateral_compat: float = 10,
+) -> np.ndarray:
   """Dense-CRF refined foreground probability (H, W), two labels (fg, bg).
 
   Unary -log(p + 1e-20) of (prob, 1 - prob); a Gaussian and a bilateral
@@ -73,18 +87,25 @@ def refine_crf(image_uint8: np.ndarray, prob: np.ndarray, iterations: int = 5,
     raise ImportError(
         "refine_crf needs the optional package pydensecrf, which ocl_jax does not install: "
         "pip install git+https://github.com/lucasb-eyer/pydensecrf.git "
-        "(or `pip install pydensecrf` where a wheel exists)") from e
+        "(or `pip install pydensecrf` where a wheel exists)"
+    ) from e
   prob = _check_map(prob, "prob").astype(np.float32)
   image = np.asarray(image_uint8)
   if image.dtype != np.uint8 or image.shape != prob.shape + (3,):
-    raise ValueError(f"image_uint8 must be uint8 {prob.shape + (3,)}, got {image.dtype} {image.shape}")
+    raise ValueError(
+        f"image_uint8 must be uint8 {prob.shape + (3,)}, got {image.dtype} {image.shape}"
+    )
   h, w = prob.shape
   unary = -np.log(np.stack([prob, 1.0 - prob]).reshape(2, -1) + 1e-20)
   crf = dcrf.DenseCRF2D(w, h, 2)
   crf.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
   crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-  crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image),
-                           compat=bilateral_compat)
+  crf.addPairwiseBilateral(
+      sxy=bilateral_sxy,
+      srgb=bilateral_srgb,
+      rgbim=np.ascontiguousarray(image),
+      compat=bilateral_compat,
+  )
   q = np.asarray(crf.inference(iterations)).reshape(2, h, w)
   return q[0]
 
@@ -93,8 +114,14 @@ def refine_crf(image_uint8: np.ndarray, prob: np.ndarray, iterations: int = 5,
 # Boxes.
 
 
-def boxes_from_map(cam: np.ndarray, threshold_frac: float = 0.5, min_area: float = 0.01,
-                   margin: float = 0.2, largest_only: bool = False, connectivity: int = 8) -> np.ndarray:
+def boxes_from_map(
+    cam: np.ndarray,
+    threshold_frac: float = 0.5,
+    min_area: float = 0.01,
+    margin: float = 0.2,
+    largest_only: bool = False,
+    connectivity: int = 8,
+) -> np.ndarray:
   """(N, 4) normalised boxes: one per connected component of cam > frac * max(cam).
 
   Components whose bounding box covers more than `min_area` of the image are
@@ -114,8 +141,14 @@ def boxes_from_map(cam: np.ndarray, threshold_frac: float = 0.5, min_area: float
     bw, bh = x1 - x0, y1 - y0
     if bw * bh <= min_area * h * w:
       continue
-    boxes.append((max(0.0, x0 - margin * bw) / w, max(0.0, y0 - margin * bh) / h,
-                  min(w, x1 + margin * bw) / w, min(h, y1 + margin * bh) / h))
+    boxes.append(
+        (
+            max(0.0, x0 - margin * bw) / w,
+            max(0.0, y0 - margin * bh) / h,
+            min(w, x1 + margin * bw) / w,
+            min(h, y1 + margin * bh) / h,
+        )
+    )
     areas.append(bw * bh)
   if not boxes:
     return np.zeros((0, 4))
@@ -123,8 +156,9 @@ def boxes_from_map(cam: np.ndarray, threshold_frac: float = 0.5, min_area: float
   return boxes[:1] if largest_only else boxes
 
 
-def cam_to_boxes(cam: np.ndarray, clean_threshold: float = 0.5, min_obj_scale: float = 0.01,
-                 **box_kwargs) -> np.ndarray:
+def cam_to_boxes(
+    cam: np.ndarray, clean_threshold: float = 0.5, min_obj_scale: float = 0.01, **box_kwargs
+) -> np.ndarray:
   """The release's box pipeline for one map: `clean_mask` then `boxes_from_map`."""
   mask = clean_mask(cam, clean_threshold, min_obj_scale)
   return boxes_from_map(mask.astype(np.float64), **box_kwargs)
@@ -278,8 +312,10 @@ def image_box_iou(pred_boxes: np.ndarray, gt_boxes: np.ndarray) -> float | None:
   return float(pairwise_box_iou(gt, pred).max(axis=1).mean())
 
 
-def box_iou(pred_boxes: Sequence[np.ndarray] | Mapping[str, np.ndarray],
-            gt_boxes: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> float:
+def box_iou(
+    pred_boxes: Sequence[np.ndarray] | Mapping[str, np.ndarray],
+    gt_boxes: Sequence[np.ndarray] | Mapping[str, np.ndarray],
+) -> float:
   """Box mIoU over images: mean of `image_box_iou`, images without GT skipped.
 
   Sequences are matched by position; mappings (as `read_box_file` gives) by
@@ -299,7 +335,7 @@ def box_iou(pred_boxes: Sequence[np.ndarray] | Mapping[str, np.ndarray],
 
 
 def centre_gaussian_prior(h: int, w: int, sigma_frac: float = 0.25) -> np.ndarray:
-  """(h, w) centred Gaussian, peak 1, std sigma_frac of the side per axis: the centre-bias baseline."""
+  """(h, w) centred Gaussian, peak 1, std sigma_frac of the side per axis: centre-bias baseline."""
   if sigma_frac <= 0:
     raise ValueError(f"sigma_frac must be > 0, got {sigma_frac!r}")
   y = (np.arange(h) + 0.5) / h - 0.5

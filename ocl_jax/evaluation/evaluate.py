@@ -43,11 +43,17 @@ def _pmapped_features(module):
   def features(variables, images):
     x = augment.normalize(images.astype(jnp.float32) / 255.0)
     return module.apply(variables, x, train=False).mean(axis=(1, 2))
+
   return jax.pmap(features, axis_name=parallel.AXIS, in_axes=(None, 0))
 
 
-def extract_features(module: Any, variables: Any, batches: Iterator[dict[str, np.ndarray]],
-                     total: int | None = None, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    module: Any,
+    variables: Any,
+    batches: Iterator[dict[str, np.ndarray]],
+    total: int | None = None,
+    desc: str = "features",
+) -> tuple[np.ndarray, np.ndarray]:
   """(features (N, D) float32, labels (N,)) of every valid example, over all processes.
 
   `batches` are this process's host batches (image uint8, label, valid) of a
@@ -75,11 +81,14 @@ def extract_features(module: Any, variables: Any, batches: Iterator[dict[str, np
         forward(variables, np.zeros(shape, np.uint8)).block_until_ready()
   if not feats:
     raise ValueError(f"{desc}: no examples")
-  return gather_over_processes(np.concatenate(feats).astype(np.float32),
-                               np.concatenate(labels).astype(np.int32))
+  return gather_over_processes(
+      np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
+  )
 
 
-def gather_over_processes(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def gather_over_processes(
+    features: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   """Concatenate every process's (features, labels), however many each holds."""
   if jax.process_count() == 1:
     return features, labels
@@ -87,12 +96,14 @@ def gather_over_processes(features: np.ndarray, labels: np.ndarray) -> tuple[np.
   most = int(np.max(counts))
   pad = most - len(labels)
   f = np.concatenate([features, np.zeros((pad,) + features.shape[1:], features.dtype)])
-  l = np.concatenate([labels, np.full((pad,), -1, labels.dtype)])
+  lab = np.concatenate([labels, np.full((pad,), -1, labels.dtype)])
   all_f = multihost_utils.process_allgather(f)
-  all_l = multihost_utils.process_allgather(l)
+  all_l = multihost_utils.process_allgather(lab)
   counts = np.asarray(counts).reshape(-1)
-  return (np.concatenate([all_f[p, :c] for p, c in enumerate(counts)]),
-          np.concatenate([all_l[p, :c] for p, c in enumerate(counts)]))
+  return (
+      np.concatenate([all_f[p, :c] for p, c in enumerate(counts)]),
+      np.concatenate([all_l[p, :c] for p, c in enumerate(counts)]),
+  )
 
 
 def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -104,8 +115,9 @@ def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
 def _dataset(config: ml_collections.ConfigDict, name: str) -> eval_datasets.EvalDataset:
   e = config.evaluation
   scenes = config.dataset.name if config.dataset.name.startswith("scenes") else "scenes/default"
-  return eval_datasets.get_eval_dataset(name, scenes_name=scenes, folders=dict(e.folders),
-                                        data_dir=_data_dir(config))
+  return eval_datasets.get_eval_dataset(
+      name, scenes_name=scenes, folders=dict(e.folders), data_dir=_data_dir(config)
+  )
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str | None:
@@ -116,31 +128,45 @@ def _split_features(config, module, variables, ds, split) -> tuple[np.ndarray, n
   e = config.evaluation
   bs = _eval_batch_size(config)
   limit = e.max_examples if e.max_examples > 0 else None
-  batches = eval_data.split_batches(ds, split, image_size=e.image_size,
-                                    crop_fraction=e.crop_fraction, batch_size=bs,
-                                    data_dir=_data_dir(config), max_examples=limit)
+  batches = eval_data.split_batches(
+      ds,
+      split,
+      image_size=e.image_size,
+      crop_fraction=e.crop_fraction,
+      batch_size=bs,
+      data_dir=_data_dir(config),
+      max_examples=limit,
+  )
   out = extract_features(module, variables, batches, desc=f"{ds.name} {split}")
   skipped = eval_data.last_skipped(ds, split)
   if skipped:
-    logging.warning("%s %s: %d unreadable images skipped (not counted in the accuracy)", ds.name,
-                    split, len(skipped))
+    logging.warning(
+        "%s %s: %d unreadable images skipped (not counted in the accuracy)",
+        ds.name,
+        split,
+        len(skipped),
+    )
   return out
 
 
-def _head_labels(labels: np.ndarray, ds: eval_datasets.EvalDataset,
-                 head: eval_datasets.EvalDataset) -> np.ndarray:
+def _head_labels(
+    labels: np.ndarray, ds: eval_datasets.EvalDataset, head: eval_datasets.EvalDataset
+) -> np.ndarray:
   """Relabel a test-only set in the class indices of the dataset whose probe is applied."""
   index = {n: i for i, n in enumerate(head.class_names)}
   missing = [n for n in ds.class_names if n not in index]
   if missing:
-    raise ValueError(f"{ds.name}: classes {missing} are not classes of {head.name} "
-                     f"({list(head.class_names)}), whose probe it is evaluated with")
+    raise ValueError(
+        f"{ds.name}: classes {missing} are not classes of {head.name} "
+        f"({list(head.class_names)}), whose probe it is evaluated with"
+    )
   mapping = np.array([index[n] for n in ds.class_names])
   return np.where(labels >= 0, mapping[np.maximum(labels, 0)], -1)
 
 
-def evaluate_encoder(config: ml_collections.ConfigDict, module: Any, variables: Any
-                     ) -> dict[str, float]:
+def evaluate_encoder(
+    config: ml_collections.ConfigDict, module: Any, variables: Any
+) -> dict[str, float]:
   """Every configured (dataset, protocol, test split) of one encoder: {column: accuracy}."""
   e = config.evaluation
   results: dict[str, float] = {}
@@ -151,17 +177,20 @@ def evaluate_encoder(config: ml_collections.ConfigDict, module: Any, variables: 
     start = time.time()
     if ds.head_from is not None:
       if ds.head_from not in fitted:
-        raise ValueError(f"config.evaluation.datasets: {name} is evaluated with the probe of "
-                         f"{ds.head_from}; add {ds.head_from!r} to the list")
+        raise ValueError(
+            f"config.evaluation.datasets: {name} is evaluated with the probe of "
+            f"{ds.head_from}; add {ds.head_from!r} to the list"
+        )
       head, classifier, train = fitted[ds.head_from]
       for test_name, split in ds.tests.items():
-        f, l = _split_features(config, module, variables, ds, split)
-        l = _head_labels(l, ds, head)
+        f, lab = _split_features(config, module, variables, ds, split)
+        lab = _head_labels(lab, ds, head)
         if "linear" in e.protocols:
-          results[f"{name}/linear/{test_name}"] = linear_eval.accuracy(classifier, f, l)
+          results[f"{name}/linear/{test_name}"] = linear_eval.accuracy(classifier, f, lab)
         if "knn" in e.protocols:
           results[f"{name}/knn/{test_name}"] = linear_eval.knn_accuracy(
-              *train, f, l, head.num_classes, k=e.knn_k, temperature=e.knn_temperature)
+              *train, f, lab, head.num_classes, k=e.knn_k, temperature=e.knn_temperature
+          )
       continue
     train = _split_features(config, module, variables, ds, ds.train)
     val = _split_features(config, module, variables, ds, ds.val)
@@ -169,22 +198,30 @@ def evaluate_encoder(config: ml_collections.ConfigDict, module: Any, variables: 
     classifier = None
     if "linear" in e.protocols:
       l2_values = np.logspace(-6, 5, e.num_l2_values)
-      probe = linear_eval.linear_probe(train, val, tests, ds.num_classes, l2_values=l2_values,
-                                       max_iters=e.lbfgs_max_iters)
+      probe = linear_eval.linear_probe(
+          train, val, tests, ds.num_classes, l2_values=l2_values, max_iters=e.lbfgs_max_iters
+      )
       classifier = probe.classifier
       results[f"{name}/linear/val"] = probe.val_accuracy
       for t, acc in probe.test_accuracy.items():
         results[f"{name}/linear/{t}"] = acc
-      logging.info("%s linear probe: best l2 %.3g, val %.4f", name, probe.best_l2, probe.val_accuracy)
+      logging.info(
+          "%s linear probe: best l2 %.3g, val %.4f", name, probe.best_l2, probe.val_accuracy
+      )
     if "knn" in e.protocols:
-      for t, (f, l) in tests.items():
+      for t, (f, lab) in tests.items():
         results[f"{name}/knn/{t}"] = linear_eval.knn_accuracy(
-            *train, f, l, ds.num_classes, k=e.knn_k, temperature=e.knn_temperature)
+            *train, f, lab, ds.num_classes, k=e.knn_k, temperature=e.knn_temperature
+        )
     fitted[name] = (ds, classifier, train)
     logging.info("Evaluated %s in %.1f s", name, time.time() - start)
   for name in e.datasets:  # background gap (ImageNet-9 style): original - mixed_rand
     for proto in e.protocols:
-      first = f"{name}/{proto}/test" if f"{name}/{proto}/test" in results else f"{name}/{proto}/original"
+      first = (
+          f"{name}/{proto}/test"
+          if f"{name}/{proto}/test" in results
+          else f"{name}/{proto}/original"
+      )
       if first in results and f"{name}/{proto}/mixed_rand" in results:
         results[f"{name}/{proto}/bg_gap"] = results[first] - results[f"{name}/{proto}/mixed_rand"]
   return results
@@ -196,7 +233,9 @@ def results_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
   for r in rows.values():
     cols += [c for c in r if c not in cols]
   lines = ([title, ""] if title else []) + [
-      "| checkpoint | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+      "| checkpoint | " + " | ".join(cols) + " |",
+      "|---|" + "---|" * len(cols),
+  ]
   for name, r in rows.items():
     cells = [_fmt(c, r[c]) if c in r else "–" for c in cols]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -209,8 +248,13 @@ def _fmt(column: str, value: float) -> str:
   return f"{100 * value:.1f}"
 
 
-def write_results(workdir: str, rows: dict[str, dict[str, float]], meta: dict[str, Any],
-                  name: str = RESULTS_NAME, title: str = "") -> str:
+def write_results(
+    workdir: str,
+    rows: dict[str, dict[str, float]],
+    meta: dict[str, Any],
+    name: str = RESULTS_NAME,
+    title: str = "",
+) -> str:
   """WORKDIR/<name>.json (rows and meta) and <name>.md, written atomically; returns the table."""
   table = results_table(rows, title)
   if jax.process_index() == 0:
@@ -236,7 +280,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     module, variables, _, _, name = export.load_model(source)
     logging.info("Evaluating %s (%s)", name, source)
     rows[name] = evaluate_encoder(config, module, variables)
-    table = write_results(workdir, rows, {"datasets": list(config.evaluation.datasets),
-                                          "protocols": list(config.evaluation.protocols)})
+    table = write_results(
+        workdir,
+        rows,
+        {
+            "datasets": list(config.evaluation.datasets),
+            "protocols": list(config.evaluation.protocols),
+        },
+    )
   console.say(table)
   return rows

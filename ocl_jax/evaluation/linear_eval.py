@@ -44,8 +44,9 @@ FeaturesAndLabels = tuple[np.ndarray, np.ndarray]
 # Argument checks.
 
 
-def _check_features_labels(features, labels, num_classes: int, name: str,
-                           require_valid: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _check_features_labels(
+    features, labels, num_classes: int, name: str, require_valid: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
   """(float32 (N, D) features, int32 (N,) labels), or a ValueError that names `name`."""
   features = np.asarray(features)
   labels = np.asarray(labels)
@@ -54,8 +55,9 @@ def _check_features_labels(features, labels, num_classes: int, name: str,
   if labels.ndim != 1:
     raise ValueError(f"{name}: labels must be (N,), got shape {labels.shape}")
   if features.shape[0] != labels.shape[0]:
-    raise ValueError(f"{name}: features has {features.shape[0]} rows but labels has "
-                     f"{labels.shape[0]}")
+    raise ValueError(
+        f"{name}: features has {features.shape[0]} rows but labels has " f"{labels.shape[0]}"
+    )
   if labels.size and not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"{name}: labels must be integers, got dtype {labels.dtype}")
   if labels.size and labels.max() >= num_classes:
@@ -75,8 +77,9 @@ def _check_num_classes(num_classes: int) -> None:
 
 def _check_same_dim(dim: int, features: np.ndarray, name: str) -> None:
   if features.shape[1] != dim:
-    raise ValueError(f"{name}: features have dimension {features.shape[1]}, the training "
-                     f"features {dim}")
+    raise ValueError(
+        f"{name}: features have dimension {features.shape[1]}, the training " f"features {dim}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -132,9 +135,16 @@ def _max_abs(tree) -> jax.Array:
 
 
 @jax.jit
-def _lbfgs_solve(x: jax.Array, labels: jax.Array, mask: jax.Array, l2: jax.Array,
-                 kernel: jax.Array, bias: jax.Array, max_iters: jax.Array,
-                 tol: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _lbfgs_solve(
+    x: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    l2: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    max_iters: jax.Array,
+    tol: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Minimises the probe objective from (kernel, bias): (kernel, bias, iterations).
 
   Every argument is traced, so one compilation per data shape serves all l2,
@@ -158,15 +168,19 @@ def _lbfgs_solve(x: jax.Array, labels: jax.Array, mask: jax.Array, l2: jax.Array
   def body(carry):
     params, state, stalls, best_value, best_grad = carry
     value, grad = value_and_grad(params, state=state)
-    updates, state = opt.update(grad, state, params, value=value, grad=grad,
-                                value_fn=objective)
+    updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=objective)
     params = optax.apply_updates(params, updates)
     # The line search leaves the value and gradient at the new params in `state`.
     new_value = optax.tree.get(state, "value")
     new_grad = _max_abs(optax.tree.get(state, "grad"))
     progress = (new_value < best_value) | (new_grad < best_grad)
-    return (params, state, jnp.where(progress, 0, stalls + 1),
-            jnp.minimum(new_value, best_value), jnp.minimum(new_grad, best_grad))
+    return (
+        params,
+        state,
+        jnp.where(progress, 0, stalls + 1),
+        jnp.minimum(new_value, best_value),
+        jnp.minimum(new_grad, best_grad),
+    )
 
   def cond(carry):
     _, state, stalls, _, _ = carry
@@ -182,12 +196,14 @@ def _lbfgs_solve(x: jax.Array, labels: jax.Array, mask: jax.Array, l2: jax.Array
   return params[0], params[1], optax.tree.get(state, "count")
 
 
-def warm_start(init: LinearClassifier, mean: jax.Array, std: jax.Array,
-               dim: int, num_classes: int) -> tuple[jax.Array, jax.Array]:
+def warm_start(
+    init: LinearClassifier, mean: jax.Array, std: jax.Array, dim: int, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
   """`init`'s (kernel, bias) re-expressed for the standardisation (mean, std): same logits."""
   if init.kernel.shape != (dim, num_classes):
-    raise ValueError(f"init: kernel has shape {init.kernel.shape}, expected "
-                     f"{(dim, num_classes)}")
+    raise ValueError(
+        f"init: kernel has shape {init.kernel.shape}, expected " f"{(dim, num_classes)}"
+    )
   raw_kernel = init.kernel / init.std[:, None]  # acts on raw features
   raw_bias = init.bias - (init.mean / init.std) @ init.kernel
   return raw_kernel * std[:, None], raw_bias + mean @ raw_kernel
@@ -211,8 +227,9 @@ def _prepare(features: np.ndarray, labels: np.ndarray, num_classes: int) -> _Pro
   return _ProbeData(x, jnp.asarray(labels), mask, mean, std, int(num_classes))
 
 
-def _fit(data: _ProbeData, l2: float, max_iters: int, tol: float,
-         init: LinearClassifier | None) -> tuple[LinearClassifier, int]:
+def _fit(
+    data: _ProbeData, l2: float, max_iters: int, tol: float, init: LinearClassifier | None
+) -> tuple[LinearClassifier, int]:
   dim = data.x.shape[1]
   if init is None:
     kernel = jnp.zeros((dim, data.num_classes), jnp.float32)
@@ -220,8 +237,15 @@ def _fit(data: _ProbeData, l2: float, max_iters: int, tol: float,
   else:
     kernel, bias = warm_start(init, data.mean, data.std, dim, data.num_classes)
   kernel, bias, iters = _lbfgs_solve(
-      data.x, data.labels, data.mask, jnp.float32(l2), kernel.astype(jnp.float32),
-      bias.astype(jnp.float32), jnp.int32(max_iters), jnp.float32(tol))
+      data.x,
+      data.labels,
+      data.mask,
+      jnp.float32(l2),
+      kernel.astype(jnp.float32),
+      bias.astype(jnp.float32),
+      jnp.int32(max_iters),
+      jnp.float32(tol),
+  )
   return LinearClassifier(kernel, bias, data.mean, data.std), int(iters)
 
 
@@ -237,9 +261,15 @@ def _check_solver_args(l2_values, max_iters: int, tol: float) -> None:
     raise ValueError(f"tol must be >= 0, got {tol}")
 
 
-def fit_logistic_regression(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                            l2: float, max_iters: int = 1000, tol: float = 1e-6,
-                            init: LinearClassifier | None = None) -> LinearClassifier:
+def fit_logistic_regression(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    l2: float,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+    init: LinearClassifier | None = None,
+) -> LinearClassifier:
   """L2-regularised multinomial logistic regression, fitted full-batch with L-BFGS.
 
   Features are standardised with the mean/std of the valid training rows
@@ -282,9 +312,15 @@ class ProbeResult:
   classifier: LinearClassifier
 
 
-def linear_probe(train: FeaturesAndLabels, val: FeaturesAndLabels,
-                 tests: Mapping[str, FeaturesAndLabels], num_classes: int,
-                 l2_values=L2_VALUES, max_iters: int = 1000, tol: float = 1e-6) -> ProbeResult:
+def linear_probe(
+    train: FeaturesAndLabels,
+    val: FeaturesAndLabels,
+    tests: Mapping[str, FeaturesAndLabels],
+    num_classes: int,
+    l2_values=L2_VALUES,
+    max_iters: int = 1000,
+    tol: float = 1e-6,
+) -> ProbeResult:
   """Fits one probe per l2 on `train`, keeps the best on `val`, reports it on each of `tests`.
 
   The sweep runs from the largest l2 to the smallest, each fit warm-started
@@ -314,9 +350,15 @@ def linear_probe(train: FeaturesAndLabels, val: FeaturesAndLabels,
     if best is None or val_acc[i] > val_acc[best_index]:  # strict: ties keep the larger l2
       best, best_index = classifier, i
   test_acc = {name: accuracy(best, x, y) for name, (x, y) in checked_tests.items()}
-  return ProbeResult(best_l2=l2_list[best_index], val_accuracy=val_acc[best_index],
-                     test_accuracy=test_acc, l2_values=l2_list, val_accuracy_per_l2=val_acc,
-                     iterations_per_l2=iters, classifier=best)
+  return ProbeResult(
+      best_l2=l2_list[best_index],
+      val_accuracy=val_acc[best_index],
+      test_accuracy=test_acc,
+      l2_values=l2_list,
+      val_accuracy_per_l2=val_acc,
+      iterations_per_l2=iters,
+      classifier=best,
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -331,8 +373,14 @@ _normalize_rows = jax.jit(_l2_normalize)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "num_classes"))
-def _knn_batch(train_n: jax.Array, train_labels: jax.Array, queries: jax.Array,
-               temperature: jax.Array, k: int, num_classes: int) -> jax.Array:
+def _knn_batch(
+    train_n: jax.Array,
+    train_labels: jax.Array,
+    queries: jax.Array,
+    temperature: jax.Array,
+    k: int,
+    num_classes: int,
+) -> jax.Array:
   """Predictions for one batch of queries; train_n is already L2-normalised."""
   sims = _l2_normalize(queries) @ train_n.T  # (B, N)
   sims = jnp.where(train_labels[None, :] >= 0, sims, -jnp.inf)
@@ -344,9 +392,15 @@ def _knn_batch(train_n: jax.Array, train_labels: jax.Array, queries: jax.Array,
   return jnp.argmax(votes, axis=-1).astype(jnp.int32)  # ties: lowest class index
 
 
-def knn_predict(train_features: np.ndarray, train_labels: np.ndarray,
-                query_features: np.ndarray, num_classes: int, k: int = 20,
-                temperature: float = 0.07, batch_size: int = 256) -> np.ndarray:
+def knn_predict(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    query_features: np.ndarray,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 256,
+) -> np.ndarray:
   """Weighted kNN (InstDisc / DINO) class predictions for each query row.
 
   Cosine similarity; each of the k most similar training rows votes for its
@@ -363,8 +417,9 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray,
     raise ValueError(f"temperature must be > 0, got {temperature}")
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  train_x, train_y = _check_features_labels(train_features, train_labels, num_classes,
-                                            "train_features/train_labels")
+  train_x, train_y = _check_features_labels(
+      train_features, train_labels, num_classes, "train_features/train_labels"
+  )
   query_x = np.asarray(query_features)
   if query_x.ndim != 2:
     raise ValueError(f"query_features must be (Q, D), got shape {query_x.shape}")
@@ -381,21 +436,41 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray,
   temp = jnp.float32(temperature)
   out = []
   for start in range(0, num_queries, batch):
-    chunk = query_x[start:start + batch]
+    chunk = query_x[start : start + batch]
     padded = np.zeros((batch, chunk.shape[1]), np.float32)
-    padded[:len(chunk)] = chunk
-    out.append(np.asarray(_knn_batch(train_n, labels, jnp.asarray(padded), temp, k=k,
-                                     num_classes=int(num_classes)))[:len(chunk)])
+    padded[: len(chunk)] = chunk
+    out.append(
+        np.asarray(
+            _knn_batch(
+                train_n, labels, jnp.asarray(padded), temp, k=k, num_classes=int(num_classes)
+            )
+        )[: len(chunk)]
+    )
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
-def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
-                 query_features: np.ndarray, query_labels: np.ndarray, num_classes: int,
-                 k: int = 20, temperature: float = 0.07, batch_size: int = 256) -> float:
+def knn_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    query_features: np.ndarray,
+    query_labels: np.ndarray,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 256,
+) -> float:
   """Top-1 accuracy of `knn_predict` over the queries with labels >= 0."""
-  query_x, query_y = _check_features_labels(query_features, query_labels, num_classes,
-                                            "query_features/query_labels")
+  query_x, query_y = _check_features_labels(
+      query_features, query_labels, num_classes, "query_features/query_labels"
+  )
   valid = query_y >= 0
-  pred = knn_predict(train_features, train_labels, query_x[valid], num_classes, k=k,
-                     temperature=temperature, batch_size=batch_size)
+  pred = knn_predict(
+      train_features,
+      train_labels,
+      query_x[valid],
+      num_classes,
+      k=k,
+      temperature=temperature,
+      batch_size=batch_size,
+  )
   return float(np.mean(pred == query_y[valid]))

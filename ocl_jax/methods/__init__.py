@@ -8,8 +8,26 @@ update (EMA target, MoCo queue) all come from the method object chosen by
 """
 
 from ocl_jax.methods import byol, moco, simclr  # noqa: F401  the built-in methods register
-from ocl_jax.methods.base import (REGISTRY, Method, Outputs, create, ema, get, names, register,
-                                  unregister)
+from ocl_jax.methods.base import (
+    REGISTRY,
+    Method,
+    Outputs,
+    create,
+    ema,
+    get,
+    names,
+    register,
+    unregister,
+)
 
-__all__ = ["REGISTRY", "Method", "Outputs", "create", "ema", "get", "names", "register",
-           "unregister"]
+__all__ = [
+    "REGISTRY",
+    "Method",
+    "Outputs",
+    "create",
+    "ema",
+    "get",
+    "names",
+    "register",
+    "unregister",
+]

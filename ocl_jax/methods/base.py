@@ -1,6 +1,5 @@
 """The `Method` protocol and the registry of methods by name."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +23,11 @@ class Method:
   """
 
   name: ClassVar[str] = ""
-  uses_target: ClassVar[bool] = False   # an EMA copy of encoder + projector
+  uses_target: ClassVar[bool] = False  # an EMA copy of encoder + projector
   uses_predictor: ClassVar[bool] = False  # the online network has a prediction head
   supports_mix: ClassVar[bool] = False  # has a two-target loss for Mixup / CutMix view 1
   online_views: ClassVar[tuple[int, ...]] = (0, 1)  # global views through the online network
-  target_views: ClassVar[tuple[int, ...]] = ()      # global views through the target network
+  target_views: ClassVar[tuple[int, ...]] = ()  # global views through the target network
 
   ema_momentum: float = 0.0
 
@@ -50,14 +49,25 @@ class Method:
     """The positive pairs (query view, key view) of local crop view `local` (>= 2)."""
     return [(local, 1)]
 
-  def global_loss(self, state: Any, online: list[Outputs], targets: list[jax.Array],
-                  mix: tuple[jax.Array, jax.Array] | None, axis_name: str
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def global_loss(
+      self,
+      state: Any,
+      online: list[Outputs],
+      targets: list[jax.Array],
+      mix: tuple[jax.Array, jax.Array] | None,
+      axis_name: str,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-example loss of the global pair (0, 1), and metrics (e.g. MoCo's accuracy)."""
     raise NotImplementedError
 
-  def local_losses(self, state: Any, local: Outputs, online: list[Outputs],
-                   targets: list[jax.Array], axis_name: str) -> list[jax.Array]:
+  def local_losses(
+      self,
+      state: Any,
+      local: Outputs,
+      online: list[Outputs],
+      targets: list[jax.Array],
+      axis_name: str,
+  ) -> list[jax.Array]:
     """Per-example losses of one local crop, one per pair of `local_pairs`, in that order."""
     raise NotImplementedError
 
@@ -104,4 +114,3 @@ def create(config: ml_collections.ConfigDict) -> Method:
 def ema(momentum: float) -> Callable[[Any, Any], Any]:
   """target <- m * target + (1 - m) * online, leaf by leaf."""
   return lambda t, o: momentum * t + (1.0 - momentum) * o
-

@@ -31,15 +31,19 @@ class BYOL(Method):
     if not config.model.pred_hidden_dim > 0:
       errors.append(("model.pred_hidden_dim", "BYOL needs a predictor (> 0)"))
     if not 0.0 <= config.byol.momentum <= 1.0:
-      errors.append(("byol.momentum", f"EMA momentum must be in [0, 1], got {config.byol.momentum}"))
+      errors.append(
+          ("byol.momentum", f"EMA momentum must be in [0, 1], got {config.byol.momentum}")
+      )
     return errors
 
   def local_pairs(self, local):
     return [(local, 0), (local, 1)]
 
   def global_loss(self, state, online, targets, mix, axis_name):
-    return objectives.byol_per_example(online[0]["prediction"], online[1]["prediction"],
-                                       *targets), {}
+    return (
+        objectives.byol_per_example(online[0]["prediction"], online[1]["prediction"], *targets),
+        {},
+    )
 
   def local_losses(self, state, local, online, targets, axis_name):
     return [objectives.byol_one_way_per_example(local["prediction"], y) for y in targets]

@@ -31,17 +31,28 @@ class MoCo(Method):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "MoCo":
-    return cls(ema_momentum=float(config.moco.momentum),
-               temperature=float(config.moco.temperature), queue_size=int(config.moco.queue_size))
+    return cls(
+        ema_momentum=float(config.moco.momentum),
+        temperature=float(config.moco.temperature),
+        queue_size=int(config.moco.queue_size),
+    )
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
     errors = []
-    b, q, t, m = (config.batch_size, config.moco.queue_size, config.moco.temperature,
-                  config.moco.momentum)
+    b, q, t, m = (
+        config.batch_size,
+        config.moco.queue_size,
+        config.moco.temperature,
+        config.moco.momentum,
+    )
     if isinstance(b, int) and b > 0 and not (q > 0 and q % b == 0):
-      errors.append(("moco.queue_size",
-                     f"{q} must be a positive multiple of batch_size={b} (whole batches are enqueued)"))
+      errors.append(
+          (
+              "moco.queue_size",
+              f"{q} must be a positive multiple of batch_size={b} (whole batches are enqueued)",
+          )
+      )
     if not t > 0:
       errors.append(("moco.temperature", f"must be > 0, got {t}"))
     if not 0.0 <= m <= 1.0:
@@ -60,13 +71,20 @@ class MoCo(Method):
       lam, perm = mix
       offset = parallel.global_offset(q.shape[0])
       per_example = objectives.moco_mix_per_example(
-          q, jax.lax.all_gather(k, axis_name, tiled=True), state.queue,
-          offset + jnp.arange(q.shape[0]), perm, lam, self.temperature)
+          q,
+          jax.lax.all_gather(k, axis_name, tiled=True),
+          state.queue,
+          offset + jnp.arange(q.shape[0]),
+          perm,
+          lam,
+          self.temperature,
+      )
     return per_example, {"moco_accuracy": objectives.moco_accuracy(q, k, state.queue)}
 
   def local_losses(self, state, local, online, targets, axis_name):
-    return [objectives.moco_per_example(local["embedding"], targets[0], state.queue,
-                                        self.temperature)]
+    return [
+        objectives.moco_per_example(local["embedding"], targets[0], state.queue, self.temperature)
+    ]
 
   def after_update(self, state, targets, axis_name):
     keys = jax.lax.all_gather(targets[0], axis_name, tiled=True)

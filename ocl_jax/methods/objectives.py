@@ -60,8 +60,9 @@ def byol_one_way_per_example(p: jax.Array, y: jax.Array) -> jax.Array:
   return -2.0 * _cosine(p, jax.lax.stop_gradient(y))
 
 
-def nt_xent_per_example(z1: jax.Array, z2: jax.Array, temperature: float,
-                        axis_name: str | None = None) -> jax.Array:
+def nt_xent_per_example(
+    z1: jax.Array, z2: jax.Array, temperature: float, axis_name: str | None = None
+) -> jax.Array:
   """SimCLR NT-Xent over the GLOBAL batch: every other view on every device is a negative.
 
   Returns, per local image, the mean of the losses of its two anchors; the
@@ -88,8 +89,9 @@ def nt_xent_per_example(z1: jax.Array, z2: jax.Array, temperature: float,
   return 0.5 * (anchor_loss(z1, idx, idx + n) + anchor_loss(z2, idx + n, idx))
 
 
-def weighted_mean(per_example: jax.Array, weights: jax.Array | None = None,
-                  axis_name: str | None = None) -> jax.Array:
+def weighted_mean(
+    per_example: jax.Array, weights: jax.Array | None = None, axis_name: str | None = None
+) -> jax.Array:
   """Mean over the GLOBAL batch of (optionally weighted) per-example losses.
 
   Returned per device so that pmean(grad) is the gradient of the global
@@ -105,9 +107,15 @@ def weighted_mean(per_example: jax.Array, weights: jax.Array | None = None,
   return num / den
 
 
-def moco_mix_per_example(q: jax.Array, batch_keys: jax.Array, queue: jax.Array,
-                         own: jax.Array, donor: jax.Array, lam: jax.Array,
-                         temperature: float) -> jax.Array:
+def moco_mix_per_example(
+    q: jax.Array,
+    batch_keys: jax.Array,
+    queue: jax.Array,
+    own: jax.Array,
+    donor: jax.Array,
+    lam: jax.Array,
+    temperature: float,
+) -> jax.Array:
   """The Mixup / CutMix MoCo loss (docs/method.md#mixup-cutmix) of mixed queries.
 
   logits = [q . keys of the batch ; q . queue] / temperature, and

@@ -30,9 +30,16 @@ class SimCLR(Method):
     return [] if t > 0 else [("simclr.temperature", f"must be > 0, got {t}")]
 
   def global_loss(self, state, online, targets, mix, axis_name):
-    return objectives.nt_xent_per_example(online[0]["embedding"], online[1]["embedding"],
-                                          self.temperature, axis_name), {}
+    return (
+        objectives.nt_xent_per_example(
+            online[0]["embedding"], online[1]["embedding"], self.temperature, axis_name
+        ),
+        {},
+    )
 
   def local_losses(self, state, local, online, targets, axis_name):
-    return [objectives.nt_xent_per_example(local["embedding"], online[1]["embedding"],
-                                           self.temperature, axis_name)]
+    return [
+        objectives.nt_xent_per_example(
+            local["embedding"], online[1]["embedding"], self.temperature, axis_name
+        )
+    ]

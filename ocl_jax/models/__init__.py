@@ -14,13 +14,46 @@ ContrastiveNet, ModelSpec); the public names are re-exported here.
 """
 
 from ocl_jax.models.cpu_ops import max_pool, patch_conv
-from ocl_jax.models.heads import (ContrastiveNet, MLPHead, ModelSpec, l2_normalize,
-                                  random_variables)
-from ocl_jax.models.resnet import (ARCHITECTURES, DTYPES, EXPAND_RES, BasicBlock, BottleneckBlock,
-                                   Conv, ResNet, batch_norm, block_stride, check_expand_res,
-                                   feature_dim, torch_default_init)
+from ocl_jax.models.heads import (
+    ContrastiveNet,
+    MLPHead,
+    ModelSpec,
+    l2_normalize,
+    random_variables,
+)
+from ocl_jax.models.resnet import (
+    ARCHITECTURES,
+    DTYPES,
+    EXPAND_RES,
+    BasicBlock,
+    BottleneckBlock,
+    Conv,
+    ResNet,
+    batch_norm,
+    block_stride,
+    check_expand_res,
+    feature_dim,
+    torch_default_init,
+)
 
-__all__ = ["ARCHITECTURES", "DTYPES", "EXPAND_RES", "BasicBlock", "BottleneckBlock",
-           "ContrastiveNet", "Conv", "MLPHead", "ModelSpec", "ResNet", "batch_norm", "block_stride",
-           "check_expand_res", "feature_dim", "l2_normalize", "max_pool", "patch_conv",
-           "random_variables", "torch_default_init"]
+__all__ = [
+    "ARCHITECTURES",
+    "DTYPES",
+    "EXPAND_RES",
+    "BasicBlock",
+    "BottleneckBlock",
+    "ContrastiveNet",
+    "Conv",
+    "MLPHead",
+    "ModelSpec",
+    "ResNet",
+    "batch_norm",
+    "block_stride",
+    "check_expand_res",
+    "feature_dim",
+    "l2_normalize",
+    "max_pool",
+    "patch_conv",
+    "random_variables",
+    "torch_default_init",
+]

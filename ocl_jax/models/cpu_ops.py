@@ -20,18 +20,29 @@ def patch_conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Ar
   b, h, w, _ = x.shape
   oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  patches = jnp.stack([
-      jax.lax.slice(xp, (0, i, j, 0),
-                    (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, cin),
-                    (1, stride, stride, 1))
-      for i in range(kh) for j in range(kw)], axis=3)  # (B, oh, ow, kh*kw, C)
+  patches = jnp.stack(
+      [
+          jax.lax.slice(
+              xp,
+              (0, i, j, 0),
+              (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, cin),
+              (1, stride, stride, 1),
+          )
+          for i in range(kh)
+          for j in range(kw)
+      ],
+      axis=3,
+  )  # (B, oh, ow, kh*kw, C)
   return jnp.einsum("bhwkc,kco->bhwo", patches, kernel.reshape(kh * kw, cin, cout))
 
 
 def _pool_geometry(x: jax.Array, window: int, stride: int) -> tuple[int, int, int]:
   pad = window // 2
-  return (pad, (x.shape[1] + 2 * pad - window) // stride + 1,
-          (x.shape[2] + 2 * pad - window) // stride + 1)
+  return (
+      pad,
+      (x.shape[1] + 2 * pad - window) // stride + 1,
+      (x.shape[2] + 2 * pad - window) // stride + 1,
+  )
 
 
 def _pool_windows(xp: jax.Array, window: int, stride: int, oh: int, ow: int):
@@ -83,11 +94,18 @@ def _max_pool_bwd(window, stride, residuals, g):
     hit = (s == out) & ~taken
     taken = taken | hit
     # The transpose of the strided slice: interior padding puts each value back at its pixel.
-    part = jax.lax.pad(jnp.where(hit, g, zero), zero,
-                       [(0, 0, 0), (i, hp - i - stride * (oh - 1) - 1, stride - 1),
-                        (j, wp - j - stride * (ow - 1) - 1, stride - 1), (0, 0, 0)])
+    part = jax.lax.pad(
+        jnp.where(hit, g, zero),
+        zero,
+        [
+            (0, 0, 0),
+            (i, hp - i - stride * (oh - 1) - 1, stride - 1),
+            (j, wp - j - stride * (ow - 1) - 1, stride - 1),
+            (0, 0, 0),
+        ],
+    )
     dxp = part if dxp is None else dxp + part
-  return (dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2]],)
+  return (dxp[:, pad : pad + x.shape[1], pad : pad + x.shape[2]],)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -17,12 +17,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ocl_jax.models.resnet import (ARCHITECTURES, DTYPES, ResNet, batch_norm, feature_dim,
-                                   torch_default_init)
+from ocl_jax.models.resnet import (
+    ARCHITECTURES,
+    DTYPES,
+    ResNet,
+    batch_norm,
+    feature_dim,
+    torch_default_init,
+)
 
 
 class MLPHead(nn.Module):
   """Linear(no bias)-BN-ReLU-Linear: the release's projector / predictor."""
+
   hidden_dim: int
   out_dim: int
   axis_name: str | None = "batch"
@@ -32,13 +39,27 @@ class MLPHead(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     """The head's output, in float32 whatever the compute dtype."""
     dt = DTYPES[self.dtype]
-    x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=torch_default_init, dtype=dt,
-                 param_dtype=jnp.float32, name="fc1")(x)
+    x = nn.Dense(
+        self.hidden_dim,
+        use_bias=False,
+        kernel_init=torch_default_init,
+        dtype=dt,
+        param_dtype=jnp.float32,
+        name="fc1",
+    )(x)
     x = nn.relu(batch_norm(train, self.axis_name, name="bn1", dtype=self.dtype)(x))
     fan_in = self.hidden_dim
-    bias_init = lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -fan_in**-0.5, fan_in**-0.5)
-    return nn.Dense(self.out_dim, kernel_init=torch_default_init, bias_init=bias_init, dtype=dt,
-                    param_dtype=jnp.float32, name="fc2")(x).astype(jnp.float32)
+    bias_init = lambda k, s, d=jnp.float32: jax.random.uniform(
+        k, s, d, -(fan_in**-0.5), fan_in**-0.5
+    )
+    return nn.Dense(
+        self.out_dim,
+        kernel_init=torch_default_init,
+        bias_init=bias_init,
+        dtype=dt,
+        param_dtype=jnp.float32,
+        name="fc2",
+    )(x).astype(jnp.float32)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -54,6 +75,7 @@ class ContrastiveNet(nn.Module):
   target is simply the online tree without 'predictor', and an encoder-only
   export is params['encoder'].
   """
+
   arch: str = "resnet18"
   width: int = 64
   small_stem: bool = False
@@ -62,12 +84,13 @@ class ContrastiveNet(nn.Module):
   pred_hidden_dim: int = 0  # 0: no predictor
   expand_res: int = 1
   axis_name: str | None = "batch"
-  dtype: str = "float32"    # compute dtype; parameters and outputs are float32
+  dtype: str = "float32"  # compute dtype; parameters and outputs are float32
 
   def setup(self):
     stages, block = ARCHITECTURES[self.arch]
-    self.encoder = ResNet(stages, block, self.width, self.small_stem, self.expand_res,
-                          self.axis_name, self.dtype)
+    self.encoder = ResNet(
+        stages, block, self.width, self.small_stem, self.expand_res, self.axis_name, self.dtype
+    )
     self.projector = MLPHead(self.proj_hidden_dim, self.proj_dim, self.axis_name, self.dtype)
     if self.pred_hidden_dim:
       self.predictor = MLPHead(self.pred_hidden_dim, self.proj_dim, self.axis_name, self.dtype)
@@ -97,10 +120,10 @@ def _pool(fmap: jax.Array) -> jax.Array:
   return fmap.astype(jnp.float32).mean(axis=(1, 2))
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """The hyperparameters that define a network; stored with exports."""
+
   arch: str
   width: int
   small_stem: bool
@@ -121,22 +144,35 @@ class ModelSpec:
         (m.width > 0, "width", f"must be > 0, got {m.width}"),
         (m.proj_dim > 0, "proj_dim", f"must be > 0, got {m.proj_dim}"),
         (m.proj_hidden_dim >= 0, "proj_hidden_dim", "must be >= 0"),
-        (dtype in DTYPES, "dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")]:
+        (dtype in DTYPES, "dtype", f"{dtype!r} is not one of {sorted(DTYPES)}"),
+    ]:
       if not ok:
         errors.append(f"config.model.{field}: {message}")
     if errors:
       raise ValueError("\n".join(errors))
     d = feature_dim(m.arch, m.width)
-    return cls(arch=m.arch, width=int(m.width), small_stem=bool(m.small_stem),
-               proj_hidden_dim=int(m.proj_hidden_dim or d), proj_dim=int(m.proj_dim),
-               pred_hidden_dim=int(m.pred_hidden_dim if _uses_predictor(config.method) else 0),
-               dtype=dtype)
+    return cls(
+        arch=m.arch,
+        width=int(m.width),
+        small_stem=bool(m.small_stem),
+        proj_hidden_dim=int(m.proj_hidden_dim or d),
+        proj_dim=int(m.proj_dim),
+        pred_hidden_dim=int(m.pred_hidden_dim if _uses_predictor(config.method) else 0),
+        dtype=dtype,
+    )
 
   def build(self, expand_res: int = 1, axis_name: str | None = "batch") -> ContrastiveNet:
-    return ContrastiveNet(arch=self.arch, width=self.width, small_stem=self.small_stem,
-                          proj_hidden_dim=self.proj_hidden_dim, proj_dim=self.proj_dim,
-                          pred_hidden_dim=self.pred_hidden_dim, expand_res=expand_res,
-                          axis_name=axis_name, dtype=self.dtype)
+    return ContrastiveNet(
+        arch=self.arch,
+        width=self.width,
+        small_stem=self.small_stem,
+        proj_hidden_dim=self.proj_hidden_dim,
+        proj_dim=self.proj_dim,
+        pred_hidden_dim=self.pred_hidden_dim,
+        expand_res=expand_res,
+        axis_name=axis_name,
+        dtype=self.dtype,
+    )
 
   def to_dict(self) -> dict[str, Any]:
     """The architecture, as checkpoints and exports record it: float32 parameters whatever
@@ -146,8 +182,9 @@ class ModelSpec:
     return d
 
 
-def random_variables(net: nn.Module, example: jax.Array, seed: int = 0,
-                     shift_std: float = 0.1) -> Any:
+def random_variables(
+    net: nn.Module, example: jax.Array, seed: int = 0, shift_std: float = 0.1
+) -> Any:
   """Variables of `net` drawn in NumPy, for benchmarks and tests (no compiled init).
 
   Kernels uniform +-1/sqrt(fan_in) (the torch default); BN scales and running
@@ -174,4 +211,5 @@ def random_variables(net: nn.Module, example: jax.Array, seed: int = 0,
 def _uses_predictor(method: str) -> bool:
   """Whether `method`'s online network has a prediction head (BYOL's does)."""
   from ocl_jax import methods  # local: the methods import this module (l2_normalize)
+
   return method in methods.names() and methods.get(method).uses_predictor

@@ -51,8 +51,13 @@ def block_stride(stage: int, block: int, expand_res: int = 1) -> int:
   return 2
 
 
-def batch_norm(train: bool, axis_name: str | None, zero_init: bool = False, name: str | None = None,
-               dtype: str = "float32") -> nn.BatchNorm:
+def batch_norm(
+    train: bool,
+    axis_name: str | None,
+    zero_init: bool = False,
+    name: str | None = None,
+    dtype: str = "float32",
+) -> nn.BatchNorm:
   """PyTorch's BN (momentum 0.1 = flax 0.9, eps 1e-5), shared by the trunk and the heads.
 
   Statistics are reduced in float32.
@@ -82,6 +87,7 @@ class Conv(nn.Module):
     batch 64, 96 px) although it multiplies a third more.
   Every other convolution is the lax convolution nn.Conv runs.
   """
+
   features: int
   kernel_size: int
   strides: int = 1
@@ -90,8 +96,9 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s = self.kernel_size, self.strides
-    kernel = self.param("kernel", torch_default_init, (k, k, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param(
+        "kernel", torch_default_init, (k, k, x.shape[-1], self.features), jnp.float32
+    )
     x, kernel = x.astype(DTYPES[self.dtype]), kernel.astype(DTYPES[self.dtype])
     if x.shape[-1] == 3:
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1)))
@@ -100,8 +107,9 @@ class Conv(nn.Module):
     out_h, out_w = ((d + 2 * pad - k) // s + 1 for d in x.shape[1:3])
     if k > 1 and min(out_h, out_w) < k:
       return patch_conv(x, kernel, s, pad)
-    return jax.lax.conv_general_dilated(x, kernel, (s, s), [(pad, pad)] * 2,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, kernel, (s, s), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 class BasicBlock(nn.Module):
@@ -113,8 +121,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = lambda f, k, s, name: Conv(f, k, s, self.dtype, name=name)
-    bn = lambda name, zero_init=False: batch_norm(train, self.axis_name, zero_init, name,
-                                                  self.dtype)
+    bn = lambda name, zero_init=False: batch_norm(
+        train, self.axis_name, zero_init, name, self.dtype
+    )
     y = conv(self.filters, 3, self.strides, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
     y = conv(self.filters, 3, 1, "conv2")(y)
@@ -135,8 +144,9 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = lambda f, k, s, name: Conv(f, k, s, self.dtype, name=name)
-    bn = lambda name, zero_init=False: batch_norm(train, self.axis_name, zero_init, name,
-                                                  self.dtype)
+    bn = lambda name, zero_init=False: batch_norm(
+        train, self.axis_name, zero_init, name, self.dtype
+    )
     out = self.filters * self.expansion
     y = conv(self.filters, 1, 1, "conv1")(x)
     y = nn.relu(bn("bn1")(y))
@@ -156,6 +166,7 @@ class ResNet(nn.Module):
   `expand_res` 2 (4) runs the first block of layer4 (and layer3) with stride 1:
   the same parameters give a 2x (4x) finer map, as ContraCAM's expand_res.
   """
+
   stage_sizes: Sequence[int]
   block: str = "basic"
   width: int = 64
@@ -179,8 +190,13 @@ class ResNet(nn.Module):
     block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
     for stage, num_blocks in enumerate(self.stage_sizes):
       for b in range(num_blocks):
-        x = block_cls(self.width * 2**stage, block_stride(stage, b, self.expand_res),
-                      self.axis_name, self.dtype, name=f"layer{stage + 1}_{b}")(x, train)
+        x = block_cls(
+            self.width * 2**stage,
+            block_stride(stage, b, self.expand_res),
+            self.axis_name,
+            self.dtype,
+            name=f"layer{stage + 1}_{b}",
+        )(x, train)
     return x
 
 
@@ -188,4 +204,3 @@ def feature_dim(arch: str, width: int) -> int:
   """Channels of the layer4 map (the pooled feature) of `arch` at `width`."""
   stages, block = ARCHITECTURES[arch]
   return width * 8 * (4 if block == "bottleneck" else 1)
-

@@ -20,16 +20,22 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ocl_jax.data import scenes, scenes_render
 
-_BOX_COLORS = [tuple(int(255 * c) for c in scenes_render.hsv_to_rgb(
-    np.array(k / scenes_render.NUM_CLASSES), np.array(0.8), np.array(1.0)))
-               for k in range(scenes_render.NUM_CLASSES)]
+_BOX_COLORS = [
+    tuple(
+        int(255 * c)
+        for c in scenes_render.hsv_to_rgb(
+            np.array(k / scenes_render.NUM_CLASSES), np.array(0.8), np.array(1.0)
+        )
+    )
+    for k in range(scenes_render.NUM_CLASSES)
+]
 
 
 def mask_outline(mask: np.ndarray) -> np.ndarray:
   """Boolean (H, W) map of mask pixels that touch a non-mask pixel."""
   m = np.pad(mask.astype(bool), 1)
   inner = m[1:-1, 1:-1]
-  neighbours_in = (m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:])
+  neighbours_in = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
   return inner & ~neighbours_in
 
 
@@ -44,11 +50,10 @@ def annotate(example: dict, scale: int = 2) -> Image.Image:
   font = ImageFont.load_default()
   objects = example['objects']
   for cls, box in zip(objects['label'], objects['bbox']):
-    ymin, xmin, ymax, xmax = (np.asarray(box) * [h, w, h, w] * scale)
+    ymin, xmin, ymax, xmax = np.asarray(box) * [h, w, h, w] * scale
     color = _BOX_COLORS[int(cls)]
     draw.rectangle([xmin, ymin, xmax - 1, ymax - 1], outline=color)
-    draw.text((xmin + 2, ymin + 1), scenes_render.CLASS_NAMES[int(cls)][:4],
-              fill=color, font=font)
+    draw.text((xmin + 2, ymin + 1), scenes_render.CLASS_NAMES[int(cls)][:4], fill=color, font=font)
   return tile
 
 
@@ -59,8 +64,7 @@ def _caption(example: dict) -> str:
   return f"{scenes_render.CLASS_NAMES[int(example['label'])]} / {family}"
 
 
-def first_scenes(data_dir: str, config: str, split: str,
-                 count: int) -> list[dict]:
+def first_scenes(data_dir: str, config: str, split: str, count: int) -> list[dict]:
   """Examples with scene index < count, in scene order.
 
   Files are shuffled on disk, so examples are picked by `image/id`; the
@@ -68,25 +72,24 @@ def first_scenes(data_dir: str, config: str, split: str,
   """
   import tensorflow_datasets as tfds  # slow import, only needed here
 
-  ds = tfds.load(f'scenes/{config}', split=split, data_dir=data_dir,
-                 download=True)
+  ds = tfds.load(f'scenes/{config}', split=split, data_dir=data_dir, download=True)
   ds = ds.filter(lambda ex: ex['image/id'] % scenes.ID_STRIDE < count)
-  found = sorted(tfds.as_numpy(ds),
-                 key=lambda ex: int(ex['image/id']) % scenes.ID_STRIDE)
+  found = sorted(tfds.as_numpy(ds), key=lambda ex: int(ex['image/id']) % scenes.ID_STRIDE)
   return found[:count]
 
 
-def contact_sheet(rows: Sequence[tuple[str, list[dict]]],
-                  scale: int = 2) -> Image.Image:
+def contact_sheet(rows: Sequence[tuple[str, list[dict]]], scale: int = 2) -> Image.Image:
   """Grid image: one row per (split name, examples)."""
   font = ImageFont.load_default()
   first = rows[0][1][0]['image']
   tile_h, tile_w = first.shape[0] * scale, first.shape[1] * scale
   label_w, caption_h, gap = 110, 14, 4
   cols = max(len(examples) for _, examples in rows)
-  sheet = Image.new('RGB', (label_w + cols * (tile_w + gap),
-                            len(rows) * (tile_h + caption_h + gap)),
-                    (255, 255, 255))
+  sheet = Image.new(
+      'RGB',
+      (label_w + cols * (tile_w + gap), len(rows) * (tile_h + caption_h + gap)),
+      (255, 255, 255),
+  )
   draw = ImageDraw.Draw(sheet)
   for r, (name, examples) in enumerate(rows):
     y = r * (tile_h + caption_h + gap)
@@ -94,25 +97,26 @@ def contact_sheet(rows: Sequence[tuple[str, list[dict]]],
     for c, example in enumerate(examples):
       x = label_w + c * (tile_w + gap)
       sheet.paste(annotate(example, scale), (x, y))
-      draw.text((x + 2, y + tile_h + 1), _caption(example), fill=(0, 0, 0),
-                font=font)
+      draw.text((x + 2, y + tile_h + 1), _caption(example), fill=(0, 0, 0), font=font)
   return sheet
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--data_dir', required=True,
-                      help='TFDS data dir; the config is generated if absent')
-  parser.add_argument('--config', default='small',
-                      help='scenes builder config: default, small or tiny')
+  parser.add_argument(
+      '--data_dir', required=True, help='TFDS data dir; the config is generated if absent'
+  )
+  parser.add_argument(
+      '--config', default='small', help='scenes builder config: default, small or tiny'
+  )
   parser.add_argument('--out', required=True, help='output PNG path')
-  parser.add_argument('--per_split', type=int, default=6,
-                      help='examples per split')
+  parser.add_argument('--per_split', type=int, default=6, help='examples per split')
   parser.add_argument('--scale', type=int, default=2, help='tile upscaling')
   args = parser.parse_args(argv)
-  rows = [(split, first_scenes(args.data_dir, args.config, split,
-                               args.per_split))
-          for split in scenes.SPLITS]
+  rows = [
+      (split, first_scenes(args.data_dir, args.config, split, args.per_split))
+      for split in scenes.SPLITS
+  ]
   sheet = contact_sheet(rows, args.scale)
   sheet.save(args.out, optimize=True)
   print(f'wrote {args.out} ({sheet.size[0]}x{sheet.size[1]})')

@@ -44,8 +44,9 @@ class BasicBlock(nn.Module):
     nn.init.zeros_(self.bn2.weight)  # zero-init of the last BN gamma (docs/method.md#pretraining)
     self.downsample = None
     if stride != 1 or in_ch != filters:
-      self.downsample = nn.Sequential(nn.Conv2d(in_ch, filters, 1, stride, bias=False),
-                                      nn.BatchNorm2d(filters))
+      self.downsample = nn.Sequential(
+          nn.Conv2d(in_ch, filters, 1, stride, bias=False), nn.BatchNorm2d(filters)
+      )
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     y = F.relu(self.bn1(self.conv1(x)))
@@ -68,8 +69,9 @@ class Bottleneck(nn.Module):
     nn.init.zeros_(self.bn3.weight)
     self.downsample = None
     if stride != 1 or in_ch != out:
-      self.downsample = nn.Sequential(nn.Conv2d(in_ch, out, 1, stride, bias=False),
-                                      nn.BatchNorm2d(out))
+      self.downsample = nn.Sequential(
+          nn.Conv2d(in_ch, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+      )
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     y = F.relu(self.bn1(self.conv1(x)))
@@ -82,8 +84,14 @@ class ResNet(nn.Module):
   """The trunk up to layer4, NCHW; `expand_res` 2 (4) runs layer4's (and layer3's) first
   block with stride 1, as `ocl_jax.models.ResNet`."""
 
-  def __init__(self, stage_sizes: Sequence[int], block: str = "basic", width: int = 64,
-               small_stem: bool = False, expand_res: int = 1):
+  def __init__(
+      self,
+      stage_sizes: Sequence[int],
+      block: str = "basic",
+      width: int = 64,
+      small_stem: bool = False,
+      expand_res: int = 1,
+  ):
     super().__init__()
     self.small_stem = small_stem
     if small_stem:
@@ -113,8 +121,12 @@ class ResNet(nn.Module):
 
 def mlp_head(in_dim: int, hidden: int, out: int) -> nn.Sequential:
   """Linear(no bias)-BN-ReLU-Linear (fc.0, fc.1, fc.3 in torchvision naming)."""
-  return nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.BatchNorm1d(hidden),
-                       nn.ReLU(inplace=True), nn.Linear(hidden, out))
+  return nn.Sequential(
+      nn.Linear(in_dim, hidden, bias=False),
+      nn.BatchNorm1d(hidden),
+      nn.ReLU(inplace=True),
+      nn.Linear(hidden, out),
+  )
 
 
 class ContrastiveNet(nn.Module):
@@ -124,9 +136,16 @@ class ContrastiveNet(nn.Module):
   projector is `fc`, so an ocl_jax state dict from `torch_interop` loads as is.
   """
 
-  def __init__(self, arch: str = "resnet18", width: int = 64, small_stem: bool = False,
-               proj_hidden_dim: int = 0, proj_dim: int = 128, pred_hidden_dim: int = 0,
-               expand_res: int = 1):
+  def __init__(
+      self,
+      arch: str = "resnet18",
+      width: int = 64,
+      small_stem: bool = False,
+      proj_hidden_dim: int = 0,
+      proj_dim: int = 128,
+      pred_hidden_dim: int = 0,
+      expand_res: int = 1,
+  ):
     super().__init__()
     stages, block = ARCHITECTURES[arch]
     self.trunk = ResNet(stages, block, width, small_stem, expand_res)
@@ -165,9 +184,17 @@ class TrainStep:
   Call with NCHW float32 views; returns the loss tensor (no host sync of its own).
   """
 
-  def __init__(self, method: str, net: ContrastiveNet, lr: float = 0.03, momentum: float = 0.9,
-               weight_decay: float = 1e-4, temperature: float = 0.2, ema: float = 0.99,
-               queue_size: int = 1024):
+  def __init__(
+      self,
+      method: str,
+      net: ContrastiveNet,
+      lr: float = 0.03,
+      momentum: float = 0.9,
+      weight_decay: float = 1e-4,
+      temperature: float = 0.2,
+      ema: float = 0.99,
+      queue_size: int = 1024,
+  ):
     if method not in ("moco", "byol", "simclr"):
       raise ValueError(f"method must be moco, byol or simclr, got {method!r}")
     self.method, self.net, self.temperature, self.ema = method, net, temperature, ema
@@ -178,7 +205,9 @@ class TrainStep:
       self.target.predictor = None
       for p in self.target.parameters():
         p.requires_grad_(False)
-    self.opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    self.opt = torch.optim.SGD(
+        net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+    )
     if method == "moco":
       dim = net.fc[-1].out_features
       self.queue = F.normalize(torch.randn(queue_size, dim), dim=1)
@@ -217,20 +246,31 @@ class TrainStep:
     if self.method == "moco":
       with torch.no_grad():
         b = k.shape[0]
-        self.queue[self.ptr:self.ptr + b] = k
+        self.queue[self.ptr : self.ptr + b] = k
         self.ptr = (self.ptr + b) % self.queue.shape[0]
     return loss.detach()
 
 
-def build_net(arch: str, width: int, small_stem: bool, proj_hidden_dim: int = 0, proj_dim: int = 128,
-              pred_hidden_dim: int = 0, expand_res: int = 1, seed: int = 0) -> ContrastiveNet:
+def build_net(
+    arch: str,
+    width: int,
+    small_stem: bool,
+    proj_hidden_dim: int = 0,
+    proj_dim: int = 128,
+    pred_hidden_dim: int = 0,
+    expand_res: int = 1,
+    seed: int = 0,
+) -> ContrastiveNet:
   """A freshly initialised reference network (seeded; PyTorch's default init, as ocl_jax)."""
   torch.manual_seed(seed)
-  return ContrastiveNet(arch, width, small_stem, proj_hidden_dim, proj_dim, pred_hidden_dim, expand_res)
+  return ContrastiveNet(
+      arch, width, small_stem, proj_hidden_dim, proj_dim, pred_hidden_dim, expand_res
+  )
 
 
-def _contrastive_score(q: torch.Tensor, key: torch.Tensor, negatives: list[torch.Tensor],
-                       temperature: float = 1.0) -> torch.Tensor:
+def _contrastive_score(
+    q: torch.Tensor, key: torch.Tensor, negatives: list[torch.Tensor], temperature: float = 1.0
+) -> torch.Tensor:
   """score_i = q_i.k_i/tau - log sum over every set s and j != i of exp(q_i.n_sj/tau)."""
   b = q.shape[0]
   pos = (q * key).sum(1) / temperature
@@ -240,8 +280,13 @@ def _contrastive_score(q: torch.Tensor, key: torch.Tensor, negatives: list[torch
   return pos - torch.logsumexp(neg.reshape(b, -1), dim=1)
 
 
-def contracam(net: ContrastiveNet, images: torch.Tensor, iterations: int = 10,
-              temperature: float = 1.0, eps: float = 1e-20) -> torch.Tensor:
+def contracam(
+    net: ContrastiveNet,
+    images: torch.Tensor,
+    iterations: int = 10,
+    temperature: float = 1.0,
+    eps: float = 1e-20,
+) -> torch.Tensor:
   """ContraCAM union masks (B, H, W) of normalised NCHW `images`, as the official code.
 
   Per iteration: forward the masked batch (eval-mode BN), take the layer4 map

@@ -56,28 +56,46 @@ def evaluate_probe(p_eval, state, config, ctx) -> float:
   return correct / max(count, 1)
 
 
-def write_view_pictures(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
-                        count: int, workdir: str, writer: metric_writers.MetricWriter, step: int) -> str:
+def write_view_pictures(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    ctx: StepContext,
+    count: int,
+    workdir: str,
+    writer: metric_writers.MetricWriter,
+    step: int,
+) -> str:
   """The first `count` images of a (device-sharded) batch as the step sees them: source with
   the OA-crop region and both crops drawn, view 1 (after BG-mixup / Mixup), view 2, mask.
 
   Written to WORKDIR/views.png and to TensorBoard as `views`.
   """
+
   def payload(st, b):
     a = augment_views(st, b, ctx)
-    out = {"x1": augment.denormalize(a.x1), "x2": augment.denormalize(a.x2),
-           "box1": a.crop_boxes[0], "box2": a.crop_boxes[1]}
+    out = {
+        "x1": augment.denormalize(a.x1),
+        "x2": augment.denormalize(a.x2),
+        "box1": a.crop_boxes[0],
+        "box2": a.crop_boxes[1],
+    }
     if a.regions is not None:
       out["regions"] = a.regions
     if a.fg_masks is not None:
       out["masks"] = a.fg_masks
     return out
+
   out = jax.device_get(jax.pmap(payload, axis_name=parallel.AXIS)(state, batch))
   flat = lambda x: _flat_batch(x, count)
   out = {k: flat(v) for k, v in out.items()}
-  grid = pictures.views_grid(flat(batch["image"]), pictures.to_uint8(out["x1"]),
-                             pictures.to_uint8(out["x2"]), (out["box1"], out["box2"]),
-                             out.get("regions"), out.get("masks"))
+  grid = pictures.views_grid(
+      flat(batch["image"]),
+      pictures.to_uint8(out["x1"]),
+      pictures.to_uint8(out["x2"]),
+      (out["box1"], out["box2"]),
+      out.get("regions"),
+      out.get("masks"),
+  )
   return _save_picture(grid, "views", workdir, writer, step)
 
 
@@ -87,8 +105,9 @@ def _flat_batch(x: Any, count: int) -> np.ndarray:
   return x.reshape((-1,) + x.shape[2:])[:count]
 
 
-def _save_picture(grid: np.ndarray, name: str, workdir: str, writer: metric_writers.MetricWriter,
-                  step: int) -> str:
+def _save_picture(
+    grid: np.ndarray, name: str, workdir: str, writer: metric_writers.MetricWriter, step: int
+) -> str:
   """WORKDIR/<name>.png and TensorBoard image `name`, from process 0; returns the path."""
   path = os.path.join(workdir, f"{name}.png")
   if jax.process_index() == 0:
@@ -98,27 +117,38 @@ def _save_picture(grid: np.ndarray, name: str, workdir: str, writer: metric_writ
   return path
 
 
-def write_saliency_pictures(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
-                            count: int, workdir: str, writer: metric_writers.MetricWriter,
-                            step: int) -> str:
+def write_saliency_pictures(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    ctx: StepContext,
+    count: int,
+    workdir: str,
+    writer: metric_writers.MetricWriter,
+    step: int,
+) -> str:
   """SGCL: the first `count` images with their online saliency maps and the crops sampled
   from them, to WORKDIR/saliency.png and TensorBoard `saliency`."""
+
   def payload(st, b):
     net, variables = ctx.net, step_lib.saliency_variables(st, ctx)
     maps = saliency.compute_saliency(net, variables, b["image"], ctx.saliency, parallel.AXIS)
     return maps, augment_views(st, b, ctx, maps).crop_boxes
+
   maps, boxes = jax.device_get(jax.pmap(payload, axis_name=parallel.AXIS)(state, batch))
   flat = lambda x: _flat_batch(x, count)
   grid = pictures.saliency_grid(flat(batch["image"]), flat(maps), [flat(b) for b in boxes])
   return _save_picture(grid, "saliency", workdir, writer, step)
 
 
-def measure_saliency_refresh(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
-                             repeats: int = 3) -> float:
+def measure_saliency_refresh(
+    state: TrainState, batch: dict[str, jax.Array], ctx: StepContext, repeats: int = 3
+) -> float:
   """Seconds one refresh of the online saliency takes for a global batch (median after warm-up)."""
+
   def refresh(st, b):
     net, variables = ctx.net, step_lib.saliency_variables(st, ctx)
     return saliency.compute_saliency(net, variables, b["image"], ctx.saliency, parallel.AXIS)
+
   fn = jax.pmap(refresh, axis_name=parallel.AXIS)
   jax.block_until_ready(fn(state, batch))
   times = []
@@ -133,8 +163,12 @@ class NonFiniteError(FloatingPointError):
   """A step's loss or gradients were NaN/inf and config.nonfinite is 'stop'."""
 
 
-def check_finite(host_metrics: list[dict[str, Any]], first_step: int, policy: str,
-                 ckpt: checkpointing.Checkpointer) -> int:
+def check_finite(
+    host_metrics: list[dict[str, Any]],
+    first_step: int,
+    policy: str,
+    ckpt: checkpointing.Checkpointer,
+) -> int:
   """Count the non-finite steps among `host_metrics` (steps first_step, ...); with policy
   'stop' raise NonFiniteError naming the first (no checkpoint after it is written)."""
   bad = [first_step + i for i, m in enumerate(host_metrics) if float(m["nonfinite"][0]) > 0]
@@ -144,7 +178,8 @@ def check_finite(host_metrics: list[dict[str, Any]], first_step: int, policy: st
         f"non-finite loss or gradients at step {bad[0]} (steps {bad[:5]}...); the update was not "
         f"applied and the run stopped, keeping the last good checkpoint (step "
         f"{ckpt.latest_step()}) in {ckpt.directory}. Lower optim.base_lr, or set "
-        "--config.nonfinite=skip to skip such steps.")
+        "--config.nonfinite=skip to skip such steps."
+    )
   for s in bad:
     logging.warning("Step %d: non-finite loss or gradients; update skipped", s)
   return len(bad)
@@ -162,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   # WORKDIR/config.json only, not to the log.
   tensorboard = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else None
   writer = metric_writers.AsyncMultiWriter(
-      [metric_writers.LoggingWriter()] + ([tensorboard] if tensorboard is not None else []))
+      [metric_writers.LoggingWriter()] + ([tensorboard] if tensorboard is not None else [])
+  )
   if tensorboard is not None:
     tensorboard.write_hparams(_flatten(config.to_dict()))
     save_config_json(config, os.path.join(workdir, "config.json"))
@@ -173,8 +209,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if start_step:
     logging.info("Resumed from step %d", start_step)
 
-  p_step = jax.pmap(functools.partial(train_step, ctx=ctx), axis_name=parallel.AXIS,
-                    donate_argnums=(0,))
+  p_step = jax.pmap(
+      functools.partial(train_step, ctx=ctx), axis_name=parallel.AXIS, donate_argnums=(0,)
+  )
   p_eval = jax.pmap(functools.partial(probe_eval_step, ctx=ctx), axis_name=parallel.AXIS)
   state = parallel.replicate(state)
   batches = parallel.prefetch_to_device(data.iterate(start_step), config.prefetch_to_device)
@@ -186,21 +223,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if ctx.saliency is not None and start_step == 0:
     first = next(batches)
     seconds = measure_saliency_refresh(state, first, ctx)
-    logging.info("Online saliency: one refresh takes %.1f ms per global batch of %d (every %d "
-                 "step(s))", 1e3 * seconds, config.batch_size, ctx.saliency.every_k_steps)
+    logging.info(
+        "Online saliency: one refresh takes %.1f ms per global batch of %d (every %d " "step(s))",
+        1e3 * seconds,
+        config.batch_size,
+        ctx.saliency.every_k_steps,
+    )
     writer.write_scalars(0, {"saliency_refresh_ms": 1e3 * seconds})
     batches = itertools.chain([first], batches)
 
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  logging.info("Training %s for %d steps (%d per epoch), global batch %d on %d devices, %d "
-               "per process", config.method, total_steps, data.steps_per_epoch, config.batch_size,
-               jax.device_count(), data.local_batch)
+  logging.info(
+      "Training %s for %d steps (%d per epoch), global batch %d on %d devices, %d " "per process",
+      config.method,
+      total_steps,
+      data.steps_per_epoch,
+      config.batch_size,
+      jax.device_count(),
+      data.local_batch,
+  )
   pending: list[dict[str, jax.Array]] = []
   last_log = time.time()
   skipped = 0
   input_wait = 0.0  # seconds the loop blocked on the input pipeline since the last log
-  bar = console.progress(total=total_steps, initial=start_step, unit="step",
-                         desc=f"{os.path.basename(workdir)} ({config.method})")
+  bar = console.progress(
+      total=total_steps,
+      initial=start_step,
+      unit="step",
+      desc=f"{os.path.basename(workdir)} ({config.method})",
+  )
   with preemption.PreemptionWatcher() as watcher, bar:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -219,7 +270,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         host = jax.device_get(pending)
         skipped += check_finite(host, step - len(host) + 1, config.nonfinite, ckpt)
       if log_now:
-        summary = {k: float(np.mean([m[k][0] for m in host])) for k in pending[0] if k != "nonfinite"}
+        summary = {
+            k: float(np.mean([m[k][0] for m in host])) for k in pending[0] if k != "nonfinite"
+        }
         now = time.time()
         summary["steps_per_second"] = len(pending) / (now - last_log)
         # Fraction of wall time the loop waited for input: > 0 means the pipeline starves the step.
@@ -230,9 +283,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         bar.set_postfix(loss=f"{summary['loss']:.4f}", refresh=False)
       if log_now or save_now or stop_now:
         pending = []
-      if config.eval_every_steps and config.dataset.eval_split and config.probe.enabled and (
-          step % config.eval_every_steps == 0 or step == total_steps):
-        writer.write_scalars(step, {"eval_probe_accuracy": evaluate_probe(p_eval, state, config, ctx)})
+      if (
+          config.eval_every_steps
+          and config.dataset.eval_split
+          and config.probe.enabled
+          and (step % config.eval_every_steps == 0 or step == total_steps)
+      ):
+        writer.write_scalars(
+            step, {"eval_probe_accuracy": evaluate_probe(p_eval, state, config, ctx)}
+        )
       if save_now or stop_now:
         ckpt.save(step, parallel.unreplicate(state))
       if stop_now and step < total_steps:
@@ -243,8 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   ckpt.close()
   if ctx.saliency is not None and config.saliency.picture_images > 0:
     # Drawn at the end: the trained model's saliency (at step 0 it is a random network's).
-    path = write_saliency_pictures(state, next(batches), ctx, config.saliency.picture_images,
-                                   workdir, writer, total_steps)
+    path = write_saliency_pictures(
+        state, next(batches), ctx, config.saliency.picture_images, workdir, writer, total_steps
+    )
     logging.info("Wrote a batch's saliency maps and crops after training to %s", path)
   final = parallel.unreplicate(state)
   if config.export_encoder:

@@ -25,11 +25,13 @@ from ocl_jax.views import augment, compose, saliency
 Online = tuple[jax.Array, Any, Any, jax.Array]  # SGCL: (maps, bank, stamp, refreshed)
 
 
-def forward(net: ContrastiveNet, params: Any, batch_stats: Any, x: jax.Array
-            ) -> tuple[dict[str, jax.Array], Any]:
+def forward(
+    net: ContrastiveNet, params: Any, batch_stats: Any, x: jax.Array
+) -> tuple[dict[str, jax.Array], Any]:
   """Train-mode forward that threads BatchNorm running statistics."""
-  out, mutated = net.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                           mutable=["batch_stats"])
+  out, mutated = net.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+  )
   return out, mutated["batch_stats"]
 
 
@@ -48,32 +50,49 @@ def online_saliency(state: TrainState, batch: dict[str, jax.Array], ctx: StepCon
   """
   settings = ctx.saliency
   variables = saliency_variables(state, ctx)
-  compute = lambda: saliency.compute_saliency(ctx.net, variables, batch["image"], settings,
-                                              parallel.AXIS)
+  compute = lambda: saliency.compute_saliency(
+      ctx.net, variables, batch["image"], settings, parallel.AXIS
+  )
   if not settings.uses_bank:
     return compute(), None, None, jnp.ones((), jnp.float32)
-  return saliency.saliency_from_bank(state.saliency_bank, state.saliency_stamp, batch["index"],
-                                     state.step, settings.every_k_steps, compute, parallel.AXIS)
+  return saliency.saliency_from_bank(
+      state.saliency_bank,
+      state.saliency_stamp,
+      batch["index"],
+      state.step,
+      settings.every_k_steps,
+      compute,
+      parallel.AXIS,
+  )
 
 
-def augment_views(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext,
-                  saliency_maps: jax.Array | None = None) -> compose.AugmentedViews:
+def augment_views(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    ctx: StepContext,
+    saliency_maps: jax.Array | None = None,
+) -> compose.AugmentedViews:
   """The step's views: keys from the step and each image's global index."""
   step_key = jax.random.fold_in(state.rng, state.step)
   return compose.augment_views(step_key, batch, ctx.views, state.bg_fifo, saliency_maps)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step on this device's slice of the global batch (inside pmap)."""
   online = online_saliency(state, batch, ctx) if ctx.saliency else None
   aug = augment_views(state, batch, ctx, online[0] if online else None)
   return update_from_views(state, batch, aug, ctx, online)
 
 
-def update_from_views(state: TrainState, batch: dict[str, jax.Array],
-                      aug: compose.AugmentedViews, ctx: StepContext, online: Online | None = None,
-                      ) -> tuple[TrainState, dict[str, jax.Array]]:
+def update_from_views(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    aug: compose.AugmentedViews,
+    ctx: StepContext,
+    online: Online | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """The step after augmentation: losses, gradients, optimiser, target, queue and probe.
 
   Split from train_step so the benchmark can time exactly the work a PyTorch
@@ -99,8 +118,10 @@ def update_from_views(state: TrainState, batch: dict[str, jax.Array],
   weights = scores = None
   if sal:
     scores = [saliency.crop_scores(b, maps) for b in aug.crop_boxes]
-    weights = saliency.normalize_weights(jnp.concatenate(
-        [saliency.pair_weights(scores[u], scores[v], sal.gamma) for u, v in pairs]), axis)
+    weights = saliency.normalize_weights(
+        jnp.concatenate([saliency.pair_weights(scores[u], scores[v], sal.gamma) for u, v in pairs]),
+        axis,
+    )
 
   def loss_fn(params):
     stats, outs = state.batch_stats, {}
@@ -116,39 +137,60 @@ def update_from_views(state: TrainState, batch: dict[str, jax.Array],
     return loss, (stats, outs[0]["features"], aux)
 
   (loss, (batch_stats, features, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+      state.params
+  )
   grads = jax.lax.pmean(grads, axis)
   updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
   # Online linear probe on stop-gradient features of view 0.
   probe_loss, probe_grads, probe_acc = probe_loss_and_grad(
-      state.probe_params, jax.lax.stop_gradient(features), batch["label"], ctx.num_classes)
+      state.probe_params, jax.lax.stop_gradient(features), batch["label"], ctx.num_classes
+  )
   probe_grads = jax.lax.pmean(probe_grads, axis)
-  probe_updates, probe_opt_state = ctx.probe_tx.update(probe_grads, state.probe_opt_state,
-                                                       state.probe_params)
+  probe_updates, probe_opt_state = ctx.probe_tx.update(
+      probe_grads, state.probe_opt_state, state.probe_params
+  )
   probe_params = optax.apply_updates(state.probe_params, probe_updates)
 
-  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                      opt_state=opt_state, probe_params=probe_params,
-                      probe_opt_state=probe_opt_state, target_batch_stats=target_stats,
-                      bg_fifo=aug.bg_fifo, saliency_bank=bank, saliency_stamp=stamp)
+  new = state.replace(
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      probe_params=probe_params,
+      probe_opt_state=probe_opt_state,
+      target_batch_stats=target_stats,
+      bg_fifo=aug.bg_fifo,
+      saliency_bank=bank,
+      saliency_stamp=stamp,
+  )
   if method.uses_target:
-    new = new.replace(target_params=jax.tree_util.tree_map(
-        methods.ema(method.ema_momentum), state.target_params, target_subset(params)))
+    new = new.replace(
+        target_params=jax.tree_util.tree_map(
+            methods.ema(method.ema_momentum), state.target_params, target_subset(params)
+        )
+    )
   new = new.replace(**method.after_update(state, targets, axis))
 
   # A non-finite loss or gradient (identical on every device after the pmean) leaves the
   # state as it was; only the step (and with it the data) moves on.
-  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+  )
   finite = jax.lax.pmin(finite.astype(jnp.int32), axis) > 0
-  new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new,
-                               state.replace(step=new.step))
+  new = jax.tree_util.tree_map(
+      lambda n, o: jnp.where(finite, n, o), new, state.replace(step=new.step)
+  )
 
-  metrics = {"loss": loss, "learning_rate": ctx.schedule(state.step),
-             "probe_loss": probe_loss, "probe_accuracy": probe_acc,
-             "nonfinite": 1.0 - finite.astype(jnp.float32), **aux}
+  metrics = {
+      "loss": loss,
+      "learning_rate": ctx.schedule(state.step),
+      "probe_loss": probe_loss,
+      "probe_accuracy": probe_acc,
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
+      **aux,
+  }
   n = batch["image"].shape[0]
   metrics.update({k: v.astype(jnp.float32) / n for k, v in aug.bg_stats.items()})
   metrics = jax.lax.pmean(metrics, axis)
@@ -159,7 +201,8 @@ def update_from_views(state: TrainState, batch: dict[str, jax.Array],
       fg = augment.to_float(batch["fg_mask"])
       cover = [saliency.crop_scores(b, fg) for b in aug.crop_boxes[:2]]
       metrics["sgcl_score_coverage_spearman"] = saliency.spearman(
-          scores[0] * scores[1], cover[0] * cover[1], axis)
+          scores[0] * scores[1], cover[0] * cover[1], axis
+      )
   return new, metrics
 
 
@@ -172,8 +215,9 @@ def probe_logits(probe_params: Any, features: jax.Array) -> jax.Array:
   return features @ probe_params["kernel"] + probe_params["bias"]
 
 
-def probe_loss_and_grad(probe_params: Any, features: jax.Array, labels: jax.Array,
-                        num_classes: int) -> tuple[jax.Array, Any, jax.Array]:
+def probe_loss_and_grad(
+    probe_params: Any, features: jax.Array, labels: jax.Array, num_classes: int
+) -> tuple[jax.Array, Any, jax.Array]:
   """Cross-entropy of the linear probe over the examples that have a label (label >= 0)."""
   valid = (labels >= 0) & (num_classes > 0)
   n_valid = jnp.maximum(jax.lax.psum(valid.sum(), parallel.AXIS), 1)
@@ -190,15 +234,20 @@ def probe_loss_and_grad(probe_params: Any, features: jax.Array, labels: jax.Arra
   return loss, grads, acc
 
 
-def probe_eval_step(state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
-                    ) -> dict[str, jax.Array]:
+def probe_eval_step(
+    state: TrainState, batch: dict[str, jax.Array], ctx: StepContext
+) -> dict[str, jax.Array]:
   """Online-probe correct/count on a held-out batch: full image resized to the crop size."""
   images = batch["image"].astype(jnp.float32) / 255.0
   size = ctx.view.crop_size
   images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear", antialias=True)
-  out = ctx.net.apply({"params": state.params, "batch_stats": state.batch_stats},
-                      augment.normalize(images), train=False)
+  out = ctx.net.apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      augment.normalize(images),
+      train=False,
+  )
   pred = jnp.argmax(probe_logits(state.probe_params, out["features"]), -1)
   valid = (batch["valid"] > 0) & (batch["label"] >= 0)
-  return jax.lax.psum({"correct": jnp.sum(valid & (pred == batch["label"])),
-                       "count": jnp.sum(valid)}, parallel.AXIS)
+  return jax.lax.psum(
+      {"correct": jnp.sum(valid & (pred == batch["label"])), "count": jnp.sum(valid)}, parallel.AXIS
+  )

@@ -1,1 +1,1 @@
-"""The views of an image: crops, colour, blur (augment), BG-mixup, Mixup / CutMix and SGCL saliency."""
+"""The views of an image: crops, colour, blur, BG-mixup, Mixup / CutMix and SGCL saliency."""

@@ -126,15 +126,17 @@ class ViewConfig:
 _CROP_UNIFORMS = 2 * NUM_CROP_TRIALS + 2
 
 
-def sample_crop_params(key: jax.Array, aspect, scale, ratio,
-                       region=None) -> tuple[jax.Array, jax.Array]:
+def sample_crop_params(
+    key: jax.Array, aspect, scale, ratio, region=None
+) -> tuple[jax.Array, jax.Array]:
   """`sample_crop_box` that also says whether a trial was accepted (for tests)."""
   u = jax.random.uniform(key, (_CROP_UNIFORMS,))
   return _crop_from_uniforms(u, aspect, scale, ratio, region)
 
 
-def _crop_from_uniforms(u: jax.Array, aspect, scale, ratio,
-                        region=None) -> tuple[jax.Array, jax.Array]:
+def _crop_from_uniforms(
+    u: jax.Array, aspect, scale, ratio, region=None
+) -> tuple[jax.Array, jax.Array]:
   """RandomResizedCrop box from U(0,1) draws u (22,): areas, log-ratios, position.
 
   Taking the uniforms rather than a key lets augment_view make one random
@@ -152,7 +154,7 @@ def _crop_from_uniforms(u: jax.Array, aspect, scale, ratio,
 
   s = scale[0] + (scale[1] - scale[0]) * u[:num_trials]
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-  r = jnp.exp(log_lo + (log_hi - log_lo) * u[num_trials:2 * num_trials])
+  r = jnp.exp(log_lo + (log_hi - log_lo) * u[num_trials : 2 * num_trials])
   w = jnp.sqrt(s * r / a)
   h = jnp.sqrt(s * a / r)
   # Small tolerance: torchvision compares rounded pixel sizes, so a crop that
@@ -176,17 +178,20 @@ def _crop_from_uniforms(u: jax.Array, aspect, scale, ratio,
   y1 = jnp.where(accepted, y_t, y_f)
   bw = jnp.where(accepted, w_t, w_f)
   bh = jnp.where(accepted, h_t, h_f)
-  box = jnp.stack([
-      region[0] + x1 * rw,
-      region[1] + y1 * rh,
-      region[0] + jnp.minimum(x1 + bw, 1.0) * rw,
-      region[1] + jnp.minimum(y1 + bh, 1.0) * rh,
-  ])
+  box = jnp.stack(
+      [
+          region[0] + x1 * rw,
+          region[1] + y1 * rh,
+          region[0] + jnp.minimum(x1 + bw, 1.0) * rw,
+          region[1] + jnp.minimum(y1 + bh, 1.0) * rh,
+      ]
+  )
   return jnp.clip(box, 0.0, 1.0), accepted
 
 
-def saliency_centred_box(box: jax.Array, saliency: jax.Array, u: jax.Array,
-                         temperature: float) -> jax.Array:
+def saliency_centred_box(
+    box: jax.Array, saliency: jax.Array, u: jax.Array, temperature: float
+) -> jax.Array:
   """Move `box` (keeping its size) so its centre is drawn from saliency^temperature.
 
   Saliency-guided crop of docs/method.md#sgcl: `saliency` (m, m) is a
@@ -212,8 +217,9 @@ def saliency_centred_box(box: jax.Array, saliency: jax.Array, u: jax.Array,
   return jnp.clip(jnp.stack([x1, y1, x1 + w, y1 + h]), 0.0, 1.0)
 
 
-def sample_crop_box(key: jax.Array, aspect, scale: tuple[float, float],
-                    ratio: tuple[float, float], region=None) -> jax.Array:
+def sample_crop_box(
+    key: jax.Array, aspect, scale: tuple[float, float], ratio: tuple[float, float], region=None
+) -> jax.Array:
   """RandomResizedCrop box (torchvision get_params), vectorised over 10 trials.
 
   Each trial draws an area fraction ~ U(scale) and a log pixel ratio ~
@@ -295,9 +301,16 @@ def to_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def augment_view(key: jax.Array, image: jax.Array, aspect, cfg: ViewConfig,
-                 region=None, saliency=None, centre_key=None, temperature: float = 0.0,
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def augment_view(
+    key: jax.Array,
+    image: jax.Array,
+    aspect,
+    cfg: ViewConfig,
+    region=None,
+    saliency=None,
+    centre_key=None,
+    temperature: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One augmented view of one HWC image.
 
   crop box -> crop_and_resize -> flip -> jitter (p) -> grayscale (p) -> blur (p).
@@ -318,8 +331,9 @@ def augment_view(key: jax.Array, image: jax.Array, aspect, cfg: ViewConfig,
   view = crop_resize_flip_chw(image, box, cfg.crop_size, flipped)  # planar from here
 
   if cfg.jitter_prob > 0:
-    factors, order = color.jitter_from_uniforms(u_jit, cfg.brightness, cfg.contrast,
-                                                cfg.saturation, cfg.hue)
+    factors, order = color.jitter_from_uniforms(
+        u_jit, cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue
+    )
     jittered = color.color_ops_planar(view, factors, order, with_hue=cfg.hue > 0)
     view = jnp.where(u[1] < cfg.jitter_prob, jittered, view)
   if cfg.grayscale_prob > 0:
@@ -327,16 +341,25 @@ def augment_view(key: jax.Array, image: jax.Array, aspect, cfg: ViewConfig,
     view = jnp.where(u[2] < cfg.grayscale_prob, gray, view)
   if cfg.blur_prob > 0:
     lo, hi = cfg.blur_sigma
-    view = color.maybe_blur_to_hwc(view, lo + (hi - lo) * u[4], cfg.blur_kernel_size,
-                                   u[3] < cfg.blur_prob)
+    view = color.maybe_blur_to_hwc(
+        view, lo + (hi - lo) * u[4], cfg.blur_kernel_size, u[3] < cfg.blur_prob
+    )
   else:
     view = color.to_hwc(view)
   return jnp.clip(view, 0.0, 1.0), box, flipped
 
 
-def augment_batch(key: jax.Array, images: jax.Array, aspects, cfg: ViewConfig,
-                  index_offset=0, regions=None, saliency=None, centre_key=None,
-                  temperature: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def augment_batch(
+    key: jax.Array,
+    images: jax.Array,
+    aspects,
+    cfg: ViewConfig,
+    index_offset=0,
+    regions=None,
+    saliency=None,
+    centre_key=None,
+    temperature: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Augment a (B, H, W, 3) batch (uint8 or float), one key per image.
 
   Image i uses fold_in(key, index_offset + i), so with index_offset =
@@ -371,16 +394,19 @@ def transform_masks(masks: jax.Array, boxes: jax.Array, flips: jax.Array, size: 
   `boxes` and `flips` are augment_batch's outputs, so BG-mixup's foreground
   masks stay aligned with view 1. uint8 masks are read as 0..255 -> [0, 1].
   """
+
   def one(mask, box, flip):
     return flip_left_right(crop_and_resize(mask[..., None], box, size), flip)[..., 0]
+
   return jax.vmap(one)(to_float(masks), boxes, flips)
 
 
 FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 
-def choose_regions(key: jax.Array, boxes: jax.Array, box_valid: jax.Array,
-                   index_offset=0) -> jax.Array:
+def choose_regions(
+    key: jax.Array, boxes: jax.Array, box_valid: jax.Array, index_offset=0
+) -> jax.Array:
   """OA-crop regions (docs/method.md#oa-crop): one valid box per image, uniformly.
 
   `boxes` (B, K, 4) x1, y1, x2, y2 with `box_valid` (B, K). Image i draws from

@@ -70,8 +70,11 @@ class BgFifo:
 
 
 def fifo_init(height: int, width: int, capacity: int = 50, channels: int = 3) -> BgFifo:
-  return BgFifo(images=jnp.zeros((capacity, height, width, channels), jnp.float32),
-                count=jnp.zeros((), jnp.int32), ptr=jnp.zeros((), jnp.int32))
+  return BgFifo(
+      images=jnp.zeros((capacity, height, width, channels), jnp.float32),
+      count=jnp.zeros((), jnp.int32),
+      ptr=jnp.zeros((), jnp.int32),
+  )
 
 
 def fifo_push(fifo: BgFifo, bgs: jax.Array, has_bg: jax.Array) -> BgFifo:
@@ -85,9 +88,11 @@ def fifo_push(fifo: BgFifo, bgs: jax.Array, has_bg: jax.Array) -> BgFifo:
   keep = valid & (rank >= n_valid - cap)
   slot = jnp.where(keep, (fifo.ptr + rank) % cap, cap)  # cap = out of bounds -> dropped
   images = fifo.images.at[slot].set(bgs.astype(fifo.images.dtype), mode="drop")
-  return BgFifo(images=images,
-                count=jnp.minimum(fifo.count + n_valid, cap).astype(jnp.int32),
-                ptr=((fifo.ptr + n_valid) % cap).astype(jnp.int32))
+  return BgFifo(
+      images=images,
+      count=jnp.minimum(fifo.count + n_valid, cap).astype(jnp.int32),
+      ptr=((fifo.ptr + n_valid) % cap).astype(jnp.int32),
+  )
 
 
 def _fifo_slot_of_age(fifo: BgFifo, age: jax.Array) -> jax.Array:
@@ -123,8 +128,9 @@ def bounding_rectangle(mask: jax.Array, threshold: float = 0.2):
 TOP, LEFT, RIGHT, BOTTOM = 0, 1, 2, 3
 
 
-def background_image(image: jax.Array, mask: jax.Array, threshold: float = 0.2,
-                     return_strip: bool = False):
+def background_image(
+    image: jax.Array, mask: jax.Array, threshold: float = 0.2, return_strip: bool = False
+):
   """Background-only image of one view: (bg (H, W, C), has_bg bool scalar).
 
   Inside the mask's tight rectangle the largest outside strip, tiled
@@ -141,23 +147,39 @@ def background_image(image: jax.Array, mask: jax.Array, threshold: float = 0.2,
   has_bg = areas[strip] > 0
   r = jnp.arange(h)
   c = jnp.arange(w)
-  src_r = jnp.where(strip == TOP, r % jnp.maximum(top_h, 1),
-                    jnp.where(strip == BOTTOM, h_max + 1 + r % jnp.maximum(bot_h, 1), r))
-  src_c = jnp.where(strip == LEFT, c % jnp.maximum(left_w, 1),
-                    jnp.where(strip == RIGHT, w_max + 1 + c % jnp.maximum(right_w, 1), c))
+  src_r = jnp.where(
+      strip == TOP,
+      r % jnp.maximum(top_h, 1),
+      jnp.where(strip == BOTTOM, h_max + 1 + r % jnp.maximum(bot_h, 1), r),
+  )
+  src_c = jnp.where(
+      strip == LEFT,
+      c % jnp.maximum(left_w, 1),
+      jnp.where(strip == RIGHT, w_max + 1 + c % jnp.maximum(right_w, 1), c),
+  )
   src_r = jnp.clip(src_r, 0, h - 1)
   src_c = jnp.clip(src_c, 0, w - 1)
   tiled = image[src_r][:, src_c]
-  in_rect = (((r >= h_min) & (r <= h_max))[:, None] & ((c >= w_min) & (c <= w_max))[None, :])
+  in_rect = ((r >= h_min) & (r <= h_max))[:, None] & ((c >= w_min) & (c <= w_max))[None, :]
   bg = jnp.where((in_rect & has_bg)[..., None], tiled, image)
   if return_strip:
     return bg, has_bg, strip
   return bg, has_bg
 
 
-def mix_with(views: jax.Array, masks: jax.Array, perm: jax.Array, coin_u: jax.Array,
-             fifo_u: jax.Array, fifo: BgFifo, prob: float = 0.4, threshold: float = 0.2,
-             gate_donors: bool = True, axis_name: str | None = None, index_offset=0):
+def mix_with(
+    views: jax.Array,
+    masks: jax.Array,
+    perm: jax.Array,
+    coin_u: jax.Array,
+    fifo_u: jax.Array,
+    fifo: BgFifo,
+    prob: float = 0.4,
+    threshold: float = 0.2,
+    gate_donors: bool = True,
+    axis_name: str | None = None,
+    index_offset=0,
+):
   """BG-mixup with explicit randomness (the deterministic core, for tests).
 
   perm: (B,) donor index per image, into the global batch; coin_u, fifo_u: (B,)
@@ -197,16 +219,26 @@ def mix_with(views: jax.Array, masks: jax.Array, perm: jax.Array, coin_u: jax.Ar
   out = jnp.where(mixed[:, None, None, None], m * views + (1.0 - m) * donor, views)
   new_fifo = fifo_push(fifo, all_bgs, all_valid)  # the same on every device
   n_mixed = jnp.sum(mixed.astype(jnp.int32))
-  stats = {"bg_mixup/mixed": n_mixed,
-           "bg_mixup/from_fifo": jnp.sum(use_fifo.astype(jnp.int32)),
-           "bg_mixup/kept": b - n_mixed,
-           "bg_mixup/with_background": jnp.sum(has_rect_bg.astype(jnp.int32))}
+  stats = {
+      "bg_mixup/mixed": n_mixed,
+      "bg_mixup/from_fifo": jnp.sum(use_fifo.astype(jnp.int32)),
+      "bg_mixup/kept": b - n_mixed,
+      "bg_mixup/with_background": jnp.sum(has_rect_bg.astype(jnp.int32)),
+  }
   return out, new_fifo, stats
 
 
-def background_mixup(key: jax.Array, views: jax.Array, masks: jax.Array, index_offset,
-                     fifo: BgFifo, prob: float = 0.4, threshold: float = 0.2,
-                     gate_donors: bool = True, axis_name: str | None = None):
+def background_mixup(
+    key: jax.Array,
+    views: jax.Array,
+    masks: jax.Array,
+    index_offset,
+    fifo: BgFifo,
+    prob: float = 0.4,
+    threshold: float = 0.2,
+    gate_donors: bool = True,
+    axis_name: str | None = None,
+):
   """BG-mixup of this device's views, donors from the global batch: (mixed, new_fifo, stats).
 
   views: (B, H, W, 3) in [0, 1] (view 1, after colour augmentation); masks:
@@ -227,5 +259,6 @@ def background_mixup(key: jax.Array, views: jax.Array, masks: jax.Array, index_o
   perm = jax.random.permutation(jax.random.fold_in(k_perm, 0), g)
   if axis_name is not None:
     perm = jax.lax.dynamic_slice_in_dim(perm, offset, b)
-  return mix_with(views, masks, perm, u[:, 0], u[:, 1], fifo, prob, threshold, gate_donors,
-                  axis_name, offset)
+  return mix_with(
+      views, masks, perm, u[:, 0], u[:, 1], fifo, prob, threshold, gate_donors, axis_name, offset
+  )

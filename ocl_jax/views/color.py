@@ -59,8 +59,9 @@ def _sum_pixels_p(x: jax.Array) -> jax.Array:
   while x.shape[1] % 2 == 0 and x.shape[1] > 16:
     half = x.shape[1] // 2
     x = x[:, :half] + x[:, half:]
-  return jnp.einsum("cn,n->c", x, jnp.ones((x.shape[1],), x.dtype),
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+      "cn,n->c", x, jnp.ones((x.shape[1],), x.dtype), precision=jax.lax.Precision.HIGHEST
+  )
 
 
 def _mean_luma_p(x: jax.Array) -> jax.Array:
@@ -87,8 +88,9 @@ def _hue_p(x: jax.Array, factor) -> jax.Array:
   maxc = jnp.maximum(jnp.maximum(r, g), b)
   chroma = maxc - jnp.minimum(jnp.minimum(r, g), b)
   inv = 1.0 / jnp.where(chroma > 0, chroma, 1.0)  # grey pixels: hue 0, as torchvision
-  h6 = jnp.where(maxc == r, (g - b) * inv,
-                 jnp.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
+  h6 = jnp.where(
+      maxc == r, (g - b) * inv, jnp.where(maxc == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv)
+  )
   h6 = h6 + 6.0 * factor
   out = []
   for n in (5.0, 3.0, 1.0):
@@ -130,8 +132,9 @@ def _blend_step_p(x: jax.Array, factors: jax.Array, op: jax.Array, active) -> ja
   return jnp.where(active, _blend(x, alpha * luma_planar(x) + beta, f), x)
 
 
-def color_ops_planar(x: jax.Array, factors: jax.Array, order: jax.Array,
-                     with_hue: bool) -> jax.Array:
+def color_ops_planar(
+    x: jax.Array, factors: jax.Array, order: jax.Array, with_hue: bool
+) -> jax.Array:
   """Planar apply_color_ops (augment_view's jitter step).
 
   Under vmap every branch is computed, so instead of four "any op" steps
@@ -150,8 +153,9 @@ def color_ops_planar(x: jax.Array, factors: jax.Array, order: jax.Array,
   return x
 
 
-def apply_color_ops(image: jax.Array, factors: jax.Array, order: jax.Array,
-                    with_hue: bool = True) -> jax.Array:
+def apply_color_ops(
+    image: jax.Array, factors: jax.Array, order: jax.Array, with_hue: bool = True
+) -> jax.Array:
   """Apply brightness/contrast/saturation/hue in `order` (a permutation of 0..3).
 
   `factors` = (brightness, contrast, saturation, hue factor), op ids
@@ -164,15 +168,18 @@ def apply_color_ops(image: jax.Array, factors: jax.Array, order: jax.Array,
 JITTER_UNIFORMS = 8
 
 
-def jitter_from_uniforms(u: jax.Array, brightness: float, contrast: float, saturation: float,
-                         hue: float) -> tuple[jax.Array, jax.Array]:
+def jitter_from_uniforms(
+    u: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
+) -> tuple[jax.Array, jax.Array]:
   """ColorJitter factors and order from 8 U(0,1) draws.
 
   Uniforms rather than a key, so augment_view can make one random draw per
   image (see augment.sample_crop_params).
   """
-  lo = jnp.array([max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast),
-                  max(0.0, 1.0 - saturation), -hue], jnp.float32)
+  lo = jnp.array(
+      [max(0.0, 1.0 - brightness), max(0.0, 1.0 - contrast), max(0.0, 1.0 - saturation), -hue],
+      jnp.float32,
+  )
   hi = jnp.array([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue], jnp.float32)
   factors = lo + (hi - lo) * u[:4]
   # Ranking i.i.d. uniforms gives a uniformly random permutation.
@@ -180,15 +187,23 @@ def jitter_from_uniforms(u: jax.Array, brightness: float, contrast: float, satur
   return factors, order
 
 
-def sample_color_jitter(key: jax.Array, brightness: float, contrast: float,
-                        saturation: float, hue: float) -> tuple[jax.Array, jax.Array]:
+def sample_color_jitter(
+    key: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
+) -> tuple[jax.Array, jax.Array]:
   """ColorJitter parameters: (factors (4,), order (4,) random permutation)."""
-  return jitter_from_uniforms(jax.random.uniform(key, (JITTER_UNIFORMS,)),
-                              brightness, contrast, saturation, hue)
+  return jitter_from_uniforms(
+      jax.random.uniform(key, (JITTER_UNIFORMS,)), brightness, contrast, saturation, hue
+  )
 
 
-def color_jitter(key: jax.Array, image: jax.Array, brightness: float, contrast: float,
-                 saturation: float, hue: float) -> jax.Array:
+def color_jitter(
+    key: jax.Array,
+    image: jax.Array,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+) -> jax.Array:
   """torchvision ColorJitter: factors ~ U[max(0,1-s), 1+s], hue ~ U[-h, h], random order.
 
   A zero strength gives factor exactly 1 (or hue 0, skipped statically),
@@ -223,7 +238,7 @@ def _blur_matrix(kernel: jax.Array, size: int) -> jax.Array:
   """
   half = kernel.shape[0] // 2
   eye = jnp.pad(jnp.eye(size, dtype=kernel.dtype), ((half, half), (0, 0)), mode="reflect")
-  return sum(kernel[t] * eye[t:t + size] for t in range(kernel.shape[0]))
+  return sum(kernel[t] * eye[t : t + size] for t in range(kernel.shape[0]))
 
 
 def maybe_blur_to_hwc(x: jax.Array, sigma, kernel_size: int, do_blur) -> jax.Array:

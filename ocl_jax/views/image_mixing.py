@@ -36,8 +36,9 @@ def symmetric_beta(key: jax.Array, alpha: float) -> jax.Array:
   return jnp.maximum(lam, 1.0 - lam)
 
 
-def global_donors(key: jax.Array, images: jax.Array, index_offset, axis_name: str | None
-                  ) -> tuple[jax.Array, jax.Array]:
+def global_donors(
+    key: jax.Array, images: jax.Array, index_offset, axis_name: str | None
+) -> tuple[jax.Array, jax.Array]:
   """(the global batch's images, this device's donors: indices into it (B,)).
 
   One permutation of the global batch, drawn from `key` alone (the same on
@@ -52,9 +53,14 @@ def global_donors(key: jax.Array, images: jax.Array, index_offset, axis_name: st
   return everyone, jax.lax.dynamic_slice_in_dim(perm, index_offset, n)
 
 
-def mixup(key: jax.Array, images: jax.Array, index_offset, alpha: float = 1.0,
-          axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """x_i <- lambda_i x_i + (1 - lambda_i) x_perm(i), lambda per image: (mixed, lam (B,), perm (B,))."""
+def mixup(
+    key: jax.Array,
+    images: jax.Array,
+    index_offset,
+    alpha: float = 1.0,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x_i <- lambda_i x_i + (1 - lambda_i) x_perm(i), one lambda per image: (mixed, lam, perm)."""
   k_perm, k_lam = jax.random.split(key)
   n = images.shape[0]
   everyone, perm = global_donors(k_perm, images, index_offset, axis_name)
@@ -81,8 +87,13 @@ def cutmix_box(u: jax.Array, lam, height: int, width: int) -> tuple[jax.Array, j
   return jnp.stack([r0, r1]), jnp.stack([c0, c1])
 
 
-def cutmix(key: jax.Array, images: jax.Array, index_offset, alpha: float = 1.0,
-           axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def cutmix(
+    key: jax.Array,
+    images: jax.Array,
+    index_offset,
+    alpha: float = 1.0,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Paste one box of the donor into every image (lambda per global batch, area-corrected).
 
   Returns (mixed, lam (B,), perm (B,)); lam is the same for every image: the
@@ -94,14 +105,20 @@ def cutmix(key: jax.Array, images: jax.Array, index_offset, alpha: float = 1.0,
   lam = symmetric_beta(jax.random.fold_in(k_lam, 0), alpha)
   rows, cols = cutmix_box(jax.random.uniform(jax.random.fold_in(k_box, 0), (2,)), lam, h, w)
   r, c = jnp.arange(h), jnp.arange(w)
-  inside = (((r >= rows[0]) & (r < rows[1]))[:, None] & ((c >= cols[0]) & (c < cols[1]))[None, :])
+  inside = ((r >= rows[0]) & (r < rows[1]))[:, None] & ((c >= cols[0]) & (c < cols[1]))[None, :]
   mixed = jnp.where(inside[None, :, :, None], everyone[perm], images)
   own = 1.0 - inside.sum() / (h * w)
   return mixed, jnp.full((n,), own, images.dtype), perm
 
 
-def mix_images(kind: str, key: jax.Array, images: jax.Array, index_offset, alpha: float = 1.0,
-               axis_name: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def mix_images(
+    kind: str,
+    key: jax.Array,
+    images: jax.Array,
+    index_offset,
+    alpha: float = 1.0,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Dispatch on config.mix.kind ('mixup' | 'cutmix')."""
   if kind == "mixup":
     return mixup(key, images, index_offset, alpha, axis_name)

@@ -37,16 +37,16 @@ SCORE_FLOOR = 1e-6
 class SaliencySettings:
   """Static SGCL options (config.saliency); hashable, part of the step's StepContext."""
 
-  resolution: int = 48          # side the un-augmented image is resized to for ContraCAM
-  expand_res: int = 1           # ContraCAM's stride-1 layer4 (1, 2 or 4)
-  map_size: int = 8             # the saliency grid side (ContraCAM output is area-pooled to it)
-  every_k_steps: int = 1        # bank refresh period; 1 = recompute every step, no bank
+  resolution: int = 48  # side the un-augmented image is resized to for ContraCAM
+  expand_res: int = 1  # ContraCAM's stride-1 layer4 (1, 2 or 4)
+  map_size: int = 8  # the saliency grid side (ContraCAM output is area-pooled to it)
+  every_k_steps: int = 1  # bank refresh period; 1 = recompute every step, no bank
   crop_temperature: float = 1.0  # centre density ∝ s^temperature; 0 = plain RandomResizedCrop
-  gamma: float = 1.0            # pair weight ∝ (a_u a_v)^gamma; 0 = unweighted loss
-  num_local_crops: int = 0      # M extra small crops (multi-crop)
+  gamma: float = 1.0  # pair weight ∝ (a_u a_v)^gamma; 0 = unweighted loss
+  num_local_crops: int = 0  # M extra small crops (multi-crop)
   local_crop_size: int = 48
   local_scale: tuple[float, float] = (0.05, 0.4)
-  bank_size: int = 0            # images in the bank (the train split), when every_k_steps > 1
+  bank_size: int = 0  # images in the bank (the train split), when every_k_steps > 1
 
   def __post_init__(self):
     object.__setattr__(self, "local_scale", tuple(float(v) for v in self.local_scale))
@@ -61,11 +61,18 @@ class SaliencySettings:
 
   @classmethod
   def from_config(cls, cfg: Any, bank_size: int = 0) -> "SaliencySettings":
-    return cls(resolution=int(cfg.resolution), expand_res=int(cfg.expand_res),
-               map_size=int(cfg.map_size), every_k_steps=int(cfg.every_k_steps),
-               crop_temperature=float(cfg.crop_temperature), gamma=float(cfg.gamma),
-               num_local_crops=int(cfg.num_local_crops), local_crop_size=int(cfg.local_crop_size),
-               local_scale=tuple(cfg.local_scale), bank_size=int(bank_size))
+    return cls(
+        resolution=int(cfg.resolution),
+        expand_res=int(cfg.expand_res),
+        map_size=int(cfg.map_size),
+        every_k_steps=int(cfg.every_k_steps),
+        crop_temperature=float(cfg.crop_temperature),
+        gamma=float(cfg.gamma),
+        num_local_crops=int(cfg.num_local_crops),
+        local_crop_size=int(cfg.local_crop_size),
+        local_scale=tuple(cfg.local_scale),
+        bank_size=int(bank_size),
+    )
 
   def local_view(self, view: augment.ViewConfig) -> augment.ViewConfig:
     """The local crops' augmentation: the global one at local size and scale."""
@@ -80,13 +87,20 @@ def pool_maps(maps: jax.Array, size: int) -> jax.Array:
   """(B, H, W) -> (B, size, size) block means; H and W must be multiples of size."""
   b, h, w = maps.shape
   if h % size or w % size:
-    raise ValueError(f"saliency maps of {h}x{w} cannot be pooled to {size}x{size}: "
-                     "saliency.resolution must be a multiple of saliency.map_size")
+    raise ValueError(
+        f"saliency maps of {h}x{w} cannot be pooled to {size}x{size}: "
+        "saliency.resolution must be a multiple of saliency.map_size"
+    )
   return maps.reshape(b, size, h // size, size, w // size).mean(axis=(2, 4))
 
 
-def compute_saliency(net: models.ContrastiveNet, variables: Mapping[str, Any], images: jax.Array,
-                     settings: SaliencySettings, axis_name: str | None = None) -> jax.Array:
+def compute_saliency(
+    net: models.ContrastiveNet,
+    variables: Mapping[str, Any],
+    images: jax.Array,
+    settings: SaliencySettings,
+    axis_name: str | None = None,
+) -> jax.Array:
   """ContraCAM (T=1) maps of the un-augmented images, pooled to (B, m, m), stop-gradient.
 
   `images` are the batch's uint8 (or [0, 1]) images; `net` / `variables` the
@@ -100,8 +114,9 @@ def compute_saliency(net: models.ContrastiveNet, variables: Mapping[str, Any], i
     x = jax.image.resize(x, (x.shape[0], r, r, x.shape[-1]), "linear", antialias=True)
   cam_net = dataclasses.replace(net, expand_res=settings.expand_res, pred_hidden_dim=0)
   cam_settings = contracam.CamSettings(iterations=1, expand_res=settings.expand_res)
-  mask = contracam.contracam_apply(cam_net, cam_settings, variables, augment.normalize(x),
-                                  axis_name=axis_name)["mask"]
+  mask = contracam.contracam_apply(
+      cam_net, cam_settings, variables, augment.normalize(x), axis_name=axis_name
+  )["mask"]
   return jax.lax.stop_gradient(pool_maps(mask, settings.map_size))
 
 
@@ -110,13 +125,21 @@ def bank_init(settings: SaliencySettings) -> tuple[jax.Array, jax.Array] | tuple
   if not settings.uses_bank:
     return None, None
   m = settings.map_size
-  return (jnp.zeros((settings.bank_size, m, m), jnp.bfloat16),
-          jnp.full((settings.bank_size,), -1, jnp.int32))
+  return (
+      jnp.zeros((settings.bank_size, m, m), jnp.bfloat16),
+      jnp.full((settings.bank_size,), -1, jnp.int32),
+  )
 
 
-def saliency_from_bank(bank: jax.Array, stamp: jax.Array, index: jax.Array, step: jax.Array,
-                       every_k_steps: int, compute: Callable[[], jax.Array], axis_name: str | None
-                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def saliency_from_bank(
+    bank: jax.Array,
+    stamp: jax.Array,
+    index: jax.Array,
+    step: jax.Array,
+    every_k_steps: int,
+    compute: Callable[[], jax.Array],
+    axis_name: str | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """This batch's maps: from the bank, or recomputed for the whole global batch when any of
   its images has no map yet or one older than `every_k_steps` steps.
 
@@ -147,7 +170,9 @@ def saliency_from_bank(bank: jax.Array, stamp: jax.Array, index: jax.Array, step
 def _cell_overlaps(lo: jax.Array, hi: jax.Array, cells: int) -> jax.Array:
   """Length of [lo, hi] inside each of `cells` equal cells of [0, 1]: (..., cells)."""
   edges = jnp.arange(cells + 1, dtype=jnp.float32) / cells
-  return jnp.clip(jnp.minimum(hi[..., None], edges[1:]) - jnp.maximum(lo[..., None], edges[:-1]), 0.0)
+  return jnp.clip(
+      jnp.minimum(hi[..., None], edges[1:]) - jnp.maximum(lo[..., None], edges[:-1]), 0.0
+  )
 
 
 def crop_scores(boxes: jax.Array, maps: jax.Array) -> jax.Array:
@@ -189,8 +214,12 @@ def weight_statistics(weights: jax.Array, axis_name: str | None = None) -> dict[
   if axis_name is not None:
     plogp = jax.lax.psum(plogp, axis_name)
   entropy = -plogp / jnp.maximum(jnp.log(count), 1e-12)
-  return {"sgcl_weight_min": lo, "sgcl_weight_mean": total / count, "sgcl_weight_max": hi,
-          "sgcl_weight_entropy": entropy}
+  return {
+      "sgcl_weight_min": lo,
+      "sgcl_weight_mean": total / count,
+      "sgcl_weight_max": hi,
+      "sgcl_weight_entropy": entropy,
+  }
 
 
 def _average_ranks(x: jax.Array) -> jax.Array:
@@ -213,24 +242,40 @@ def spearman(x: jax.Array, y: jax.Array, axis_name: str | None = None) -> jax.Ar
 
 def validate(cfg: Any, errors: list[str]) -> None:
   """config.saliency checks, appended to `errors` as 'config.saliency.<field>: ...'."""
+
   def check(ok, field, msg):
     if not ok:
       errors.append(f"config.saliency.{field}: {msg}")
+
   check(isinstance(cfg.enabled, bool), "enabled", f"must be True or False, got {cfg.enabled!r}")
   check(cfg.resolution >= 8, "resolution", f"must be >= 8, got {cfg.resolution}")
   try:
     models.check_expand_res(cfg.expand_res, "config.saliency.expand_res")
   except ValueError as err:
     errors.append(str(err))
-  check(cfg.map_size >= 1 and cfg.resolution % cfg.map_size == 0, "map_size",
-        f"must divide saliency.resolution={cfg.resolution}, got {cfg.map_size}")
+  check(
+      cfg.map_size >= 1 and cfg.resolution % cfg.map_size == 0,
+      "map_size",
+      f"must divide saliency.resolution={cfg.resolution}, got {cfg.map_size}",
+  )
   check(cfg.every_k_steps >= 1, "every_k_steps", f"must be >= 1, got {cfg.every_k_steps}")
-  check(cfg.crop_temperature >= 0 and math.isfinite(cfg.crop_temperature), "crop_temperature",
-        f"must be a finite number >= 0, got {cfg.crop_temperature}")
-  check(cfg.gamma >= 0 and math.isfinite(cfg.gamma), "gamma", f"must be a finite number >= 0, got {cfg.gamma}")
+  check(
+      cfg.crop_temperature >= 0 and math.isfinite(cfg.crop_temperature),
+      "crop_temperature",
+      f"must be a finite number >= 0, got {cfg.crop_temperature}",
+  )
+  check(
+      cfg.gamma >= 0 and math.isfinite(cfg.gamma),
+      "gamma",
+      f"must be a finite number >= 0, got {cfg.gamma}",
+  )
   check(cfg.num_local_crops >= 0, "num_local_crops", f"must be >= 0, got {cfg.num_local_crops}")
   check(0 < cfg.local_crop_size, "local_crop_size", f"must be > 0, got {cfg.local_crop_size}")
   lo, hi = cfg.local_scale
   check(0 < lo <= hi <= 1, "local_scale", f"must satisfy 0 < a <= b <= 1, got {cfg.local_scale}")
-  check(cfg.coverage_masks in ("", "gt"), "coverage_masks", f"must be '' or 'gt', got {cfg.coverage_masks!r}")
+  check(
+      cfg.coverage_masks in ("", "gt"),
+      "coverage_masks",
+      f"must be '' or 'gt', got {cfg.coverage_masks!r}",
+  )
   check(cfg.picture_images >= 0, "picture_images", f"must be >= 0, got {cfg.picture_images}")
