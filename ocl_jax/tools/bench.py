@@ -51,9 +51,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ocl_jax import parallel
+from ocl_jax import methods, parallel
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "demo.py"
 
 # Train cases: config overrides on top of the base config (dotted keys).
@@ -417,7 +417,9 @@ def bench_train(
         config.augment.crop_size,
         head=(spec.proj_hidden_dim, spec.proj_dim),
     )
-    passes = {"moco": 4, "byol": 8, "simclr": 6}[config.method]
+    # Forward + backward (3 forwards' worth) per online view, one forward per target view.
+    method = methods.create(config)
+    passes = 3 * len(method.online_views) + len(method.target_views)
     flops, source = fwd * passes * config.batch_size, "analytic"
   r = _result(
       name,
@@ -747,8 +749,8 @@ def reference_train(
       lr=config.optim.base_lr * config.batch_size / 256,
       momentum=config.optim.momentum,
       weight_decay=config.optim.weight_decay,
-      temperature=config.moco.temperature if method == "moco" else config.simclr.temperature,
-      ema=config.moco.momentum if method == "moco" else config.byol.momentum,
+      temperature=getattr(methods.create(config), "temperature", 1.0),
+      ema=methods.create(config).ema_momentum,
       queue_size=config.moco.queue_size,
   )
   b, s = config.batch_size, config.augment.crop_size

@@ -7,7 +7,7 @@ step written the usual PyTorch way (eager, NCHW, `loss.backward()`,
 - `ContrastiveNet`: ResNet-10/18/34/50 (standard or small stem, `expand_res`)
   plus the projector / predictor MLPs, the architecture of `ocl_jax.models`.
   Module names follow torchvision (`conv1`, `layer1.0.bn2`, `fc.0` ...), so
-  `torch_interop.to_torchvision_state_dict` loads an ocl_jax model into it.
+  `interop.pytorch.to_torchvision_state_dict` loads an ocl_jax model into it.
 - `TrainStep`: one MoCo v2 / BYOL / SimCLR step on two ready views, as the
   official MoCo code does it (augmentation happens elsewhere, in data workers).
 - `contracam`: ContraCAM as the official release computes it: each of the T
@@ -133,7 +133,7 @@ class ContrastiveNet(nn.Module):
   """Encoder + projector (+ predictor): `ocl_jax.models.ContrastiveNet` in PyTorch.
 
   The trunk's parameters sit at the top level (torchvision names) and the
-  projector is `fc`, so an ocl_jax state dict from `torch_interop` loads as is.
+  projector is `fc`, so an ocl_jax state dict from `interop.pytorch` loads as is.
   """
 
   def __init__(
@@ -154,7 +154,7 @@ class ContrastiveNet(nn.Module):
     self.predictor = mlp_head(proj_dim, pred_hidden_dim, proj_dim) if pred_hidden_dim else None
 
   def load_ocl_state_dict(self, state: dict) -> None:
-    """Load torchvision-named arrays (`torch_interop.to_torchvision_state_dict` with a head)."""
+    """Load torchvision-named arrays (`interop.pytorch.to_torchvision_state_dict` with a head)."""
     tensors = {k: torch.tensor(np.asarray(v)) for k, v in state.items()}
     trunk = {k: v for k, v in tensors.items() if not k.startswith("fc.")}
     head = {k[3:]: v for k, v in tensors.items() if k.startswith("fc.")}
