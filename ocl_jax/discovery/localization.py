@@ -200,6 +200,8 @@ def _parse_box(token: str) -> tuple[np.ndarray | None, str]:
     return None, f"box {token!r} has coordinates outside [0, 1]"
   if box[2] < box[0] or box[3] < box[1]:
     return None, f"box {token!r} has x2 < x1 or y2 < y1"
+  if box[2] == box[0] or box[3] == box[1]:  # no crop fits in it: a broken writer, not a box
+    return None, f"box {token!r} has zero area (x2 == x1 or y2 == y1)"
   return box, ""
 
 
@@ -207,7 +209,7 @@ def read_box_file(path: str | os.PathLike, tolerate_errors: bool = False) -> Box
   """Parse a box file; raise BoxFileError at the first malformed line.
 
   With `tolerate_errors`, bad lines (bad coordinates count, non-numeric or
-  out-of-range values, x2 < x1, duplicate ids) are skipped and recorded in
+  out-of-range values, x2 < x1, zero area, duplicate ids) are skipped and recorded in
   the result's `errors`. Blank lines are ignored; an id alone means no boxes.
   """
   path = os.fspath(path)
