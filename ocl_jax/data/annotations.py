@@ -3,7 +3,9 @@
 Both are looked up inside tf.data by the image id (example_id): box files and
 mask folders written by ContraCAM (--config.mode=save_boxes / save_masks) are
 keyed by it, and a missing id fails with a BoxLookupError / MaskLookupError
-naming the image and the file instead of an opaque tf.data assertion.
+naming the image and the file instead of an opaque tf.data assertion. Training
+checks every id before its first step (prechecks.check_coverage); the in-graph
+checks stay for streams used without it.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class RegionBoxes:
   path: str | None = None  # None: ground truth
   tolerate_errors: bool = False
   feats: Any = None
+  ids: frozenset[str] = frozenset()  # the box file's ids, for the pre-check (prechecks)
   _table: Any = None
   _boxes: Any = None
   _counts: Any = None
@@ -131,6 +134,7 @@ class RegionBoxes:
         path=path,
         tolerate_errors=tolerate_errors,
         feats=feats,
+        ids=frozenset(ids),
         _table=lookup,
         _boxes=tf.constant(boxes),
         _counts=tf.constant(counts),
@@ -215,6 +219,7 @@ class MaskIds:
 
   folder: str
   count: int
+  ids: frozenset[str] = frozenset()  # for the pre-check (prechecks)
   _table: Any = None
 
   @classmethod
@@ -234,7 +239,7 @@ class MaskIds:
         tf.lookup.KeyValueTensorInitializer(keys, tf.range(len(ids), dtype=tf.int64)),
         default_value=-1,
     )
-    return cls(folder=folder, count=len(ids), _table=table)
+    return cls(folder=folder, count=len(ids), ids=frozenset(ids), _table=table)
 
   def check(self, image_id: tf.Tensor) -> tf.Operation:
     message = tf.strings.join(

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ocl_jax import checkpointing, console, export, parallel, paths, pictures, preemption
 from ocl_jax.configuration import save_config_json
-from ocl_jax.data import eval_data, sources, train_data
+from ocl_jax.data import eval_data, prechecks, sources, train_data
 from ocl_jax.models import ModelSpec
 from ocl_jax.train import step as step_lib
 from ocl_jax.train.state import StepContext, TrainState, create_train_state, make_context
@@ -189,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   data = train_data.create_train_data(config)
+  prechecks.check_training_inputs(config, workdir, data)  # before anything is written or compiled
   total_steps = total_train_steps(config, data.steps_per_epoch)
   ctx = make_context(config, total_steps, sources.num_classes(data.builder), data.index_size)
   spec = ModelSpec.from_config(config)
