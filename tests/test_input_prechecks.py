@@ -14,6 +14,7 @@ from ocl_jax.data import annotations
 from ocl_jax.data import prechecks
 from ocl_jax.data import train_data
 from ocl_jax.data.errors import DatasetNotFoundError
+from ocl_jax.discovery import discover
 from ocl_jax.discovery import localization
 from tests.conftest import make_tiny_config
 
@@ -175,3 +176,15 @@ def test_unwritable_workdir_stops_training_before_the_first_step(tiny_config, tm
   finally:
     os.chmod(tmp_path / "ro", 0o700) if (tmp_path / "ro").exists() else None
   assert not os.path.exists(workdir) or not os.listdir(workdir)
+
+
+@pytest.mark.parametrize("mode", ["boxes", "masks"])
+def test_unwritable_contracam_output_fails_before_contracam_runs(tiny_config, tmp_path, mode):
+  """No model exists in the workdir: reaching ContraCAM would fail differently."""
+  workdir = _unwritable(tmp_path)
+  save = discover.save_boxes if mode == "boxes" else discover.save_masks
+  try:
+    with pytest.raises(prechecks.NotWritableError, match=f"{workdir}.* is not writable"):
+      save(tiny_config, str(workdir))
+  finally:
+    os.chmod(tmp_path / "ro", 0o700) if (tmp_path / "ro").exists() else None

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from ocl_jax import console, export, paths
 from ocl_jax.data import eval_data
+from ocl_jax.data import prechecks
 from ocl_jax.data import sources
 from ocl_jax.discovery import contracam
 from ocl_jax.discovery import localization
@@ -114,7 +115,11 @@ def save_boxes_and_masks(
   if masks:
     settings.append(cam_settings(config, iterations=c.mask_iterations))
   folder = os.path.join(workdir, f"masks_{c.split}")
-  os.makedirs(folder if masks else workdir, exist_ok=True)
+  # Before ContraCAM runs over the split (minutes to hours), not when its results are written.
+  if boxes:
+    prechecks.check_writable(workdir, f"The box file's folder (boxes_{c.split}.txt)")
+  if masks:
+    prechecks.check_writable(folder, "The mask folder")
   table, count = {}, 0
   for batch, outs in _cam_batches(config, c.split, settings, source):
     if boxes:
