@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -108,6 +109,21 @@ def _differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, st
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _read_error(e: BaseException) -> tuple[str | None, str]:
+  """(the array a TensorStore read error names, or None; the most specific error line):
+  Orbax wraps the error that names the array in a generic one."""
+  chain, seen = [], set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for err in chain:
+    found = re.search(r'Error reading "([^"/]+)/', str(err))
+    if found:
+      return found.group(1), _first_line(err)
+  return None, _first_line(chain[0])
 
 
 def check_same_structure(restored: Any, template: Any, source: str) -> None:
@@ -254,9 +270,10 @@ class Checkpointer:
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
       ).state
     except Exception as e:  # noqa: BLE001
+      array, detail = _read_error(e)
+      what = f"array {array}" if array else "its arrays"
       raise CheckpointCorruptError(
-          f"{source} is unreadable: the arrays in {step_dir}/state cannot be read "
-          f"({_first_line(e)})"
+          f"{source} is unreadable: {what} cannot be read from {step_dir}/state ({detail})"
       ) from e
     check_same_structure(restored, template, source)
     self._verify(restored, meta, source, step_dir)

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -71,29 +72,59 @@ def test_garbled_array_bytes_fall_back_to_the_previous_checkpoint(workdir, scene
     data[i] ^= 0xFF
   path.write_bytes(bytes(data))
   log = _resume(_config(scenes_data_dir), workdir, caplog)
-  print(log[-4000:])
-  assert f"checkpoint {workdir / 'checkpoints'}/4 is" in log
+  ckpts = workdir / "checkpoints"
+  assert re.search(
+      rf"checkpoint {ckpts}/4 is (corrupt|unreadable): array [\w.]+ (does not match the digest|"
+      "cannot be read)",
+      log,
+  ), log
   _assert_fell_back(workdir, log)
 
 
-def test_truncated_array_file_falls_back_to_the_previous_checkpoint(
-    workdir, scenes_data_dir, caplog
-):
+def _restore_warnings(config, workdir, caplog) -> tuple[int, str]:
+  """Resume `workdir` through the Checkpointer alone (no training): (restored step, warnings)."""
+  ckpt = checkpointing.Checkpointer(str(workdir), ModelSpec.from_config(config), config)
+  template = train.create_train_state(0, config, train.make_context(config, 4, 10))
+  with caplog.at_level(logging.WARNING):
+    state = ckpt.restore_or(template)
+  ckpt.close()
+  return int(state.step), caplog.text
+
+
+def test_truncated_array_file_is_named_and_falls_back(workdir, scenes_data_dir, caplog):
   path = _array_files(workdir / "checkpoints" / "4")[0]
   with open(path, "r+b") as f:
     f.truncate(path.stat().st_size // 2)
-  log = _resume(_config(scenes_data_dir), workdir, caplog)
-  print(log[-4000:])
-  assert f"checkpoint {workdir / 'checkpoints'}/4 is unreadable" in log
-  _assert_fell_back(workdir, log)
+  step, log = _restore_warnings(_config(scenes_data_dir), workdir, caplog)
+  ckpts = workdir / "checkpoints"
+  assert step == 2
+  assert re.search(
+      rf"checkpoint {ckpts}/4 is unreadable: array params\.[\w.]+ cannot be read from "
+      rf"{ckpts}/4/state",
+      log,
+  ), log
+  assert f"Resuming from checkpoint {ckpts}/2" in log
+  assert (workdir / "checkpoints.corrupt" / "4").is_dir() and not (ckpts / "4").exists()
 
 
-def test_truncated_metadata_json_is_named_and_falls_back(workdir, scenes_data_dir, caplog):
-  path = workdir / "checkpoints" / "4" / "meta" / "metadata"
+@pytest.mark.parametrize("item", ["meta/metadata", "state/_METADATA"])
+def test_truncated_metadata_json_is_named_and_falls_back(workdir, scenes_data_dir, caplog, item):
+  path = workdir / "checkpoints" / "4" / item
   path.write_text(path.read_text()[:100])
-  log = _resume(_config(scenes_data_dir), workdir, caplog)
-  assert f"its metadata {path} cannot be read" in log
-  _assert_fell_back(workdir, log)
+  step, log = _restore_warnings(_config(scenes_data_dir), workdir, caplog)
+  assert step == 2
+  assert f"checkpoint {workdir / 'checkpoints'}/4 is unreadable" in log
+  assert str(path.parent) in log and "JSONDecodeError" in log
+  assert f"Resuming from checkpoint {workdir / 'checkpoints'}/2" in log
+
+
+def test_nonfinite_stop_before_any_checkpoint_says_so(scenes_data_dir, tmp_path):
+  c = _config(scenes_data_dir)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+  with pytest.raises(train.NonFiniteError) as e:
+    train.loop.check_finite([{"nonfinite": np.ones(1)}], 1, "stop", ckpt)
+  assert "before any checkpoint was written" in str(e.value)
+  assert "step None" not in str(e.value)
 
 
 def test_an_error_in_the_loop_propagates_and_leaves_complete_checkpoints(
