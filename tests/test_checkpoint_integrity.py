@@ -213,3 +213,18 @@ def test_a_stale_lock_is_taken_over(workdir, scenes_data_dir, caplog):
     train.train_and_evaluate(_config(scenes_data_dir), str(workdir))
   assert f"Taking over the stale lock {lock} of PID {gone.pid}" in caplog.text
   assert not lock.exists()
+
+
+def test_a_failed_background_save_surfaces(scenes_data_dir, tmp_path, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity
+
+  async def full_disk(self, *args, **kwargs):
+    raise OSError("No space left on device")
+
+  c = _config(scenes_data_dir)
+  state = jax.device_get(train.create_train_state(0, c, train.make_context(c, 4, 10)))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
+  ckpt.save(2, state)
+  with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device"):
+    ckpt.close()
