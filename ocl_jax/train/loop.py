@@ -19,7 +19,16 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ocl_jax import checkpointing, console, export, parallel, paths, pictures, preemption
+from ocl_jax import (
+    checkpointing,
+    console,
+    export,
+    parallel,
+    paths,
+    pictures,
+    preemption,
+    workdir_lock,
+)
 from ocl_jax.configuration import save_config_json
 from ocl_jax.data import eval_data, prechecks, sources, train_data
 from ocl_jax.models import ModelSpec
@@ -174,10 +183,15 @@ def check_finite(
   bad = [first_step + i for i, m in enumerate(host_metrics) if float(m["nonfinite"][0]) > 0]
   if bad and policy == "stop":
     ckpt.close()
+    latest = ckpt.latest_step()
+    kept = (
+        f"keeping the last good checkpoint (step {latest}) in {ckpt.directory}"
+        if latest is not None
+        else f"before any checkpoint was written (none in {ckpt.directory})"
+    )
     raise NonFiniteError(
         f"non-finite loss or gradients at step {bad[0]} (steps {bad[:5]}...); the update was not "
-        f"applied and the run stopped, keeping the last good checkpoint (step "
-        f"{ckpt.latest_step()}) in {ckpt.directory}. Lower optim.base_lr, or set "
+        f"applied and the run stopped, {kept}. Lower optim.base_lr, or set "
         "--config.nonfinite=skip to skip such steps."
     )
   for s in bad:
@@ -186,13 +200,29 @@ def check_finite(
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Pretrain with `config`, resuming from the newest checkpoint in `workdir`."""
+  """Pretrain with `config`, resuming from the newest checkpoint in `workdir`.
+
+  Holds the workdir's lock for the whole run, and on any error finishes the pending
+  checkpoint save before the error propagates, so what is on disk is complete.
+  """
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
+  with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    ckpt = checkpointing.Checkpointer(workdir, ModelSpec.from_config(config), config)
+    try:
+      return _train(config, workdir, ckpt)
+    except BaseException:
+      ckpt.abort()
+      raise
+
+
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, ckpt: checkpointing.Checkpointer
+) -> TrainState:
   data = train_data.create_train_data(config)
   prechecks.check_training_inputs(config, workdir, data)  # before anything is written or compiled
   total_steps = total_train_steps(config, data.steps_per_epoch)
   ctx = make_context(config, total_steps, sources.num_classes(data.builder), data.index_size)
-  spec = ModelSpec.from_config(config)
+  spec = ckpt.spec
 
   # Metrics to the log and (process 0) TensorBoard; the full hyperparameters to TensorBoard and
   # WORKDIR/config.json only, not to the log.
@@ -203,7 +233,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if tensorboard is not None:
     tensorboard.write_hparams(_flatten(config.to_dict()))
     save_config_json(config, os.path.join(workdir, "config.json"))
-  ckpt = checkpointing.Checkpointer(workdir, spec, config)
   state = create_train_state(config.seed, config, ctx)
   state = ckpt.restore_or(state)
   start_step = int(state.step)
@@ -261,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         input_wait += time.perf_counter() - waited
         state, metrics = p_step(state, batch)
       pending.append(metrics)
+      ckpt.check_for_errors()  # a failed background save stops the run at the next step
       report(step)
       bar.update()
       log_now = step % config.log_every_steps == 0 or step == total_steps

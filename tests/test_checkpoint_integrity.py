@@ -1,0 +1,230 @@
+"""Checkpoint faults, injected: damaged newest checkpoints fall back to the previous one, an
+error in the loop leaves complete checkpoints, a config that does not fit is named before Orbax
+reads an array, and the workdir lock refuses a second run."""
+
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from ocl_jax import checkpointing, train, workdir_lock
+from ocl_jax.models import ModelSpec
+from tests.conftest import make_tiny_config
+
+
+def _config(data_dir, steps=4):
+  c = make_tiny_config(data_dir)
+  c.num_train_steps = steps
+  c.log_every_steps = c.checkpoint_every_steps = 2
+  c.eval_every_steps = 0
+  c.export_encoder = False
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(scenes_data_dir, tmp_path_factory):
+  """A workdir with the checkpoints of steps 2 and 4 of the tiny config (made once)."""
+  workdir = tmp_path_factory.mktemp("trained") / "work"
+  train.train_and_evaluate(_config(scenes_data_dir), str(workdir))
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+  work = tmp_path / "work"
+  shutil.copytree(trained, work)
+  return work
+
+
+def _array_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+  """The checkpoint's array data files (OCDBT), largest first."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def _resume(config, workdir, caplog):
+  with caplog.at_level(logging.INFO):
+    state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == config.num_train_steps
+  return caplog.text
+
+
+def _assert_fell_back(workdir, log):
+  ckpts = workdir / "checkpoints"
+  assert f"Resuming from checkpoint {ckpts}/2" in log
+  assert "Resumed from step 2" in log
+  assert (workdir / "checkpoints.corrupt" / "4").is_dir()
+  assert (ckpts / "4").is_dir()  # written again
+
+
+def test_garbled_array_bytes_fall_back_to_the_previous_checkpoint(workdir, scenes_data_dir, caplog):
+  path = _array_files(workdir / "checkpoints" / "4")[0]
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 3, len(data) // 3 + 64):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+  log = _resume(_config(scenes_data_dir), workdir, caplog)
+  ckpts = workdir / "checkpoints"
+  assert re.search(
+      rf"checkpoint {ckpts}/4 is (corrupt|unreadable): array [\w.]+ (does not match the digest|"
+      "cannot be read)",
+      log,
+  ), log
+  _assert_fell_back(workdir, log)
+
+
+def _restore_warnings(config, workdir, caplog) -> tuple[int, str]:
+  """Resume `workdir` through the Checkpointer alone (no training): (restored step, warnings)."""
+  ckpt = checkpointing.Checkpointer(str(workdir), ModelSpec.from_config(config), config)
+  template = train.create_train_state(0, config, train.make_context(config, 4, 10))
+  with caplog.at_level(logging.WARNING):
+    state = ckpt.restore_or(template)
+  ckpt.close()
+  return int(state.step), caplog.text
+
+
+def test_truncated_array_file_is_named_and_falls_back(workdir, scenes_data_dir, caplog):
+  path = _array_files(workdir / "checkpoints" / "4")[0]
+  with open(path, "r+b") as f:
+    f.truncate(path.stat().st_size // 2)
+  step, log = _restore_warnings(_config(scenes_data_dir), workdir, caplog)
+  ckpts = workdir / "checkpoints"
+  assert step == 2
+  assert re.search(
+      rf"checkpoint {ckpts}/4 is unreadable: array params\.[\w.]+ cannot be read from "
+      rf"{ckpts}/4/state",
+      log,
+  ), log
+  assert f"Resuming from checkpoint {ckpts}/2" in log
+  assert (workdir / "checkpoints.corrupt" / "4").is_dir() and not (ckpts / "4").exists()
+
+
+@pytest.mark.parametrize("item", ["meta/metadata", "state/_METADATA"])
+def test_truncated_metadata_json_is_named_and_falls_back(workdir, scenes_data_dir, caplog, item):
+  path = workdir / "checkpoints" / "4" / item
+  path.write_text(path.read_text()[:100])
+  step, log = _restore_warnings(_config(scenes_data_dir), workdir, caplog)
+  assert step == 2
+  assert f"checkpoint {workdir / 'checkpoints'}/4 is unreadable" in log
+  assert str(path.parent) in log and "JSONDecodeError" in log
+  assert f"Resuming from checkpoint {workdir / 'checkpoints'}/2" in log
+
+
+def test_nonfinite_stop_before_any_checkpoint_says_so(scenes_data_dir, tmp_path):
+  c = _config(scenes_data_dir)
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+  with pytest.raises(train.NonFiniteError) as e:
+    train.loop.check_finite([{"nonfinite": np.ones(1)}], 1, "stop", ckpt)
+  assert "before any checkpoint was written" in str(e.value)
+  assert "step None" not in str(e.value)
+
+
+def test_an_error_in_the_loop_propagates_and_leaves_complete_checkpoints(
+    scenes_data_dir, tmp_path, monkeypatch, caplog
+):
+  c = _config(scenes_data_dir)
+  c.eval_every_steps = 1
+  calls = []
+
+  def probe(*args):
+    calls.append(1)
+    if len(calls) == 3:  # step 3, while step 2's save may still be in flight
+      raise RuntimeError("probe exploded")
+    return 0.5
+
+  monkeypatch.setattr(train.loop, "evaluate_probe", probe)
+  with pytest.raises(RuntimeError, match="probe exploded"):
+    train.train_and_evaluate(c, str(tmp_path))
+  ckpts = tmp_path / "checkpoints"
+  assert not [p for p in ckpts.iterdir() if "orbax-checkpoint-tmp" in p.name]
+  assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2"]
+  assert not (tmp_path / workdir_lock.LOCK_NAME).exists()  # released
+  # Restorable, digests verified.
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+  template = train.create_train_state(0, c, train.make_context(c, 4, 10))
+  with caplog.at_level(logging.INFO):
+    state = ckpt.restore_or(template)
+  ckpt.close()
+  assert int(state.step) == 2 and "no digests" not in caplog.text
+
+
+def test_another_queue_size_names_the_field_before_orbax_reads(workdir, scenes_data_dir):
+  c = _config(scenes_data_dir)
+  c.moco.queue_size = 128
+  with pytest.raises(checkpointing.CheckpointMismatchError) as e:
+    train.train_and_evaluate(c, str(workdir))
+  assert "moco.queue_size 64 (checkpoint) vs 128 (config)" in str(e.value)
+  assert "queue has shape (64, 8) in the checkpoint, the config expects (128, 8)" in str(e.value)
+
+
+def test_another_model_names_the_model_field(workdir, scenes_data_dir):
+  c = _config(scenes_data_dir)
+  c.model.width = 8
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=r"model\.width 4 .* vs 8"):
+    train.train_and_evaluate(c, str(workdir))
+
+
+def test_nonfinite_parameters_in_a_checkpoint_are_an_error_naming_it(scenes_data_dir, tmp_path):
+  c = _config(scenes_data_dir)
+  spec = ModelSpec.from_config(c)
+  state = jax.device_get(train.create_train_state(0, c, train.make_context(c, 4, 10)))
+  params = jax.tree_util.tree_map(np.array, state.params)
+  jax.tree_util.tree_leaves(params)[0][...] = np.nan
+  ckpt = checkpointing.Checkpointer(str(tmp_path), spec, c)
+  ckpt.save(2, state.replace(params=params))
+  ckpt.close()
+  ckpt = checkpointing.Checkpointer(str(tmp_path), spec, c)
+  with pytest.raises(checkpointing.NonFiniteCheckpointError) as e:
+    ckpt.restore_or(state)
+  ckpt.close()
+  assert f"checkpoint {tmp_path / 'checkpoints'}/2 holds non-finite values in params." in str(
+      e.value
+  )
+  assert "base_lr" not in str(e.value)
+
+
+def test_a_second_run_on_a_locked_workdir_is_refused(scenes_data_dir, tmp_path):
+  lock = tmp_path / workdir_lock.LOCK_NAME
+  holder = {"host": socket.gethostname(), "pid": os.getppid(), "started": "2026-01-01T00:00"}
+  lock.write_text(json.dumps(holder))
+  with pytest.raises(workdir_lock.WorkdirLockedError) as e:
+    train.train_and_evaluate(_config(scenes_data_dir), str(tmp_path))
+  assert f"its lock {lock} is held by PID {os.getppid()} on host {socket.gethostname()}" in str(
+      e.value
+  )
+  assert json.loads(lock.read_text()) == holder  # left alone
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_stale_lock_is_taken_over(workdir, scenes_data_dir, caplog):
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  lock = workdir / workdir_lock.LOCK_NAME
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(_config(scenes_data_dir), str(workdir))
+  assert f"Taking over the stale lock {lock} of PID {gone.pid}" in caplog.text
+  assert not lock.exists()
+
+
+def test_a_failed_background_save_surfaces(scenes_data_dir, tmp_path, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity
+
+  async def full_disk(self, *args, **kwargs):
+    raise OSError("No space left on device")
+
+  c = _config(scenes_data_dir)
+  state = jax.device_get(train.create_train_state(0, c, train.make_context(c, 4, 10)))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
+  ckpt.save(2, state)
+  with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device"):
+    ckpt.close()
