@@ -206,20 +206,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   checkpoint save before the error propagates, so what is on disk is complete.
   """
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
+  data = train_data.create_train_data(config)
+  prechecks.check_training_inputs(config, workdir, data)  # before anything is written or compiled
   with workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     ckpt = checkpointing.Checkpointer(workdir, ModelSpec.from_config(config), config)
     try:
-      return _train(config, workdir, ckpt)
+      return _train(config, workdir, ckpt, data)
     except BaseException:
       ckpt.abort()
       raise
 
 
 def _train(
-    config: ml_collections.ConfigDict, workdir: str, ckpt: checkpointing.Checkpointer
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    ckpt: checkpointing.Checkpointer,
+    data: train_data.TrainData,
 ) -> TrainState:
-  data = train_data.create_train_data(config)
-  prechecks.check_training_inputs(config, workdir, data)  # before anything is written or compiled
   total_steps = total_train_steps(config, data.steps_per_epoch)
   ctx = make_context(config, total_steps, sources.num_classes(data.builder), data.index_size)
   spec = ckpt.spec
