@@ -367,15 +367,33 @@ class Checkpointer:
   def restore_latest(self) -> tuple[int, dict[str, Any], Any]:
     """(step, metadata, state as saved) of the newest checkpoint, whatever model it holds.
 
-    For inference, which takes the model from the metadata; resuming uses restore_or.
+    For inference, which takes the model from the metadata; resuming uses restore_or. A
+    damaged checkpoint is an error naming it and the array (its digests are verified), never
+    a silent fallback: the caller asked for this workdir's newest model.
     """
     step = self.manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    state = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    ).state
+    source = f"checkpoint {self.directory}/{step}"
+    step_dir = os.path.join(self.directory, str(step))
+    hint = f"; delete {step_dir} to use the previous checkpoint"
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      state = self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+      ).state
+    except Exception as e:  # noqa: BLE001  any failure to read it means a file is damaged
+      array, detail = _read_error(e)
+      what = f"array {array}" if array else "its files"
+      raise CheckpointCorruptError(
+          f"{source} is unreadable: {what} cannot be read from {step_dir} ({detail}){hint}"
+      ) from e
+    got = digests(state)
+    for name, digest in (meta.get("digests") or {}).items():
+      if name in got and got[name] != digest:
+        raise CheckpointCorruptError(
+            f"{source} is corrupt: array {name} does not match the digest written with it{hint}"
+        )
     return step, meta, state
 
   def check_for_errors(self) -> None:

@@ -228,3 +228,19 @@ def test_a_failed_background_save_surfaces(scenes_data_dir, tmp_path, monkeypatc
   ckpt.save(2, state)
   with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device"):
     ckpt.close()
+
+
+def test_loading_a_corrupt_newest_checkpoint_for_inference_names_it(workdir):
+  """Evaluation and ContraCAM read a workdir's newest checkpoint: damage is an error naming
+  the checkpoint, not a model with garbled weights."""
+  from ocl_jax import export
+
+  path = _array_files(workdir / "checkpoints" / "4")[0]
+  data = bytearray(path.read_bytes())
+  for i in range(len(data) // 3, len(data) // 3 + 64):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(
+      checkpointing.CheckpointCorruptError, match=rf"checkpoint {workdir}/checkpoints/4 is "
+  ):
+    export.load_model(str(workdir))
