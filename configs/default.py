@@ -185,7 +185,9 @@ def get_config() -> ml_collections.ConfigDict:
   # coco_crop, caltech_birds2011, oxford_flowers102, food101, oxford_iiit_pet, cifar10,
   # cifar100 (TFDS), imagenet9, objectnet9, si_score (image folders below), folder:<path>.
   c.evaluation.datasets = ("scenes",)
-  c.evaluation.protocols = ("linear", "knn")  # L-BFGS linear probe with an L2 sweep; weighted kNN
+  # L-BFGS linear probe with an L2 sweep; weighted kNN; probe-free feature measures (`scenes`
+  # only: ocl_jax/evaluation/scene_features.py)
+  c.evaluation.protocols = ("linear", "knn", "feature")
   c.evaluation.image_size = 96  # side of the centre crop fed to the encoder
   c.evaluation.crop_fraction = 1.0  # resize the shorter side to image_size / crop_fraction first
   # (0.875 is the usual ImageNet protocol; 1.0 keeps scenes whole)

@@ -320,12 +320,14 @@ def split_batches(
     batch_size: int,
     data_dir: str | None = None,
     max_examples: int | None = None,
+    with_ids: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
   """One pass over this process's shard of `split`, in a fixed order.
 
   Yields host batches of exactly `batch_size` (examples of this process):
   image uint8 (B, S, S, 3) (see resize_center_crop), label int32 (B,),
-  valid int32 (B,) 1 for real examples; the last batch is padded with zeros,
+  valid int32 (B,) 1 for real examples, and with `with_ids` (TFDS datasets with an
+  `image/id`, such as `scenes`) id int64 (B,); the last batch is padded with zeros,
   valid 0 and label -1. max_examples: read at most that many (files for
   folders, instances for coco_crop). Folder files that cannot be decoded are
   skipped; after the pass they are logged and kept for `last_skipped`.
@@ -355,6 +357,7 @@ def split_batches(
           lambda ex: {
               "image": resize_center_crop(ex["image"], image_size, crop_fraction),
               "label": tf.cast(ex["label"], tf.int32),
+              **({"id": tf.cast(ex["image/id"], tf.int64)} if with_ids else {}),
           },
           num_parallel_calls=tf.data.AUTOTUNE,
           deterministic=True,

@@ -32,9 +32,10 @@ from ocl_jax import console, export, parallel, paths
 from ocl_jax.data import eval_data
 from ocl_jax.data import eval_datasets
 from ocl_jax.evaluation import linear_eval
+from ocl_jax.evaluation import scene_features
 from ocl_jax.views import augment
 
-PROTOCOLS = ("linear", "knn")
+PROTOCOLS = ("linear", "knn", "feature")  # feature: scene_features, `scenes` only
 RESULTS_NAME = "eval_results"
 
 
@@ -124,7 +125,8 @@ def _data_dir(config: ml_collections.ConfigDict) -> str | None:
   return config.evaluation.data_dir or config.dataset.data_dir
 
 
-def _split_features(config, module, variables, ds, split) -> tuple[np.ndarray, np.ndarray]:
+def _split_features(config, module, variables, ds, split, with_ids=False) -> tuple:
+  """(features, labels) of a split, and the image ids as a third item `with_ids`."""
   e = config.evaluation
   bs = _eval_batch_size(config)
   limit = e.max_examples if e.max_examples > 0 else None
@@ -136,8 +138,20 @@ def _split_features(config, module, variables, ds, split) -> tuple[np.ndarray, n
       batch_size=bs,
       data_dir=_data_dir(config),
       max_examples=limit,
+      with_ids=with_ids,
   )
+  ids: list[np.ndarray] = []
+
+  def record_ids(batches):
+    for batch in batches:
+      ids.append(batch["id"][batch["valid"] > 0])
+      yield batch
+
+  batches = record_ids(batches) if with_ids else batches
   out = extract_features(module, variables, batches, desc=f"{ds.name} {split}")
+  if with_ids:
+    own = np.concatenate(ids)
+    out = (*out, gather_over_processes(np.zeros((len(own), 0), np.float32), own)[1])
   skipped = eval_data.last_skipped(ds, split)
   if skipped:
     logging.warning(
@@ -194,7 +208,15 @@ def evaluate_encoder(
       continue
     train = _split_features(config, module, variables, ds, ds.train)
     val = _split_features(config, module, variables, ds, ds.val)
-    tests = {t: _split_features(config, module, variables, ds, s) for t, s in ds.tests.items()}
+    paired = "feature" in e.protocols and scene_features.applies(ds.tests, ds.tfds_name)
+    tests = {
+        t: _split_features(config, module, variables, ds, s, with_ids=paired)
+        for t, s in ds.tests.items()
+    }
+    if paired:
+      measures = scene_features.feature_metrics(tests)
+      results.update({f"{name}/feature/{k}": v for k, v in measures.items()})
+      tests = {t: v[:2] for t, v in tests.items()}
     classifier = None
     if "linear" in e.protocols:
       l2_values = np.logspace(-6, 5, e.num_l2_values)
