@@ -216,6 +216,31 @@ def get_config() -> ml_collections.ConfigDict:
   c.pipeline.localization = True  # eval: ContraCAM (T=1) mIoU of every model
   c.pipeline.localization_images = 500  # ... on this many images of contracam.eval_split
 
+  # ---- Several seeds of the pipeline (--config.mode=study; ocl_jax/study.py) ------------
+  c.study = ml_collections.ConfigDict()
+  c.study.seeds = (0, 1, 2, 3, 4)  # one pipeline per seed, in WORKDIR/seed_<s>
+  c.study.baseline = "vanilla"  # paired differences are taken against this model
+  c.study.metrics = (  # the columns of results/scenes_study.{json,md,png}
+      "scenes/linear/test",
+      "scenes/linear/mixed_rand",
+      "scenes/linear/bg_gap",
+      "scenes/linear/only_fg",
+      "scenes/knn/test",
+      "scenes/knn/bg_gap",
+      "scenes/feature/mixed_rand_top1",
+      "scenes/feature/mixed_rand_consistency",
+      "scenes/feature/only_fg_top1",
+      "scenes/feature/only_fg_class_p20",
+      "loc/mask_miou",
+  )
+  c.study.results_dir = ""  # where scenes_study.* go ('' = WORKDIR)
+  c.study.label = ""  # the config's name, recorded in the results (e.g. configs/scenes_study.py)
+  # A rounding-level rerun of one study seed (e.g. the main job with --cpu_devices=1), whose
+  # distance to that seed says how stable each metric is ('' = none).
+  c.study.perturbed = ""
+  c.study.perturbed_seed = 0
+  c.study.perturbed_description = "one JAX device instead of one per core"
+
   # ---- Logging, checkpoints, export ----------------------------------------------------
   c.log_every_steps = 50
   c.eval_every_steps = 500  # online-probe evaluation on dataset.eval_split (0 = off)

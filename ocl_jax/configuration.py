@@ -16,7 +16,7 @@ from ocl_jax import methods
 from ocl_jax.discovery import contracam
 from ocl_jax.models import ModelSpec
 
-MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline")
+MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline", "study")
 
 
 class ConfigError(ValueError):

@@ -139,6 +139,7 @@ MODE_RUNNERS = {
     "train": "ocl_jax.train.loop:train_and_evaluate",
     "eval": "ocl_jax.evaluation.evaluate:run",
     "pipeline": "ocl_jax.pipeline:run",
+    "study": "ocl_jax.study:run",
     "save_boxes": "ocl_jax.discovery.discover:run_save_boxes",
     "save_masks": "ocl_jax.discovery.discover:run_save_masks",
     "eval_localization": "ocl_jax.discovery.discover:run_eval_localization",

@@ -26,6 +26,8 @@ PATH_FIELDS = (
     "contracam.checkpoint",
     "object_aware.boxes",
     "bg_mixup.masks",
+    "study.results_dir",
+    "study.perturbed",
 )
 # Config fields holding a tuple of paths.
 PATH_TUPLE_FIELDS = ("evaluation.checkpoints",)

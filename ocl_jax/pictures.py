@@ -105,3 +105,56 @@ def saliency_grid(
             width=2,
         )
   return np.asarray(img)
+
+
+def interval_chart(
+    summary: dict, metrics: list[str], panel: tuple[int, int] = (300, 230)
+) -> Image.Image:
+  """One panel per metric: each model's per-seed values (grey), mean (black) and 95% interval.
+
+  `summary` is `ocl_jax.study`'s: {"models": {model: {metric: {"per_seed", "mean", "ci95"}}}}.
+  Accuracies are drawn in %, localisation as IoU, as in the tables.
+  """
+  models = list(summary["models"])
+  cols = min(4, len(metrics))
+  rows = -(-len(metrics) // cols)
+  w, h = panel
+  img = Image.new("RGB", (cols * w, rows * h), "white")
+  draw = ImageDraw.Draw(img)
+  left, right, top, bottom = 46, 10, 22, 34
+  for i, metric in enumerate(metrics):
+    ox, oy = (i % cols) * w, (i // cols) * h
+    scale = 1.0 if metric.startswith("loc/") else 100.0
+    entries = [summary["models"][m][metric] for m in models]
+    values = [scale * v for e in entries for v in e["per_seed"]]
+    values += [scale * v for e in entries if e["ci95"] for v in e["ci95"]]
+    lo, hi = min(values), max(values)
+    pad = 0.08 * (hi - lo) or 0.5
+    lo, hi = lo - pad, hi + pad
+
+    def y_of(v, lo=lo, hi=hi, oy=oy):
+      return oy + top + (hi - v) / (hi - lo) * (h - top - bottom)
+
+    draw.text((ox + left, oy + 4), metric, fill="black")
+    draw.rectangle([ox + left, oy + top, ox + w - right, oy + h - bottom], outline=(160, 160, 160))
+    for frac in (0.0, 0.5, 1.0):
+      v = hi - frac * (hi - lo)
+      y = y_of(v)
+      draw.text((ox + 2, y - 6), f"{v:.3f}" if scale == 1.0 else f"{v:.1f}", fill=(90, 90, 90))
+      draw.line([ox + left - 3, y, ox + left, y], fill=(160, 160, 160))
+    step = (w - left - right) / len(models)
+    for j, (model, e) in enumerate(zip(models, entries)):
+      x = ox + left + step * (j + 0.5)
+      for k, v in enumerate(e["per_seed"]):
+        dx = (k - (len(e["per_seed"]) - 1) / 2) * 4
+        y = y_of(scale * v)
+        draw.ellipse([x - 12 + dx - 2, y - 2, x - 12 + dx + 2, y + 2], fill=(150, 150, 150))
+      if e["ci95"]:
+        y0, y1 = y_of(scale * e["ci95"][0]), y_of(scale * e["ci95"][1])
+        draw.line([x + 6, y0, x + 6, y1], fill="black", width=2)
+        draw.line([x + 2, y0, x + 10, y0], fill="black", width=2)
+        draw.line([x + 2, y1, x + 10, y1], fill="black", width=2)
+      y = y_of(scale * e["mean"])
+      draw.ellipse([x + 3, y - 3, x + 9, y + 3], fill="black")
+      draw.text((x - step / 2 + 4, oy + h - bottom + 6), model[:10], fill="black")
+  return img
