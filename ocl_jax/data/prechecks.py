@@ -69,10 +69,9 @@ def training_ids(data: TrainData) -> list[str]:
   if data.files is not None:
     return list(data.files.ids)
   feats = sources.features(data.builder)
-  key = "image/id" if "image/id" in feats else "image/filename"
-  ds = sources.open_split(
-      data.builder, data.split, decoders=tfds.decode.PartialDecoding({key: True})
-  )
+  # Images stay encoded (SkipDecoding; tfds' PartialDecoding would print a deprecation warning).
+  skip = {k: tfds.decode.SkipDecoding() for k in sources.image_features(data.builder)}
+  ds = sources.open_split(data.builder, data.split, decoders=skip or None)
   ds = ds.map(lambda ex: example_id(ex, feats)).batch(4096)
   return [i.decode() for batch in tfds.as_numpy(ds) for i in batch]
 
