@@ -206,8 +206,9 @@ def evaluate_encoder(
               *train, f, lab, head.num_classes, k=e.knn_k, temperature=e.knn_temperature
           )
       continue
-    train = _split_features(config, module, variables, ds, ds.train)
-    val = _split_features(config, module, variables, ds, ds.val)
+    probes = {"linear", "knn"} & set(e.protocols)  # the ones that need train / val features
+    train = _split_features(config, module, variables, ds, ds.train) if probes else None
+    val = _split_features(config, module, variables, ds, ds.val) if "linear" in probes else None
     paired = "feature" in e.protocols and scene_features.applies(ds.tests, ds.tfds_name)
     tests = {
         t: _split_features(config, module, variables, ds, s, with_ids=paired)
