@@ -165,7 +165,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.contracam.iterations = 10  # T for boxes (iterative refinement)
   c.contracam.mask_iterations = 1  # T for background masks
   c.contracam.expand_res = 2  # 1 | 2 | 4: stride-1 layer4 (and layer3) for finer maps
-  c.contracam.official_score = False  # True: the release's score (docs/method.md#release-quirks)
+  # True: the release's score; False: the per-image form of docs/method.md#contracam (the
+  # same maps at T=1, a few % apart from the second step on; docs/method.md#release-quirks).
+  # The paper's configs (coco*, in9*) set True.
+  c.contracam.official_score = False
   c.contracam.batch_size = 64  # images per ContraCAM batch (they are each other's negatives)
   c.contracam.max_images = -1  # limit on images processed (-1 = the whole split)
   c.contracam.clean_threshold = 0.5  # binarisation of maps before connected components
