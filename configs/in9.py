@@ -11,7 +11,8 @@ Two paths are required on the command line (BG = the bg_challenge folder):
       --config.dataset.name=folder:BG/original/train --config.evaluation.folders.imagenet9=BG
 Then `--config.mode=save_masks` (same flags) writes ContraCAM masks for BG-mixup
 (configs/in9_bgmix.py) to W0/masks_train, `--config.mode=save_boxes` OA-crop boxes
-to W0/boxes_train.txt, and `--config.mode=eval` the frozen-encoder evaluation.
+to W0/boxes_train.txt (`--config.contracam.crf=True` reproduces the release's `--apply_crf`),
+and `--config.mode=eval` the frozen-encoder evaluation.
 """
 
 from ocl_jax.configuration import load_sibling_config

@@ -131,6 +131,8 @@ def test_coco_config_trains_under_mock_data(tmp_path):
         ("augment.scale", (0.5, 0.2), "scale"),
         ("moco.temperature", 0.0, "config.moco.temperature"),
         ("mode", "fly", "config.mode"),
+        ("contracam.crf_bilateral_srgb", 0.0, "config.contracam.crf_bilateral_srgb"),
+        ("contracam.crf_iterations", 0, "config.contracam.crf_iterations"),
     ],
 )
 def test_invalid_config_values_are_named(field, value, message):
