@@ -213,3 +213,10 @@ def test_picture_grid_layout_and_overlay():
   assert grid.shape == (16, 8 * 5, 3)
   np.testing.assert_array_equal(grid[:, :8], 100)  # first column: the image
   np.testing.assert_array_equal(discover.overlay(images[0], cams[0, 0], alpha=0.0), images[0])
+  # The last column shows the union, or `final` (the CRF-refined union) when given.
+  np.testing.assert_array_equal(grid[:8, 32:], discover.overlay(images[0], cams[:, 0].max(0)))
+  final = np.ones((2, 8, 8), np.float32)
+  with_final = discover.picture_grid(images, cams, [np.zeros((0, 4))] * 2, scale=1, final=final)
+  np.testing.assert_array_equal(with_final[:8, 32:], discover.overlay(images[0], final[0]))
+  np.testing.assert_array_equal(with_final[:, :32], grid[:, :32])
+  assert np.any(with_final[:, 32:] != grid[:, 32:])
