@@ -4,6 +4,8 @@ The boxes come from a box file in the release format, given on the command line:
   --config.object_aware.boxes=PATH
 It is produced by a pretrained run with `--config.mode=save_boxes` (see
 configs/coco.py), which writes WORKDIR/boxes_train.txt for contracam.split=train.
+The release made its boxes with `--apply_crf` (a dense CRF on each map): add
+`--config.contracam.crf=True` to the save_boxes command to do the same.
 Every training image must be in the file unless
 --config.object_aware.tolerate_box_errors=True (those images use the whole image).
 """

@@ -165,7 +165,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.contracam.iterations = 10  # T for boxes (iterative refinement)
   c.contracam.mask_iterations = 1  # T for background masks
   c.contracam.expand_res = 2  # 1 | 2 | 4: stride-1 layer4 (and layer3) for finer maps
-  c.contracam.official_score = False  # True: the release's score (docs/method.md#release-quirks)
+  # True: the release's score; False: the per-image form of docs/method.md#contracam (the
+  # same maps at T=1, a few % apart from the second step on; docs/method.md#release-quirks).
+  # The paper's configs (coco*, in9*) set True.
+  c.contracam.official_score = False
   c.contracam.batch_size = 64  # images per ContraCAM batch (they are each other's negatives)
   c.contracam.max_images = -1  # limit on images processed (-1 = the whole split)
   c.contracam.clean_threshold = 0.5  # binarisation of maps before connected components
@@ -175,6 +178,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.contracam.box_min_area = 0.01  # boxes: minimum box area as a fraction of the image
   c.contracam.box_margin = 0.2  # boxes: expanded by this fraction of (w, h) per side
   c.contracam.largest_box_only = False
+  # Dense CRF on each map before cleaning (docs/method.md#boxes-and-masks): the release's
+  # --apply_crf, which its paper commands use for boxes. crf: the maps of save_boxes and of
+  # eval_localization (every row); crf_masks: also the soft masks of save_masks (the
+  # release's save_mask ignores --apply_crf). The release's parameters, in pixels of the
+  # host-resized image (dataset.image_size) and 0-255 colour units:
+  c.contracam.crf = False
+  c.contracam.crf_masks = False
+  c.contracam.crf_iterations = 5  # mean-field steps
+  c.contracam.crf_gaussian_sxy = 3.0  # position kernel: width (pixels)
+  c.contracam.crf_gaussian_compat = 3.0  # ... and Potts weight
+  c.contracam.crf_bilateral_sxy = 80.0  # bilateral kernel: position width (pixels)
+  c.contracam.crf_bilateral_srgb = 13.0  # ... colour width (0-255 per channel)
+  c.contracam.crf_bilateral_compat = 10.0  # ... and Potts weight
   c.contracam.num_pictures = 8  # images in the ContraCAM picture grid
 
   # ---- Frozen-encoder evaluation (docs/method.md#evaluation): --config.mode=eval, pipeline ----

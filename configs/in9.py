@@ -11,7 +11,8 @@ Two paths are required on the command line (BG = the bg_challenge folder):
       --config.dataset.name=folder:BG/original/train --config.evaluation.folders.imagenet9=BG
 Then `--config.mode=save_masks` (same flags) writes ContraCAM masks for BG-mixup
 (configs/in9_bgmix.py) to W0/masks_train, `--config.mode=save_boxes` OA-crop boxes
-to W0/boxes_train.txt, and `--config.mode=eval` the frozen-encoder evaluation.
+to W0/boxes_train.txt (`--config.contracam.crf=True` reproduces the release's `--apply_crf`),
+and `--config.mode=eval` the frozen-encoder evaluation.
 """
 
 from ocl_jax.configuration import load_sibling_config
@@ -31,6 +32,9 @@ def get_config():
   c.checkpoint_every_steps = 2000
   c.contracam.split = "train"  # masks / boxes of the training images (W/masks_train)
   c.contracam.eval_split = "val"  # no ground truth: eval_localization reports boxes only
+  # ContraCAM with the release's score, as the paper's boxes and masks were made (the default
+  # per-image form gives the same T=1 maps but other T=10 boxes; docs/method.md#release-quirks).
+  c.contracam.official_score = True
   c.evaluation.datasets = ("imagenet9",)
   c.evaluation.folders.imagenet9 = (
       "REQUIRED: --config.evaluation.folders.imagenet9=PATH/bg_challenge"

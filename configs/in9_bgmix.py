@@ -12,6 +12,8 @@ Three runs (BG = the bg_challenge folder):
   python -m ocl_jax.main --config=configs/in9_bgmix.py --workdir=W1 \
       --config.dataset.name=folder:BG/original/train --config.evaluation.folders.imagenet9=BG \
       --config.bg_mixup.masks=W0/masks_train
+As in the release, step 2's masks are the raw ContraCAM maps (its mask command has no
+CRF; `--config.contracam.crf_masks=True` would refine them with the dense CRF).
 Image ids are the files' paths below original/train (see configs/default.py,
 dataset.name), so step 3 must read the same folder as step 2. Every training image
 needs a mask; images that could not be decoded in step 2 are skipped in step 3 too.

@@ -14,6 +14,7 @@ import ml_collections
 
 from ocl_jax import methods
 from ocl_jax.discovery import contracam
+from ocl_jax.discovery import crf
 from ocl_jax.models import ModelSpec
 
 MODES = ("train", "save_boxes", "save_masks", "eval_localization", "eval", "pipeline", "study")
@@ -43,8 +44,8 @@ def validate_config(
 ) -> None:
   """Raise ConfigError listing every invalid field of `config`, once, at the entry point.
 
-  Sections with a settings object (model: ModelSpec, contracam: CamSettings, augment:
-  ViewConfig) are checked by its from_config; the rest and the cross-section rules here.
+  Sections with a settings object (model: ModelSpec, contracam: CamSettings and CrfParams,
+  augment: ViewConfig) are checked by its from_config; the rest and the cross-section rules here.
   """
   from ocl_jax.views import augment  # local: they import jax.numpy only, kept light
   from ocl_jax.views import image_mixing
@@ -120,6 +121,7 @@ def validate_config(
     )
     _check(mix.alpha > 0, "mix.alpha", f"must be > 0, got {mix.alpha}", e)
   _gather(lambda: contracam.CamSettings.from_config(config), e)
+  _gather(lambda: crf.CrfParams.from_config(config), e)
   _validate_object_aware(config, e)
   sal = config.get("saliency")
   if sal is not None and sal.enabled:

@@ -1,8 +1,6 @@
 """Post-processing, box files and metrics of docs/method.md#boxes-and-masks on hand-made cases."""
 
 import os
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -244,58 +242,3 @@ def test_centre_gaussian_prior():
   assert rect[0, 0] == pytest.approx(np.exp(-(0.375**2 + 0.4375**2) / 0.5))
   odd = loc.centre_gaussian_prior(5, 5, 0.1)
   assert odd[2, 2] == 1.0 and odd.argmax() == 12
-
-
-# ----------------------------------------------------------------------------
-# Dense CRF (optional dependency)
-
-
-def test_refine_crf_without_pydensecrf_explains_how_to_install(monkeypatch):
-  monkeypatch.setitem(sys.modules, "pydensecrf", None)
-  monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
-  with pytest.raises(ImportError, match="pip install"):
-    loc.refine_crf(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4)))
-
-
-def test_refine_crf_passes_the_method_parameters(monkeypatch):
-  """With a stand-in DenseCRF2D: unary -log(p + 1e-20) of (p, 1 - p), the
-  section-3 kernels, 5 iterations, foreground marginal returned."""
-  calls = {}
-
-  class FakeCRF:
-
-    def __init__(self, w, h, labels):
-      calls["init"] = (w, h, labels)
-
-    def setUnaryEnergy(self, unary):  # noqa: N802  (pydensecrf's names)
-      calls["unary"] = unary
-
-    def addPairwiseGaussian(self, **kw):  # noqa: N802
-      calls["gaussian"] = kw
-
-    def addPairwiseBilateral(self, **kw):  # noqa: N802
-      calls["bilateral"] = kw
-
-    def inference(self, n):
-      calls["iterations"] = n
-      return np.exp(-calls["unary"])  # = (p, 1 - p) up to 1e-20
-
-  module = types.ModuleType("pydensecrf.densecrf")
-  module.DenseCRF2D = FakeCRF
-  package = types.ModuleType("pydensecrf")
-  package.densecrf = module
-  monkeypatch.setitem(sys.modules, "pydensecrf", package)
-  monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", module)
-  prob = np.linspace(0, 1, 12).reshape(3, 4)
-  image = np.arange(36, dtype=np.uint8).reshape(3, 4, 3)
-  out = loc.refine_crf(image, prob)
-  assert calls["init"] == (4, 3, 2) and calls["iterations"] == 5
-  assert calls["gaussian"] == {"sxy": 3, "compat": 3}
-  assert calls["bilateral"]["sxy"] == 80 and calls["bilateral"]["srgb"] == 13
-  assert calls["bilateral"]["compat"] == 10
-  np.testing.assert_array_equal(calls["bilateral"]["rgbim"], image)
-  assert calls["unary"].shape == (2, 12) and calls["unary"].dtype == np.float32
-  np.testing.assert_allclose(calls["unary"][0], -np.log(prob.ravel() + 1e-20), rtol=1e-6)
-  np.testing.assert_allclose(out, prob, atol=1e-6)
-  with pytest.raises(ValueError, match="uint8"):
-    loc.refine_crf(image.astype(np.float32), prob)

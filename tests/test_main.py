@@ -131,6 +131,8 @@ def test_coco_config_trains_under_mock_data(tmp_path):
         ("augment.scale", (0.5, 0.2), "scale"),
         ("moco.temperature", 0.0, "config.moco.temperature"),
         ("mode", "fly", "config.mode"),
+        ("contracam.crf_bilateral_srgb", 0.0, "config.contracam.crf_bilateral_srgb"),
+        ("contracam.crf_iterations", 0, "config.contracam.crf_iterations"),
     ],
 )
 def test_invalid_config_values_are_named(field, value, message):
@@ -163,3 +165,14 @@ def test_shipped_configs_are_valid(tmp_path):
       config.dataset.name = f"folder:{tmp_path}"
       config.evaluation.folders.imagenet9 = config.bg_mixup.masks = str(tmp_path)
     validate_config(config, num_devices=4, num_processes=1)
+
+
+def test_paper_configs_use_the_release_contracam_score():
+  """coco* and in9* (the paper's datasets) make boxes and masks with the release's score;
+  the others keep the default per-image form."""
+  paper = sorted(ROOT.glob("configs/coco*.py")) + sorted(ROOT.glob("configs/in9*.py"))
+  assert len(paper) >= 6
+  for path in paper:
+    assert load_sibling_config(str(path), path.name).contracam.official_score is True, path.name
+  for name in ("default.py", "scenes.py", "demo.py"):
+    assert load_sibling_config(str(ROOT / "configs" / name), name).contracam.official_score is False

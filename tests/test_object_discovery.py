@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ocl_jax import checkpointing, export
+from ocl_jax.discovery import crf
 from ocl_jax.discovery import discover
 from ocl_jax.discovery import localization
 from ocl_jax.models import ModelSpec
@@ -77,6 +78,85 @@ def test_save_boxes_and_masks(model_dirs, tmp_path):
   )  # min-max normalised
 
 
+def _read_masks(folder):
+  return {f[:-4]: np.asarray(Image.open(os.path.join(folder, f))) for f in os.listdir(folder)}
+
+
+def test_crf_refines_the_maps_boxes_and_masks_are_made_from(model_dirs, tmp_path, monkeypatch):
+  """contracam.crf: boxes from the CRF of each union map on its own image (the release's
+  --apply_crf); the masks stay raw unless contracam.crf_masks."""
+  config, workdir, _, _ = model_dirs
+  c = _cam_config(config, workdir)
+  c.contracam.mask_iterations = c.contracam.iterations  # boxes and masks from the same maps
+  plain = discover.save_boxes_and_masks(c, str(tmp_path / "plain"))
+  calls = []
+  refine = crf.refine_crf
+
+  def spy(image, prob, params, *args):
+    calls.append((image, np.asarray(prob), refine(image, prob, params, *args)))
+    return calls[-1][-1]
+
+  monkeypatch.setattr(crf, "refine_crf", spy)
+  c.contracam.crf = True
+  boxes_only = discover.save_boxes_and_masks(c, str(tmp_path / "crf_boxes"))
+  assert len(calls) == 16  # once per image: masks are not refined
+  assert _read_masks(boxes_only["masks"]).keys() == _read_masks(plain["masks"]).keys()
+  for k, m in _read_masks(boxes_only["masks"]).items():
+    np.testing.assert_array_equal(m, _read_masks(plain["masks"])[k])
+  images = {
+      str(ex["image/id"]): ex["image"]
+      for ex in tfds.as_numpy(
+          tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir).take(16)
+      )
+  }
+  table = localization.read_box_file(boxes_only["boxes"])
+  assert open(boxes_only["boxes"]).read() != open(plain["boxes"]).read()
+  raw = _read_masks(plain["masks"])
+  for image_id, (image, prob, refined) in zip(table, calls):
+    np.testing.assert_array_equal(image, images[image_id])  # the map's own image
+    np.testing.assert_allclose(prob, raw[image_id] / 255.0, atol=0.5 / 255 + 1e-6)
+    cc = c.contracam
+    want = localization.cam_to_boxes(
+        refined,
+        clean_threshold=cc.clean_threshold,
+        min_obj_scale=cc.box_min_obj_scale,
+        threshold_frac=cc.box_threshold,
+        min_area=cc.box_min_area,
+        margin=cc.box_margin,
+        largest_only=cc.largest_box_only,
+    )
+    np.testing.assert_allclose(table[image_id], np.round(want, 6), atol=1e-6)
+
+  calls.clear()
+  c.contracam.crf_masks = True
+  both = discover.save_boxes_and_masks(c, str(tmp_path / "crf_both"))
+  assert len(calls) == 16  # the same maps: refined once for both
+  refined_masks = _read_masks(both["masks"])
+  for image_id, (_, _, refined) in zip(table, calls):
+    np.testing.assert_array_equal(
+        refined_masks[image_id], np.round(np.clip(refined, 0, 1) * 255).astype(np.uint8)
+    )
+  assert any(np.any(refined_masks[k] != raw[k]) for k in raw)  # the CRF changed the masks
+  assert open(both["boxes"]).read() == open(boxes_only["boxes"]).read()
+
+  c.contracam.crf_iterations = 0
+  with pytest.raises(ValueError, match="config.contracam.crf_iterations"):
+    discover.save_masks(c, str(tmp_path / "bad"))
+
+
+def test_evaluate_localization_with_crf(model_dirs, tmp_path):
+  config, _, export_dir, _ = model_dirs
+  c = _cam_config(config, export_dir)
+  plain = discover.evaluate_localization(c, str(tmp_path / "plain"))
+  c.contracam.crf = True
+  refined = discover.evaluate_localization(c, str(tmp_path / "crf"))
+  assert refined.keys() == plain.keys()
+  assert any(refined[k] != plain[k] for k in plain)
+  saved = json.load(open(tmp_path / "crf" / "localization_scenes_tiny_test.json"))
+  assert saved["crf"] is True and saved["results"] == refined
+  assert "dense CRF" in open(tmp_path / "crf" / "localization_scenes_tiny_test.md").read()
+
+
 def test_evaluate_localization_writes_table_json_and_picture(model_dirs, tmp_path):
   config, _, export_dir, _ = model_dirs
   c = _cam_config(config, export_dir)
@@ -133,3 +213,10 @@ def test_picture_grid_layout_and_overlay():
   assert grid.shape == (16, 8 * 5, 3)
   np.testing.assert_array_equal(grid[:, :8], 100)  # first column: the image
   np.testing.assert_array_equal(discover.overlay(images[0], cams[0, 0], alpha=0.0), images[0])
+  # The last column shows the union, or `final` (the CRF-refined union) when given.
+  np.testing.assert_array_equal(grid[:8, 32:], discover.overlay(images[0], cams[:, 0].max(0)))
+  final = np.ones((2, 8, 8), np.float32)
+  with_final = discover.picture_grid(images, cams, [np.zeros((0, 4))] * 2, scale=1, final=final)
+  np.testing.assert_array_equal(with_final[:8, 32:], discover.overlay(images[0], final[0]))
+  np.testing.assert_array_equal(with_final[:, :32], grid[:, :32])
+  assert np.any(with_final[:, 32:] != grid[:, 32:])

@@ -25,6 +25,7 @@ from ocl_jax.data import eval_data
 from ocl_jax.data import prechecks
 from ocl_jax.data import sources
 from ocl_jax.discovery import contracam
+from ocl_jax.discovery import crf
 from ocl_jax.discovery import localization
 from ocl_jax.views import augment
 from ocl_jax.pictures import overlay
@@ -89,6 +90,14 @@ def _boxes(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
   )
 
 
+def crf_maps(images: np.ndarray, maps: np.ndarray, params: crf.CrfParams) -> np.ndarray:
+  """(B, H, W) maps refined one by one by the dense CRF on their uint8 images, as the
+  release's --apply_crf does before cleaning (docs/method.md#boxes-and-masks)."""
+  return np.stack(
+      [crf.refine_crf(img, np.clip(m, 0.0, 1.0), params) for img, m in zip(images, maps)]
+  )
+
+
 def save_boxes(config: ml_collections.ConfigDict, workdir: str) -> str:
   """ContraCAM (T = contracam.iterations) boxes of each image of contracam.split, release format."""
   return save_boxes_and_masks(config, workdir, masks=False)["boxes"]
@@ -105,10 +114,13 @@ def save_boxes_and_masks(
   """Boxes (WORKDIR/boxes_<split>.txt) and/or masks (WORKDIR/masks_<split>/<id>.png) in one pass.
 
   With contracam.iterations == contracam.mask_iterations both come from the
-  same maps, computed once. Every file is written atomically.
+  same maps, computed once. contracam.crf refines the boxes' maps with the dense CRF
+  first, contracam.crf_masks the masks'. Every file is written atomically.
   """
   c = config.contracam
   source = c.checkpoint or workdir
+  params = crf.CrfParams.from_config(config)
+  refine_boxes, refine_masks = boxes and c.crf, masks and c.crf_masks
   settings = []
   if boxes:
     settings.append(cam_settings(config))
@@ -122,11 +134,17 @@ def save_boxes_and_masks(
     prechecks.check_writable(folder, "The mask folder")
   table, count = {}, 0
   for batch, outs in _cam_batches(config, c.split, settings, source):
+    box_maps, mask_maps = outs[0]["mask"], outs[-1]["mask"]
+    if refine_boxes:
+      box_maps = crf_maps(batch["image"], box_maps, params)
+    if refine_masks:
+      same = refine_boxes and outs[0] is outs[-1]
+      mask_maps = box_maps if same else crf_maps(batch["image"], mask_maps, params)
     if boxes:
-      for image_id, cam in zip(batch["id"], outs[0]["mask"]):
+      for image_id, cam in zip(batch["id"], box_maps):
         table[image_id] = _boxes(cam, config)
     if masks:
-      for image_id, cam in zip(batch["id"], outs[-1]["mask"]):
+      for image_id, cam in zip(batch["id"], mask_maps):
         tmp = os.path.join(folder, f".{image_id}.png.tmp")
         Image.fromarray(np.round(np.clip(cam, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
         os.replace(tmp, os.path.join(folder, f"{image_id}.png"))
@@ -161,9 +179,12 @@ def evaluate_localization(
 
   Rows: ContraCAM at T=1 and at T=contracam.iterations; one-step Grad-CAM with the
   contrastive score but signed channel weights (no positive clamp); the centre prior.
+  With contracam.crf every row's maps are refined by the dense CRF before cleaning,
+  as the release's `--mode seg --apply_crf`.
   """
   c = config.contracam
   source = c.checkpoint or workdir
+  params = crf.CrfParams.from_config(config)
   rows = {
       "ContraCAM (T=1)": cam_settings(config, iterations=1),
       f"ContraCAM (T={c.iterations})": cam_settings(config),
@@ -179,6 +200,8 @@ def evaluate_localization(
     prior = localization.centre_gaussian_prior(size, size)
     maps = {name: out["mask"] for name, out in zip(names, outs)}
     maps["Centre Gaussian prior"] = np.broadcast_to(prior, (len(batch["id"]), size, size))
+    if c.crf:
+      maps = {name: crf_maps(batch["image"], m, params) for name, m in maps.items()}
     has_mask = "gt_mask" in batch
     has_boxes = "gt_boxes" in batch
     for name, cams in maps.items():
@@ -191,7 +214,7 @@ def evaluate_localization(
     if has_boxes:
       gt_boxes += [b[v] for b, v in zip(batch["gt_boxes"], batch["gt_box_valid"])]
     if picture is None:
-      picture = (batch, outs[1])
+      picture = (batch, outs[1], maps[names[1]])
   results = {}
   for name in mask_ious:
     r = {}
@@ -222,6 +245,7 @@ def _write_results(config, workdir, results, num_images, per_image):
             "split": config.contracam.eval_split,
             "num_images": num_images,
             "expand_res": config.contracam.expand_res,
+            "crf": config.contracam.crf,
             "results": results,
             "per_image_mask_iou": per_image,
         },
@@ -230,7 +254,8 @@ def _write_results(config, workdir, results, num_images, per_image):
   cols = sorted({k for r in results.values() for k in r})
   lines = [
       f"Localisation on {config.dataset.name} `{config.contracam.eval_split}` "
-      f"({num_images} images, expand_res={config.contracam.expand_res})",
+      f"({num_images} images, expand_res={config.contracam.expand_res}"
+      + (", dense CRF)" if config.contracam.crf else ")"),
       "",
       "| method | " + " | ".join(cols) + " |",
       "|---|" + "---|" * len(cols),
@@ -244,12 +269,19 @@ def _write_results(config, workdir, results, num_images, per_image):
 
 
 def picture_grid(
-    images: np.ndarray, cams: np.ndarray, boxes: list[np.ndarray], scale: int = 2
+    images: np.ndarray,
+    cams: np.ndarray,
+    boxes: list[np.ndarray],
+    scale: int = 2,
+    final: np.ndarray | None = None,
 ) -> np.ndarray:
-  """Rows: images; columns: the image, each refinement step's map, the union with its boxes."""
+  """Rows: images; columns: the image, each refinement step's map, the union with its boxes.
+
+  `final` (B, H, W) replaces the union in the last column (the CRF-refined union).
+  """
   n, h, w, _ = images.shape
   t_steps = cams.shape[0]
-  union = np.max(cams, axis=0)
+  union = np.max(cams, axis=0) if final is None else np.asarray(final)
   cols = [images] + [
       np.stack([overlay(images[i], cams[t, i]) for i in range(n)]) for t in range(t_steps)
   ]
@@ -273,11 +305,13 @@ def picture_grid(
   return np.asarray(img)
 
 
-def write_picture(config, workdir, batch, out) -> str:
-  """PNG (and TensorBoard image) of ContraCAM per refinement step for the first images."""
+def write_picture(config, workdir, batch, out, final=None) -> str:
+  """PNG (and TensorBoard image) of ContraCAM per refinement step for the first images;
+  boxes from `final` (the maps the boxes are built from; default the union)."""
   k = min(config.contracam.num_pictures, len(batch["id"]))
-  boxes = [_boxes(cam, config) for cam in out["mask"][:k]]
-  grid = picture_grid(batch["image"][:k], np.asarray(out["cams"])[:, :k], boxes)
+  final = out["mask"] if final is None else final
+  boxes = [_boxes(cam, config) for cam in final[:k]]
+  grid = picture_grid(batch["image"][:k], np.asarray(out["cams"])[:, :k], boxes, final=final[:k])
   path = os.path.join(workdir, f"contracam_{config.contracam.eval_split}.png")
   Image.fromarray(grid).save(path)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

@@ -65,51 +65,6 @@ def clean_mask(
   return np.concatenate([[False], keep])[labels]
 
 
-def refine_crf(
-    image_uint8: np.ndarray,
-    prob: np.ndarray,
-    iterations: int = 5,
-    gaussian_sxy: float = 3,
-    gaussian_compat: float = 3,
-    bilateral_sxy: float = 80,
-    bilateral_srgb: float = 13,
-    bilateral_compat: float = 10,
-) -> np.ndarray:
-  """Dense-CRF refined foreground probability (H, W), two labels (fg, bg).
-
-  Unary -log(p + 1e-20) of (prob, 1 - prob); a Gaussian and a bilateral
-  pairwise term on the RGB image (uint8 (H, W, 3), un-normalised). Snaps
-  the coarse CAM to image edges. Needs the optional `pydensecrf` package.
-  """
-  try:
-    import pydensecrf.densecrf as dcrf  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        "refine_crf needs the optional package pydensecrf, which ocl_jax does not install: "
-        "pip install git+https://github.com/lucasb-eyer/pydensecrf.git "
-        "(or `pip install pydensecrf` where a wheel exists)"
-    ) from e
-  prob = _check_map(prob, "prob").astype(np.float32)
-  image = np.asarray(image_uint8)
-  if image.dtype != np.uint8 or image.shape != prob.shape + (3,):
-    raise ValueError(
-        f"image_uint8 must be uint8 {prob.shape + (3,)}, got {image.dtype} {image.shape}"
-    )
-  h, w = prob.shape
-  unary = -np.log(np.stack([prob, 1.0 - prob]).reshape(2, -1) + 1e-20)
-  crf = dcrf.DenseCRF2D(w, h, 2)
-  crf.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
-  crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-  crf.addPairwiseBilateral(
-      sxy=bilateral_sxy,
-      srgb=bilateral_srgb,
-      rgbim=np.ascontiguousarray(image),
-      compat=bilateral_compat,
-  )
-  q = np.asarray(crf.inference(iterations)).reshape(2, h, w)
-  return q[0]
-
-
 # ----------------------------------------------------------------------------
 # Boxes.
 
