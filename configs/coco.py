@@ -22,4 +22,8 @@ def get_config():
   # ContraCAM with the release's score, as the paper's boxes and masks were made (the default
   # per-image form gives the same T=1 maps but other T=10 boxes; docs/method.md#release-quirks).
   c.contracam.official_score = True
+  # The release's COCO box command uses --apply_crf, and its cleaning keeps every pixel with a
+  # map value of at least 1/255 (docs/method.md#release-quirks, 14).
+  c.contracam.crf = True
+  c.contracam.clean_threshold = 1 / 255
   return c
