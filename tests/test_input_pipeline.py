@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from ocl_jax.data import eval_data
 from ocl_jax.data import preprocess
@@ -88,3 +89,19 @@ def test_coco_label_is_class_of_largest_instance():
       assert int(out["label"]) == expected
       h, w = ex["image"].shape[:2]
       np.testing.assert_allclose(float(out["aspect"]), w / h, rtol=1e-6)
+
+
+def test_resize_to_square_keeps_the_aspect_and_resizes_like_pil():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+  square, aspect = preprocess.resize_to_square(image, 20)
+  assert square.shape == (20, 20, 3) and square.dtype == np.uint8
+  assert float(aspect) == np.float32(50) / np.float32(30)
+  # PIL's bilinear is the same antialiased triangle filter (it rounds between its two passes).
+  pil = np.asarray(Image.fromarray(image).resize((20, 20), Image.BILINEAR), np.int32)
+  assert np.abs(np.asarray(square, np.int32) - pil).max() <= 1
+  gray, gray_aspect = preprocess.resize_to_square(image[..., :1], 20)
+  assert gray.shape == (20, 20, 3) and float(gray_aspect) == float(aspect)
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+  np.testing.assert_array_equal(gray[..., 0], square[..., 0])  # channel 0 resized alike
+
