@@ -105,3 +105,18 @@ def test_resize_to_square_keeps_the_aspect_and_resizes_like_pil():
   np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
   np.testing.assert_array_equal(gray[..., 0], square[..., 0])  # channel 0 resized alike
 
+
+def test_train_image_size_sets_the_training_batches_only(tiny_config):
+  """dataset.train_image_size: training batches at that side, the online probe's and the
+  ContraCAM modes' reads at dataset.image_size; 0 means image_size."""
+  tiny_config.dataset.train_image_size = 40
+  assert train_data.train_image_size(tiny_config) == 40
+  batch = next(train_data.create_train_data(tiny_config).iterate())
+  assert batch["image"].shape[-3:] == (40, 40, 3)
+  np.testing.assert_array_equal(batch["aspect"], 1.0)
+  probe = next(eval_data.eval_batches(tiny_config, "test", batch_size=8))
+  assert probe["image"].shape[-3:] == (32, 32, 3)
+  boxes = next(eval_data.localization_batches(tiny_config, "test", batch_size=8))
+  assert boxes["image"].shape[-3:] == (32, 32, 3)
+  tiny_config.dataset.train_image_size = 0
+  assert train_data.train_image_size(tiny_config) == 32

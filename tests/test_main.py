@@ -131,6 +131,7 @@ def test_coco_config_trains_under_mock_data(tmp_path):
         ("augment.scale", (0.5, 0.2), "scale"),
         ("moco.temperature", 0.0, "config.moco.temperature"),
         ("mode", "fly", "config.mode"),
+        ("dataset.train_image_size", -1, "config.dataset.train_image_size"),
     ],
 )
 def test_invalid_config_values_are_named(field, value, message):
