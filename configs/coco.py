@@ -1,7 +1,9 @@
 """MoCo v2 on COCO 2017 train (TFDS `coco/2017` in --config.dataset.data_dir), paper settings.
 
 docs/method.md#pretraining: ResNet-18, 224 px, global batch 256, lr 0.03 x batch/256,
-cosine to 1e-3, 800 epochs, queue 65,536, tau 0.2, EMA 0.999.
+cosine to 1e-3, 800 epochs, queue 65,536, tau 0.2, EMA 0.999. Training images reach the
+device as 448 px squares, the online probe's and ContraCAM's as 256 px ones (BENCHMARKS.md,
+"Host image size and crop sharpness").
 """
 
 from ocl_jax.configuration import load_sibling_config
@@ -12,7 +14,10 @@ def get_config():
   c.dataset.name = "coco/2017"
   c.dataset.train_split = "train"
   c.dataset.eval_split = "validation"  # online probe: class of the largest instance
-  c.dataset.image_size = 256  # host resize; crops are taken on device
+  c.dataset.image_size = 256  # host square of the online probe and the ContraCAM modes
+  # Host square of the training batches, cropped on device: at 448 (near a 640x480 image's
+  # short side) small crops keep most of the source's detail; 256 upsamples 93% of them.
+  c.dataset.train_image_size = 448
   c.augment.crop_size = 224
   c.model.arch = "resnet18"
   c.batch_size = 256

@@ -1,7 +1,7 @@
 """Saliency-guided MoCo v2 (docs/method.md#sgcl) on COCO 2017, the paper setting of
 configs/coco.py.
 
-Online saliency of the target network at 128 px (half the 256 px host image),
+Online saliency of the target network at 128 px (the training image resized),
 refreshed every step; both global crops centred by saliency (temperature 1),
 pair weights (a_u a_v)^1, and two 96 px local crops (multi-crop). With
 --config.saliency.every_k_steps=K > 1 the maps of all 118k images are kept in

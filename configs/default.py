@@ -37,8 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   # Split the online linear probe is evaluated on during training ('' = none).
   c.dataset.eval_split = "test"
-  # Host-side square size every image is resized to before on-device augmentation.
+  # Host-side square side every image is resized to (its width/height ratio travels with
+  # it): the training batches' unless train_image_size is set, and always the online probe's
+  # and the ContraCAM modes' (save_boxes, save_masks, eval_localization).
   c.dataset.image_size = 96
+  # Square side of the training batches that on-device augmentation crops; 0 = image_size.
+  # Larger keeps small RandomResizedCrop crops sharp at more bytes per image (BENCHMARKS.md,
+  # "Host image size and crop sharpness").
+  c.dataset.train_image_size = 0
   # tf.data shuffle buffer (examples).
   c.dataset.shuffle_buffer = 10_000
 

@@ -88,6 +88,12 @@ def validate_config(
   )
   _check(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0", e)
   _check(config.dataset.image_size > 0, "dataset.image_size", "must be > 0", e)
+  _check(
+      config.dataset.get("train_image_size", 0) >= 0,
+      "dataset.train_image_size",
+      f"must be >= 0 (0 = dataset.image_size), got {config.dataset.get('train_image_size')}",
+      e,
+  )
   _validate_dataset_name(config, e)
   bg = config.bg_mixup
   if bg.enabled:

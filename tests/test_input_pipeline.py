@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from ocl_jax.data import eval_data
 from ocl_jax.data import preprocess
@@ -88,3 +89,34 @@ def test_coco_label_is_class_of_largest_instance():
       assert int(out["label"]) == expected
       h, w = ex["image"].shape[:2]
       np.testing.assert_allclose(float(out["aspect"]), w / h, rtol=1e-6)
+
+
+def test_resize_to_square_keeps_the_aspect_and_resizes_like_pil():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+  square, aspect = preprocess.resize_to_square(image, 20)
+  assert square.shape == (20, 20, 3) and square.dtype == np.uint8
+  assert float(aspect) == np.float32(50) / np.float32(30)
+  # PIL's bilinear is the same antialiased triangle filter (it rounds between its two passes).
+  pil = np.asarray(Image.fromarray(image).resize((20, 20), Image.BILINEAR), np.int32)
+  assert np.abs(np.asarray(square, np.int32) - pil).max() <= 1
+  gray, gray_aspect = preprocess.resize_to_square(image[..., :1], 20)
+  assert gray.shape == (20, 20, 3) and float(gray_aspect) == float(aspect)
+  np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+  np.testing.assert_array_equal(gray[..., 0], square[..., 0])  # channel 0 resized alike
+
+
+def test_train_image_size_sets_the_training_batches_only(tiny_config):
+  """dataset.train_image_size: training batches at that side, the online probe's and the
+  ContraCAM modes' reads at dataset.image_size; 0 means image_size."""
+  tiny_config.dataset.train_image_size = 40
+  assert train_data.train_image_size(tiny_config) == 40
+  batch = next(train_data.create_train_data(tiny_config).iterate())
+  assert batch["image"].shape[-3:] == (40, 40, 3)
+  np.testing.assert_array_equal(batch["aspect"], 1.0)
+  probe = next(eval_data.eval_batches(tiny_config, "test", batch_size=8))
+  assert probe["image"].shape[-3:] == (32, 32, 3)
+  boxes = next(eval_data.localization_batches(tiny_config, "test", batch_size=8))
+  assert boxes["image"].shape[-3:] == (32, 32, 3)
+  tiny_config.dataset.train_image_size = 0
+  assert train_data.train_image_size(tiny_config) == 32

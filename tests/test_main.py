@@ -133,6 +133,7 @@ def test_coco_config_trains_under_mock_data(tmp_path):
         ("mode", "fly", "config.mode"),
         ("contracam.crf_bilateral_srgb", 0.0, "config.contracam.crf_bilateral_srgb"),
         ("contracam.crf_iterations", 0, "config.contracam.crf_iterations"),
+        ("dataset.train_image_size", -1, "config.dataset.train_image_size"),
     ],
 )
 def test_invalid_config_values_are_named(field, value, message):

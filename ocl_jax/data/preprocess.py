@@ -39,6 +39,21 @@ def _image_label(example: dict[str, Any], has_label: bool, has_objects: bool) ->
   return tf.constant(-1, tf.int32)
 
 
+def resize_to_square(image: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(H, W, 1 or 3) image -> ((size, size, 3) uint8, its original aspect W / H, float32).
+
+  The one host resize of every batch: bilinear, antialiased when shrinking. The
+  square loses the shape, so the aspect goes along for the crops drawn on device.
+  """
+  image = tf.convert_to_tensor(image)
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  shape = tf.shape(image)
+  aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
+  resized = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8), aspect
+
+
 def make_preprocess(
     builder: sources.Builder,
     image_size: int,
@@ -63,13 +78,7 @@ def make_preprocess(
     has_objects = "objects" in feats and "bbox" in feats["objects"].feature
 
   def preprocess(example: dict[str, Any]) -> dict[str, tf.Tensor]:
-    image = example["image"]
-    if image.shape[-1] == 1:
-      image = tf.image.grayscale_to_rgb(image)
-    shape = tf.shape(image)
-    aspect = tf.cast(shape[1], tf.float32) / tf.cast(shape[0], tf.float32)
-    resized = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
-    image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    image, aspect = resize_to_square(example["image"], image_size)
     out = {"image": image, "aspect": aspect, "label": _image_label(example, has_label, has_objects)}
     if region_boxes is not None:
       out.update(region_boxes(example))

@@ -40,6 +40,16 @@ from ocl_jax.data.preprocess import shard_for_devices
 FALLBACK_CANDIDATES = 16
 
 
+def train_image_size(config: ml_collections.ConfigDict) -> int:
+  """The square side of the training batches: dataset.train_image_size, or image_size if 0.
+
+  Only training reads at this size; the online probe and the ContraCAM modes keep
+  dataset.image_size, so a sharper training input leaves them as they were.
+  """
+  d = config.dataset
+  return int(d.get("train_image_size", 0) or d.image_size)
+
+
 def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
   return int(np.random.SeedSequence([seed, epoch, *extra]).generate_state(1)[0] % (2**31))
 
@@ -280,7 +290,7 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
       local_batch=local_batch,
       num_examples=n,
       steps_per_epoch=n // config.batch_size,
-      image_size=d.image_size,
+      image_size=train_image_size(config),
       shuffle_buffer=d.shuffle_buffer,
       seed=config.seed,
       region_boxes=create_region_boxes(config, builder),
@@ -322,7 +332,7 @@ def _create_folder_train_data(
       local_batch=local_batch,
       num_examples=n,
       steps_per_epoch=n // config.batch_size,
-      image_size=d.image_size,
+      image_size=train_image_size(config),
       shuffle_buffer=d.shuffle_buffer,
       seed=config.seed,
       region_boxes=create_region_boxes(config, source),

@@ -286,6 +286,8 @@ def base_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The base config (demo) with the size options applied; --quick shrinks everything."""
   c = load_config(args.config)
   c.view_pictures = 0
+  if args.quick or args.image_size:
+    c.dataset.train_image_size = 0  # the size options set the training batches' side too
   if args.quick:
     c.dataset.image_size = c.augment.crop_size = 32
     c.model.arch, c.model.width, c.model.small_stem = "resnet10", 4, True
@@ -323,8 +325,10 @@ def synthetic_batch(
     config: ml_collections.ConfigDict, n_dev: int, seed: int
 ) -> dict[str, np.ndarray]:
   """A host batch shaped (devices, per device, ...) as the input pipeline yields it."""
+  from ocl_jax.data.train_data import train_image_size
+
   rng = np.random.default_rng(seed)
-  per, s = config.batch_size // n_dev, config.dataset.image_size
+  per, s = config.batch_size // n_dev, train_image_size(config)
   shape = (n_dev, per)
   batch = {
       "image": rng.integers(0, 256, shape + (s, s, 3), dtype=np.uint8),
