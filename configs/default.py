@@ -130,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.proj_hidden_dim = 0  # projector hidden width; 0 = the encoder's feature dim
   c.model.proj_dim = 128  # embedding dim (MoCo/SimCLR 128, BYOL 256)
   c.model.pred_hidden_dim = 4096  # BYOL predictor hidden width (used by byol only)
+  # Projector Linear(no bias)-BN-ReLU-Linear (the release's); False: Linear(bias)-ReLU-Linear,
+  # MoCo v2's, the layout its published checkpoints import into (docs/method.md#release-quirks)
+  c.model.proj_batch_norm = True
   c.model.dtype = (
       "float32"  # compute dtype: float32 | bfloat16 (params, embeddings, loss stay float32)
   )

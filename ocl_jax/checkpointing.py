@@ -283,6 +283,10 @@ class Checkpointer:
   def _check_meta(self, meta: dict[str, Any], source: str) -> None:
     """Raise CheckpointMismatchError naming the model / method fields that differ."""
     model, method = meta.get("model"), meta.get("method")
+    try:  # fields added since the checkpoint was written take their defaults
+      model = ModelSpec.from_dict(model).to_dict()
+    except (TypeError, ValueError, AttributeError):
+      pass  # not a spec: the comparison below names what differs
     if model == self.spec.to_dict() and method == self.config.method:
       return
     diffs = _differences(

@@ -42,9 +42,9 @@ def export_encoder(
       "params": jax.device_get(params["encoder"]),
       "batch_stats": jax.device_get(batch_stats["encoder"]),
   }
-  head = {
+  head = {  # a projector without BatchNorm (proj_batch_norm=False) has no statistics
       "params": jax.device_get(params["projector"]),
-      "batch_stats": jax.device_get(batch_stats["projector"]),
+      "batch_stats": jax.device_get(batch_stats.get("projector", {})),
   }
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "variables"), variables, force=True)
@@ -113,7 +113,7 @@ def _build(spec: ModelSpec, expand_res: int, head: bool) -> ResNet | Contrastive
 
 def _load_export(path: str, expand_res: int, head: bool, name: str) -> LoadedModel:
   meta = _read_meta(path)
-  spec = ModelSpec(**meta["model"])
+  spec = ModelSpec.from_dict(meta["model"], f"{path}/model.json")
   with ocp.StandardCheckpointer() as ckptr:
     trunk = ckptr.restore(os.path.join(path, "variables"))
   encoder = _build(spec, expand_res, head=False)
@@ -122,20 +122,36 @@ def _load_export(path: str, expand_res: int, head: bool, name: str) -> LoadedMod
     return LoadedModel(encoder, trunk, spec, meta, name)
   head_path = os.path.join(path, "head")
   if not os.path.isdir(head_path):
-    raise CheckpointMismatchError(
-        f"export {path} has no projector (head/); re-export it from a "
-        "training checkpoint to run ContraCAM"
-    )
+    raise CheckpointMismatchError(_no_head_message(path, meta))
   spec = dataclasses.replace(spec, pred_hidden_dim=0)
   net = _build(spec, expand_res, head=True)
   with ocp.StandardCheckpointer() as ckptr:
     projector = ckptr.restore(head_path)
   variables = {
       "params": {"encoder": trunk["params"], "projector": projector["params"]},
-      "batch_stats": {"encoder": trunk["batch_stats"], "projector": projector["batch_stats"]},
+      "batch_stats": {"encoder": trunk["batch_stats"]},
   }
+  if projector.get("batch_stats"):
+    variables["batch_stats"]["projector"] = projector["batch_stats"]
   check_variables(net, variables, f"export {path}")
   return LoadedModel(net, variables, spec, meta, name)
+
+
+def _no_head_message(path: str, meta: dict[str, Any]) -> str:
+  """Why an export has no projector: an import names the keys it looked for."""
+  imported = meta.get("imported_from")
+  if not imported:
+    return (
+        f"export {path} has no projector (head/); re-export it from a training checkpoint "
+        "to run ContraCAM"
+    )
+  looked = ", ".join(f"{p}*" for p in imported.get("head_prefixes", [])) or "none"
+  return (
+      f"export {path} has no projector (head/): ContraCAM needs one, and its import from "
+      f"{imported.get('source')} found none under {looked} (a projector is Linear-BN-ReLU-"
+      "Linear, keys 0/1/3, or Linear-ReLU-Linear, keys 0/2). "
+      + " ".join(n for n in imported.get("notes", []) if "projector" in n or "head" in n)
+  ).strip()
 
 
 def _load_checkpoint(workdir: str, expand_res: int, head: bool, name: str) -> LoadedModel:
@@ -144,11 +160,11 @@ def _load_checkpoint(workdir: str, expand_res: int, head: bool, name: str) -> Lo
     step, meta, state = ckpt.restore_latest()
   finally:
     ckpt.close()
-  spec = ModelSpec(**meta["model"])
+  spec = ModelSpec.from_dict(meta["model"], f"checkpoint {ckpt.directory}/{step}")
   parts = ("encoder", "projector") if head else ("encoder",)
   variables = {
       "params": {k: state["params"][k] for k in parts},
-      "batch_stats": {k: state["batch_stats"][k] for k in parts},
+      "batch_stats": {k: state["batch_stats"][k] for k in parts if k in state["batch_stats"]},
   }
   if head:
     spec = dataclasses.replace(spec, pred_hidden_dim=0)

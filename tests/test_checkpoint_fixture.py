@@ -10,8 +10,10 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from ocl_jax import train
+from ocl_jax.checkpointing import CheckpointMismatchError
 from tests import make_checkpoint_fixture
 
 
@@ -27,3 +29,14 @@ def test_fixture_restores_and_resumes(scenes_data_dir, tmp_path, caplog):
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
   assert state.queue is not None and state.bg_fifo is not None
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == "4"
+
+
+def test_fields_added_since_take_their_defaults_and_are_still_compared(scenes_data_dir, tmp_path):
+  """The fixture's model record predates model.proj_batch_norm: it reads as True (the only
+  projector then), so a config asking for the BatchNorm-free projector is refused, naming it."""
+  workdir = tmp_path / "work"
+  shutil.copytree(make_checkpoint_fixture.PATH, workdir / "checkpoints")
+  config = make_checkpoint_fixture.fixture_config(scenes_data_dir)
+  config.model.proj_batch_norm = False
+  with pytest.raises(CheckpointMismatchError, match=r"model\.proj_batch_norm True .* vs False"):
+    train.train_and_evaluate(config, str(workdir))

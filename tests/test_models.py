@@ -93,6 +93,56 @@ def test_contrastive_net_outputs_and_predictor_only_for_byol():
     np.testing.assert_allclose(z, out["embedding"], rtol=1e-5, atol=1e-6)
 
 
+def test_projector_without_batch_norm_is_linear_relu_linear():
+  """model.proj_batch_norm=False: Linear(bias)-ReLU-Linear (MoCo v2's projector), checked against
+  NumPy, with torch's default bias init; the default keeps the release's fc1 (no bias), bn1, fc2."""
+  x = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
+  head = models.MLPHead(32, 16, axis_name=None, batch_norm=False)
+  v = head.init(jax.random.PRNGKey(0), x, train=True)
+  assert "batch_stats" not in v and set(v["params"]) == {"fc1", "fc2"}
+  p = jax.tree_util.tree_map(np.asarray, v["params"])
+  assert set(p["fc1"]) == {"kernel", "bias"}
+  for name, fan_in in (("fc1", 64), ("fc2", 32)):  # nn.Linear's bias init: U(+-1/sqrt(fan_in))
+    assert 0.5 * fan_in**-0.5 < np.abs(p[name]["bias"]).max() <= fan_in**-0.5
+  expected = np.maximum(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+  expected = expected @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  for train in (True, False):  # no BatchNorm: the same in both modes
+    np.testing.assert_allclose(head.apply(v, x, train=train), expected, rtol=1e-5, atol=1e-6)
+  default = models.MLPHead(32, 16, axis_name=None).init(jax.random.PRNGKey(0), x, train=False)
+  assert set(default["params"]) == {"fc1", "bn1", "fc2"} and set(default["params"]["fc1"]) == {
+      "kernel"
+  }
+  assert set(default["batch_stats"]) == {"bn1"}
+  c = _config("moco")
+  c.model.proj_batch_norm = False
+  spec = models.ModelSpec.from_config(c)
+  assert not spec.proj_batch_norm and models.ModelSpec.from_config(_config("moco")).proj_batch_norm
+  net_vars = spec.build(axis_name=None).init(
+      jax.random.PRNGKey(0), jnp.ones((2, 64, 64, 3)), train=False
+  )
+  assert "projector" not in net_vars["batch_stats"] and "fc1" in net_vars["params"]["projector"]
+  c = _config("moco")
+  c.model.proj_batch_norm = "no"
+  with pytest.raises(ValueError, match="config.model.proj_batch_norm: must be True or False"):
+    models.ModelSpec.from_config(c)
+
+
+def test_model_spec_dict_round_trip_and_specs_written_before_proj_batch_norm():
+  spec = models.ModelSpec("resnet10", 8, True, 64, 16, 0, proj_batch_norm=False)
+  assert spec.to_dict()["proj_batch_norm"] is False
+  assert models.ModelSpec.from_dict(spec.to_dict()) == spec
+  old = models.ModelSpec("resnet10", 8, True, 64, 16, 0).to_dict()
+  del old["proj_batch_norm"]  # a checkpoint or export written before the field existed
+  assert models.ModelSpec.from_dict(old).proj_batch_norm is True
+  with pytest.raises(
+      ValueError, match=r"model\.json: not a ModelSpec \(unknown fields \['depth'\]"
+  ):
+    models.ModelSpec.from_dict({**old, "depth": 3}, "model.json")
+  del old["arch"]
+  with pytest.raises(ValueError, match=r"missing \['arch'\]"):
+    models.ModelSpec.from_dict(old)
+
+
 def test_model_spec_rejects_unknown_arch():
   c = _config("moco")
   c.model.arch = "resnet19"

@@ -217,7 +217,8 @@ def test_moco_checkpoint_layout_loads(tmp_path, caplog):
   with caplog.at_level(logging.INFO):
     module, imported = pytorch.import_torchvision_state_dict(checkpoint, arch="resnet18")
   _assert_trees_equal(imported, variables)  # the query encoder, not encoder_k
-  assert "MoCo v2's projector" in caplog.text and "encoder_q" in caplog.text
+  assert "under 'module.encoder_q.'" in caplog.text
+  assert "projector module.encoder_q.fc.*: Linear(bias)-ReLU-Linear" in caplog.text
   # A file whose every key carries the prefixes (an encoder_q-only release) loads too.
   path = str(tmp_path / "moco.safetensors")
   from safetensors.numpy import save_file
@@ -323,9 +324,13 @@ def test_import_to_export_loads_with_load_model(tmp_path):
     export.load_model(export_dir, head=True)
 
 
-def test_projector_round_trips_through_fc_sequential(tmp_path):
-  """An export with head/ -> safetensors (include_head) -> export that ContraCAM can load."""
-  spec = models.ModelSpec("resnet10", 4, True, proj_hidden_dim=32, proj_dim=8, pred_hidden_dim=0)
+@pytest.mark.parametrize("proj_batch_norm", [True, False])
+def test_projector_round_trips_through_fc_sequential(tmp_path, proj_batch_norm):
+  """An export with head/ -> safetensors (include_head) -> export that ContraCAM can load; without
+  BatchNorm the projector is written in MoCo v2's fc.0/fc.2 layout."""
+  spec = models.ModelSpec(
+      "resnet10", 4, True, 32, 8, pred_hidden_dim=0, proj_batch_norm=proj_batch_norm
+  )
   net = spec.build(axis_name=None)
   x = _images(2, 32)
   v = jax.device_get(models.random_variables(net, x, seed=7))
@@ -335,12 +340,12 @@ def test_projector_round_trips_through_fc_sequential(tmp_path):
   )
   with safetensors.safe_open(path, framework="np") as f:
     keys, meta = set(f.keys()), f.metadata()
-  assert keys - set(torchvision_keys("resnet10")) == {
-      "fc.0.weight",
-      *(f"fc.1.{b}" for b in BN_FIELDS),
-      "fc.3.weight",
-      "fc.3.bias",
-  }
+  assert keys - set(torchvision_keys("resnet10")) == (
+      {"fc.0.weight", *(f"fc.1.{b}" for b in BN_FIELDS), "fc.3.weight", "fc.3.bias"}
+      if proj_batch_norm
+      else {"fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"}
+  )
+  assert ("BatchNorm1d" in meta["head"]) == proj_batch_norm
   assert meta["small_stem"] == "true" and meta["torchvision_equivalent"].startswith(
       "none: small stem"
   )

@@ -1,35 +1,24 @@
 """ResNet weights to and from PyTorch / torchvision state dicts.
 
-Why: detection fine-tuning (torchvision, detectron2, mmdet) lives in PyTorch,
-and most published self-supervised ResNets (MoCo v2, ...) are PyTorch
-checkpoints. This module writes an ocl_jax encoder as a `.safetensors` file in
-torchvision's ResNet naming and layouts, and reads such state dicts (or
-`.pth`/`.pt` files when torch is installed) back into an ocl_jax `ResNet`, or
-into an encoder export that `export.load_model` and ContraCAM read.
+Why: detection fine-tuning (torchvision, detectron2, mmdet) lives in PyTorch, and most
+published self-supervised ResNets (the release, MoCo v2, ...) are PyTorch checkpoints. This
+module writes an ocl_jax encoder as a `.safetensors` file in torchvision's ResNet naming and
+layouts, and reads such state dicts (or `.pth`/`.pt`/`.ckpt` files when torch is installed)
+back: into an ocl_jax `ResNet`, a `ContrastiveNet` with its projector (what ContraCAM
+differentiates), or an export that `export.load_model` reads. Which checkpoint layouts are
+recognised, and the key naming, are in `interop/layouts.py`.
 
-Key mapping (ocl_jax path -> torchvision key; conv kernels HWIO <-> OIHW,
-dense kernels (in, out) <-> (out, in)):
-  conv1/kernel                        conv1.weight
-  bn1/{scale,bias}                    bn1.{weight,bias}
-  batch_stats bn1/{mean,var}          bn1.{running_mean,running_var}
-  layer{s}_{i}/conv{c}, bn{c}         layer{s}.{i}.conv{c}.weight, layer{s}.{i}.bn{c}.*
-  layer{s}_{i}/downsample_conv        layer{s}.{i}.downsample.0.weight
-  layer{s}_{i}/downsample_bn          layer{s}.{i}.downsample.1.*
-Every BatchNorm also gets `num_batches_tracked` (int64 0: ocl_jax does not count
-steps; torch only reads it when momentum=None). An encoder has no classifier,
-so there are no `fc.weight` / `fc.bias`: load with `strict=False` (or drop fc).
-With `include_head=True` the projector (ocl_jax MLPHead, Linear(no bias)-BN-
-ReLU-Linear) is written as torch's `fc = nn.Sequential(Linear, BatchNorm1d,
-ReLU, Linear)`: `fc.0.weight`, `fc.1.*`, `fc.3.{weight,bias}`; importing reads
-that layout back as the ContraCAM projector (`head/`). MoCo v2's projector
-(`fc.0` Linear with bias, ReLU, `fc.2`) has no BN, so it does not map onto
-MLPHead exactly and is skipped with a note; an export without `head/` still
-serves linear eval / kNN / detection, but ContraCAM needs a projector.
+Every BatchNorm also gets `num_batches_tracked` (int64 0: ocl_jax does not count steps; torch
+only reads it when momentum=None). An encoder has no classifier, so there are no `fc.weight` /
+`fc.bias`: load with `strict=False` (or drop fc). With `include_head=True` the projector is
+written as torch's `fc = nn.Sequential(...)`: `fc.0.weight`, `fc.1.*`, `fc.3.{weight,bias}`
+(Linear(no bias)-BN-ReLU-Linear), or without BatchNorm MoCo v2's `fc.0`/`fc.2` (Linear(bias)-
+ReLU-Linear); importing reads either back as the projector (`head/`).
 
-torchvision has no small-stem ResNet (3x3 stride-1 conv1, no max-pool) and
-only width 64: such models are still written (conv1.weight is then 3x3) and the
-metadata says there is no torchvision equivalent; a torch port must replace
-conv1 and the max-pool (CIFAR-style ResNet) to use them.
+torchvision has no small-stem ResNet (3x3 stride-1 conv1, no max-pool) and only width 64:
+such models are still written (conv1.weight is then 3x3) and the metadata says there is no
+torchvision equivalent; a torch port must replace conv1 and the max-pool (CIFAR-style ResNet)
+to use them.
 """
 
 from __future__ import annotations
@@ -49,101 +38,11 @@ import orbax.checkpoint as ocp
 from ocl_jax import export as export_lib
 from ocl_jax import paths
 from ocl_jax.checkpointing import CheckpointMismatchError, check_same_structure, check_variables
-from ocl_jax.models import ARCHITECTURES, MLPHead, ModelSpec, ResNet, feature_dim
+from ocl_jax.interop import layouts
+from ocl_jax.models import ARCHITECTURES, ContrastiveNet, ModelSpec, ResNet, feature_dim
 
 FORMAT = "ocl_jax.torchvision_resnet/1"
 BN_EPS = 1e-5
-# Prefixes wrapping a backbone in common checkpoints (DataParallel, MoCo, detection
-# backbones, SimCLR-style wrappers), stripped in this order.
-PREFIXES = ("module.", "encoder_q.", "backbone.", "encoder.")
-_HEAD_KEYS = {
-    "fc.0.weight",
-    "fc.1.weight",
-    "fc.1.bias",
-    "fc.1.running_mean",
-    "fc.1.running_var",
-    "fc.3.weight",
-    "fc.3.bias",
-}
-
-
-# ---------------------------------------------------------------------------
-# Naming and layouts.
-
-
-def _module_name(path: tuple[str, ...]) -> str:
-  """ocl_jax module path -> torchvision module name: ('layer1_0', 'downsample_bn') ->
-  'layer1.0.downsample.1'."""
-  parts = []
-  for p in path:
-    m = re.fullmatch(r"layer(\d)_(\d+)", p)
-    if m:
-      parts += [f"layer{m.group(1)}", m.group(2)]
-    elif p == "downsample_conv":
-      parts += ["downsample", "0"]
-    elif p == "downsample_bn":
-      parts += ["downsample", "1"]
-    else:
-      parts.append(p)
-  return ".".join(parts)
-
-
-_LEAF = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
-}
-_HEAD_MODULES = {"fc1": "fc.0", "bn1": "fc.1", "fc2": "fc.3"}
-
-
-def _keyed_leaves(variables: Mapping[str, Any], head: bool = False):
-  """(torch key, ocl_jax path, leaf) for every array of trunk (or MLPHead) variables."""
-  for collection in ("params", "batch_stats"):
-    flat = jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]
-    for path, leaf in flat:
-      names = tuple(getattr(k, "key", str(k)) for k in path)
-      module = _HEAD_MODULES[names[0]] if head else _module_name(names[:-1])
-      yield f"{module}.{_LEAF[collection, names[-1]]}", (collection, *names), leaf
-
-
-def _to_torch(value: Any) -> np.ndarray:
-  """HWIO conv kernel -> OIHW, (in, out) dense kernel -> (out, in); vectors unchanged."""
-  value = np.asarray(value, np.float32)
-  if value.ndim == 4:
-    value = value.transpose(3, 2, 0, 1)
-  elif value.ndim == 2:
-    value = value.T
-  return np.ascontiguousarray(value)
-
-
-def _from_torch(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    value = value.transpose(2, 3, 1, 0)
-  elif value.ndim == 2:
-    value = value.T
-  return np.ascontiguousarray(value)
-
-
-def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  return tuple(reversed(shape)) if len(shape) == 2 else tuple(shape)
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _head_template(feat: int, hidden: int, out: int) -> Any:
-  return jax.eval_shape(
-      lambda: MLPHead(hidden, out, axis_name=None).init(
-          jax.random.PRNGKey(0), np.zeros((2, feat), np.float32), train=False
-      )
-  )
 
 
 def _split(variables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -151,8 +50,8 @@ def _split(variables: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
   params, stats = variables["params"], variables.get("batch_stats", {})
   if "encoder" in params:
     trunk = {"params": params["encoder"], "batch_stats": stats["encoder"]}
-    head = (
-        {"params": params["projector"], "batch_stats": stats["projector"]}
+    head = (  # a projector without BatchNorm has no batch_stats
+        {"params": params["projector"], "batch_stats": stats.get("projector", {})}
         if "projector" in params
         else None
     )
@@ -166,15 +65,16 @@ def to_torchvision_state_dict(
   """torchvision-named float32 arrays (torch layouts) of ResNet trunk variables.
 
   `variables` is {"params", "batch_stats"} of a `ResNet` (or of a ContrastiveNet,
-  whose encoder is taken); `head` (MLPHead variables) adds `fc.0/fc.1/fc.3`.
+  whose encoder is taken); `head` (MLPHead variables) adds `fc.0/fc.1/fc.3`, or without
+  BatchNorm `fc.0/fc.2`.
   """
   trunk, _ = _split(variables)
   state: dict[str, np.ndarray] = {}
-  for key, _, leaf in _keyed_leaves(trunk):
-    state[key] = _to_torch(leaf)
+  for key, _, leaf in layouts.keyed_leaves(trunk):
+    state[key] = layouts.to_torch(leaf)
   if head is not None:
-    for key, _, leaf in _keyed_leaves(head, head=True):
-      state[key] = _to_torch(leaf)
+    for key, _, leaf in layouts.keyed_leaves(head, head=True):
+      state[f"fc.{key}"] = layouts.to_torch(leaf)
   for key in list(state):
     if key.endswith(".running_mean"):
       state[key[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
@@ -202,7 +102,7 @@ def export_torchvision_safetensors(
 
   `source` is an ocl_jax export directory, or a variable tree (ResNet or
   ContrastiveNet) with its `spec`. `include_head` also writes the projector as
-  `fc.0/fc.1/fc.3` (module docstring). Returns `path`.
+  `fc.0/fc.1/fc.3`, or `fc.0/fc.2` without BatchNorm (module docstring). Returns `path`.
   """
   from safetensors.numpy import save_file
 
@@ -233,11 +133,11 @@ def export_torchvision_safetensors(
       f"{origin} (encoder)",
   )
   if head is not None:
-    check_same_structure(
-        head,
-        _head_template(feature_dim(spec.arch, spec.width), spec.proj_hidden_dim, spec.proj_dim),
-        f"{origin} (projector)",
+    feat = feature_dim(spec.arch, spec.width)
+    template = layouts.head_template(
+        feat, spec.proj_hidden_dim, spec.proj_dim, spec.proj_batch_norm
     )
+    check_same_structure(head, template, f"{origin} (projector)")
   state = to_torchvision_state_dict(trunk, head)
   metadata = {
       "format": "pt",  # tensors are in PyTorch layouts (what HF-style loaders check)
@@ -249,12 +149,7 @@ def export_torchvision_safetensors(
       "stage_sizes": json.dumps(list(stages)),
       "torchvision_equivalent": _torchvision_equivalent(spec),
       "classifier": "none (encoder only): load with strict=False or without fc",
-      "head": (
-          f"fc.0 Linear({feature_dim(spec.arch, spec.width)}, {spec.proj_hidden_dim}, bias=False), "
-          f"fc.1 BatchNorm1d, fc.2 ReLU, fc.3 Linear(.., {spec.proj_dim})"
-      )
-      if head is not None
-      else "none",
+      "head": _head_description(spec) if head is not None else "none",
       "bn_eps": str(BN_EPS),
       "bn_momentum": "0.1",
       "source": str(origin),
@@ -263,6 +158,16 @@ def export_torchvision_safetensors(
   os.makedirs(os.path.dirname(path), exist_ok=True)
   save_file(state, path, metadata=metadata)
   return path
+
+
+def _head_description(spec: ModelSpec) -> str:
+  feat, hidden, out = feature_dim(spec.arch, spec.width), spec.proj_hidden_dim, spec.proj_dim
+  if spec.proj_batch_norm:
+    return (
+        f"fc.0 Linear({feat}, {hidden}, bias=False), fc.1 BatchNorm1d, fc.2 ReLU, "
+        f"fc.3 Linear({hidden}, {out})"
+    )
+  return f"fc.0 Linear({feat}, {hidden}), fc.1 ReLU, fc.2 Linear({hidden}, {out}) (MoCo v2's)"
 
 
 # ---------------------------------------------------------------------------
@@ -300,7 +205,11 @@ def _read_torch(path: str) -> Any:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
     raise ValueError(
-        f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {e})"
+        f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: {e}). A PyTorch "
+        "Lightning .ckpt can also pickle objects in its hyper-parameters (the release's hold "
+        "its augmentation module), which weights_only refuses: where you trust the file and "
+        "its code imports, save the state dict alone, torch.save(torch.load(path, "
+        "weights_only=False)['state_dict'], 'state_dict.pth'), and import that"
     ) from e
 
   def to_numpy(v):
@@ -315,7 +224,7 @@ def _read_torch(path: str) -> Any:
 
 
 def _unwrap(obj: Any, source: str) -> dict[str, np.ndarray]:
-  """The state dict inside a checkpoint ({'state_dict': ...} / {'model': ...}), unprefixed."""
+  """The state dict inside a checkpoint ({'state_dict': ...} / {'model': ...}), keys as saved."""
   while isinstance(obj, Mapping) and not any(
       isinstance(v, np.ndarray) or hasattr(v, "shape") for v in obj.values()
   ):
@@ -327,23 +236,7 @@ def _unwrap(obj: Any, source: str) -> dict[str, np.ndarray]:
     obj = inner
   if not isinstance(obj, Mapping):
     raise CheckpointMismatchError(f"{source}: expected a state dict, got {type(obj).__name__}")
-  state = {str(k): v for k, v in obj.items() if hasattr(v, "shape")}
-  for prefix in PREFIXES:
-    if state and all(k.startswith(prefix) for k in state):
-      state = {k[len(prefix) :]: v for k, v in state.items()}
-    elif "conv1.weight" not in state and prefix + "conv1.weight" in state:
-      # A checkpoint of several networks (MoCo: encoder_q, encoder_k, queue): take the
-      # backbone under `prefix` (MoCo's query encoder, as its linear evaluation does).
-      dropped = sorted(k for k in state if not k.startswith(prefix))
-      logging.info(
-          "%s: using the '%s' weights, ignoring %d other entries (e.g. %s)",
-          source,
-          prefix,
-          len(dropped),
-          dropped[:3],
-      )
-      state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-  return {k: np.asarray(v) for k, v in state.items()}
+  return {str(k): np.asarray(v) for k, v in obj.items() if hasattr(v, "shape")}
 
 
 def _infer_arch(state: Mapping[str, np.ndarray], source: str) -> tuple[str, tuple[int, ...], str]:
@@ -367,13 +260,30 @@ def _infer_arch(state: Mapping[str, np.ndarray], source: str) -> tuple[str, tupl
 
 @dataclasses.dataclass
 class ImportedResNet:
-  """What a torch state dict holds in ocl_jax terms."""
+  """What a torch state dict holds in ocl_jax terms, and what of it was not used."""
 
-  spec: ModelSpec
+  spec: ModelSpec  # proj_* from the projector when one was found
   module: ResNet
   variables: dict[str, Any]
-  head: dict[str, Any] | None
+  head: dict[str, Any] | None  # MLPHead variables (no batch_stats without BatchNorm)
   notes: list[str]
+  source: str
+  trunk_prefix: str
+  head_prefixes: tuple[str, ...]  # where a projector was looked for
+  head_prefix: str | None  # where it was found
+  unused_keys: list[str]  # besides BatchNorm step counters
+
+  def metadata(self) -> dict[str, Any]:
+    """The export's `imported_from` record."""
+    return {
+        "source": self.source,
+        "layout": f"torchvision ResNet under '{self.trunk_prefix}'"
+        + (f", projector under '{self.head_prefix}'" if self.head_prefix else ", no projector"),
+        "notes": self.notes,
+        "has_head": self.head is not None,
+        "head_prefixes": list(self.head_prefixes),
+        "unused_keys": self.unused_keys,
+    }
 
 
 def _read(
@@ -388,45 +298,6 @@ def _read(
   return _unwrap(_read_torch(path), path), {}, path
 
 
-def _import_head(
-    fc: dict[str, np.ndarray], feat: int, source: str, notes: list[str]
-) -> tuple[dict[str, Any] | None, int, int]:
-  """MLPHead variables from `fc.0/fc.1/fc.3` when exactly Linear(no bias)-BN-ReLU-Linear."""
-  keys = set(fc) - {"fc.1.num_batches_tracked"}
-  if not fc:
-    return None, 0, 0
-  if keys == _HEAD_KEYS:
-    hidden, out = fc["fc.0.weight"].shape[0], fc["fc.3.weight"].shape[0]
-    expected = {
-        "fc.0.weight": (hidden, feat),
-        "fc.1.weight": (hidden,),
-        "fc.1.bias": (hidden,),
-        "fc.1.running_mean": (hidden,),
-        "fc.1.running_var": (hidden,),
-        "fc.3.weight": (out, hidden),
-        "fc.3.bias": (out,),
-    }
-    bad = [f"{k} {fc[k].shape} (expected {s})" for k, s in expected.items() if fc[k].shape != s]
-    if not bad:
-      head: dict[str, Any] = {}
-      for key, path, _ in _keyed_leaves(_head_template(feat, hidden, out), head=True):
-        _set(head, path, _from_torch(np.asarray(fc[key], np.float32)))
-      notes.append(f"imported fc.0/fc.1/fc.3 as the projector MLPHead({feat}->{hidden}->{out})")
-      return head, hidden, out
-    notes.append(
-        f"fc.* looks like Linear-BN-ReLU-Linear but shapes do not fit: {bad}; not imported"
-    )
-  elif {"fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"} <= keys:
-    notes.append(
-        "ignored fc.0/fc.2: MoCo v2's projector is Linear(bias)-ReLU-Linear and ocl_jax's "
-        "MLPHead is Linear(no bias)-BN-ReLU-Linear, so it does not map exactly; no projector "
-        "(ContraCAM needs one)"
-    )
-  else:
-    notes.append(f"ignored the classifier / head keys {sorted(fc)[:6]}")
-  return None, 0, 0
-
-
 def _import(
     source: str | os.PathLike | Mapping[str, Any],
     arch: str | None,
@@ -435,17 +306,14 @@ def _import(
     expand_res: int = 1,
 ) -> ImportedResNet:
   state, metadata, name = _read(source)
-  if "conv1.weight" not in state:
-    raise CheckpointMismatchError(
-        f"{name}: no 'conv1.weight' (after stripping prefixes {PREFIXES}); not a torchvision "
-        f"ResNet state dict (first keys {sorted(state)[:5]})"
-    )
-  found, counts, block = _infer_arch(state, name)
+  prefix = layouts.trunk_prefix(state, name)
+  trunk = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+  found, counts, block = _infer_arch(trunk, name)
   if arch is not None and arch != found:
     raise CheckpointMismatchError(
         f"{name} holds a {found} ({block} blocks {counts} per stage), not the requested {arch}"
     )
-  conv1 = state["conv1.weight"]
+  conv1 = trunk["conv1.weight"]
   if width is None:
     width = int(conv1.shape[0])
   if small_stem is None:
@@ -458,15 +326,21 @@ def _import(
   template = jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0), np.zeros((2, 64, 64, 3), np.float32), train=False)
   )
-  expected = {key: (path, _torch_shape(leaf.shape)) for key, path, leaf in _keyed_leaves(template)}
-  bn_counters = {
-      k[: -len("running_mean")] + "num_batches_tracked"
-      for k in expected
-      if k.endswith(".running_mean")
+  expected = {
+      key: (path, layouts.torch_shape(leaf.shape))
+      for key, path, leaf in layouts.keyed_leaves(template)
   }
-  missing = sorted(set(expected) - set(state))
-  fc = {k: v for k, v in state.items() if k.startswith("fc.")}
-  extra = sorted(set(state) - set(expected) - bn_counters - set(fc))
+  bn_counters = {
+      k[: -len("running_mean")] + layouts.COUNTER for k in expected if k.endswith(".running_mean")
+  }
+  missing = sorted(set(expected) - set(trunk))
+  # Trunk-module keys the architecture does not have mean another architecture; other keys
+  # (a classifier or projector `fc`, a queue) are extras, reported as unused.
+  extra = sorted(
+      k
+      for k in set(trunk) - set(expected) - bn_counters
+      if k.split(".", 1)[0] in layouts.TRUNK_MODULES
+  )
   if missing or extra:
     raise CheckpointMismatchError(
         f"{name} does not fit a {found} (width {width}, small_stem={small_stem}): "
@@ -477,7 +351,7 @@ def _import(
   converted = set()
   # conv1 first: its shape tells width and stem, the clearest message when they are wrong.
   for key, (path, shape) in sorted(expected.items(), key=lambda kv: kv[0] != "conv1.weight"):
-    value = state[key]
+    value = trunk[key]
     if tuple(value.shape) != shape:
       hint = " (small_stem: 3x3 conv1, standard: 7x7)" if key == "conv1.weight" else ""
       raise CheckpointMismatchError(
@@ -486,23 +360,47 @@ def _import(
       )
     if value.dtype != np.float32:
       converted.add(str(value.dtype))
-    _set(variables, path, _from_torch(np.asarray(value, np.float32)))
-  notes = [f"{name}: {found}, width {width}, small_stem={small_stem}"]
+    layouts.set_path(variables, path, layouts.from_torch(np.asarray(value, np.float32)))
+  check_variables(module, variables, name)
+  notes = [f"{name}: {found}, width {width}, small_stem={small_stem}, under '{prefix}'"]
   if converted:
     notes.append(f"converted {sorted(converted)} to float32")
-  head, hidden, out = _import_head(fc, feature_dim(found, width), name, notes)
+  feat = feature_dim(found, width)
+  searched = layouts.head_prefixes(prefix)
+  head = layouts.import_head(state, searched, feat, notes)
   spec = ModelSpec(
       arch=found,
       width=width,
       small_stem=small_stem,
-      proj_hidden_dim=hidden or feature_dim(found, width),
-      proj_dim=out or 128,
+      proj_hidden_dim=head.hidden if head else feat,
+      proj_dim=head.out if head else 128,
       pred_hidden_dim=0,
+      proj_batch_norm=head.batch_norm if head else True,
   )
-  check_variables(module, variables, name)
+  used = {prefix + k for k in expected} | (head.keys if head else set())
+  unused = layouts.unused_keys(state, used)
   for note in notes:
     logging.info("torch import: %s", note)
-  return ImportedResNet(spec, module, variables, head, notes)
+  if unused:
+    logging.warning(
+        "torch import: %s: %d keys not used (%s): %s",
+        name,
+        len(unused),
+        layouts.summarise(unused),
+        ", ".join(unused),
+    )
+  return ImportedResNet(
+      spec,
+      module,
+      variables,
+      head.variables if head else None,
+      notes,
+      name,
+      prefix,
+      searched,
+      head.prefix if head else None,
+      unused,
+  )
 
 
 def import_torchvision_state_dict(
@@ -512,17 +410,58 @@ def import_torchvision_state_dict(
     small_stem: bool | None = None,
     expand_res: int = 1,
 ) -> tuple[ResNet, dict[str, Any]]:
-  """(ResNet, variables) from a torchvision-style ResNet state dict.
+  """(ResNet, variables) of the backbone in a torchvision-style ResNet state dict.
 
-  `source`: a `.safetensors` file, a `.pth`/`.pt`/`.pth.tar` file (needs torch;
-  plain, or under 'state_dict'/'model'), or a dict of arrays. Prefixes
-  `module.`/`encoder_q.`/`backbone.`/`encoder.` are stripped. `arch`, `width`
-  and `small_stem` are inferred from the keys / conv1 when None, and checked
-  when given. `fc.*` is ignored (logged). `module.apply(variables, x, train=False)`
-  gives the layer4 map (NHWC input).
+  `source`: a `.safetensors` file, a `.pth`/`.pt`/`.pth.tar`/`.ckpt` file (needs torch;
+  plain, or under 'state_dict'/'model'), or a dict of arrays. The backbone is found under
+  the prefixes of `interop/layouts.py` (`module.encoder_q.`, `encoder.`, `backbone.`, ...).
+  `arch`, `width` and `small_stem` are inferred from the keys / conv1 when None, and checked
+  when given. `module.apply(variables, x, train=False)` gives the layer4 map (NHWC input);
+  `import_contrastive_net` adds the projector.
   """
   imported = _import(source, arch, width, small_stem, expand_res)
   return imported.module, imported.variables
+
+
+def _contrastive_variables(imported: ImportedResNet) -> dict[str, Any]:
+  assert imported.head is not None
+  variables = {
+      "params": {"encoder": imported.variables["params"], "projector": imported.head["params"]},
+      "batch_stats": {"encoder": imported.variables["batch_stats"]},
+  }
+  if imported.head.get("batch_stats"):
+    variables["batch_stats"]["projector"] = imported.head["batch_stats"]
+  return variables
+
+
+def import_contrastive_net(
+    source: str | os.PathLike | Mapping[str, Any],
+    expand_res: int = 1,
+    arch: str | None = None,
+    width: int | None = None,
+    small_stem: bool | None = None,
+) -> tuple[ContrastiveNet, dict[str, Any], ModelSpec]:
+  """(ContrastiveNet, variables, spec): backbone and projector of a PyTorch checkpoint, in
+  memory, for `discovery.contracam` (build-compatible with `contracam.cam_network(spec, ...)`)
+  and evaluation.
+
+  `source` and the layouts read as in `import_torchvision_state_dict`; keys not used are
+  logged as a warning. A checkpoint without a projector is an error naming the prefixes
+  looked for (use `import_torchvision_state_dict` for its backbone alone).
+  """
+  imported = _import(source, arch, width, small_stem, expand_res)
+  if imported.head is None:
+    raise CheckpointMismatchError(
+        f"{imported.source} has no projector for ContraCAM: looked for "
+        + ", ".join(f"{p}*" for p in imported.head_prefixes)
+        + " (Linear-BN-ReLU-Linear, keys 0/1/3, or Linear-ReLU-Linear, keys 0/2). "
+        + " ".join(n for n in imported.notes if "projector" in n)
+        + " import_torchvision_state_dict gives the backbone alone."
+    )
+  net = imported.spec.build(expand_res=expand_res, axis_name=None)
+  variables = _contrastive_variables(imported)
+  check_variables(net, variables, imported.source)
+  return net, variables, imported.spec
 
 
 def import_to_export(
@@ -532,10 +471,13 @@ def import_to_export(
     width: int | None = None,
     small_stem: bool | None = None,
 ) -> str:
-  """Write a torch ResNet state dict as an ocl_jax encoder export (model.json + variables/).
+  """Write a torch ResNet state dict as an ocl_jax encoder export (model.json + variables/,
+  and head/ when it holds a projector, so `export.load_model(path, head=True)` gives what
+  `import_contrastive_net` does).
 
-  `head/` is written only when the state dict carries an exact MLPHead projector
-  (`fc.0/fc.1/fc.3`); without it the export serves evaluation but not ContraCAM.
+  model.json's `imported_from` records the source, the layout, the prefixes where a
+  projector was looked for and every key not used. Without a projector the export serves
+  evaluation but not ContraCAM.
   """
   imported = _import(source, arch, width, small_stem)
   path = paths.resolve(export_dir)
@@ -543,20 +485,18 @@ def import_to_export(
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "variables"), imported.variables, force=True)
     if imported.head is not None:
-      ckptr.save(os.path.join(path, "head"), imported.head, force=True)
+      head = {
+          "params": imported.head["params"],
+          "batch_stats": imported.head.get("batch_stats", {}),
+      }
+      ckptr.save(os.path.join(path, "head"), head, force=True)
   if imported.head is None and os.path.isdir(os.path.join(path, "head")):
     shutil.rmtree(os.path.join(path, "head"))  # a stale projector of an earlier export
-  origin = "state dict" if isinstance(source, Mapping) else paths.resolve(source)
   meta = {
       "format": export_lib.FORMAT,
       "model": imported.spec.to_dict(),
       "config": None,
-      "imported_from": {
-          "source": origin,
-          "layout": "torchvision ResNet state dict",
-          "notes": imported.notes,
-          "has_head": imported.head is not None,
-      },
+      "imported_from": imported.metadata(),
   }
   with open(os.path.join(path, "model.json"), "w") as f:
     json.dump(meta, f, indent=2)

@@ -28,12 +28,18 @@ from ocl_jax.models.resnet import (
 
 
 class MLPHead(nn.Module):
-  """Linear(no bias)-BN-ReLU-Linear: the release's projector / predictor."""
+  """Linear(no bias)-BN-ReLU-Linear: the release's projector / predictor.
+
+  batch_norm=False gives Linear(bias)-ReLU-Linear, MoCo v2's projector (`fc.0`, `fc.2`), so
+  its published checkpoints import exactly; the default keeps the release's module tree
+  (fc1, bn1, fc2).
+  """
 
   hidden_dim: int
   out_dim: int
   axis_name: str | None = "batch"
   dtype: str = "float32"
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -41,25 +47,29 @@ class MLPHead(nn.Module):
     dt = DTYPES[self.dtype]
     x = nn.Dense(
         self.hidden_dim,
-        use_bias=False,
+        use_bias=not self.batch_norm,
         kernel_init=torch_default_init,
+        bias_init=_torch_bias_init(x.shape[-1]),
         dtype=dt,
         param_dtype=jnp.float32,
         name="fc1",
     )(x)
-    x = nn.relu(batch_norm(train, self.axis_name, name="bn1", dtype=self.dtype)(x))
-    fan_in = self.hidden_dim
-    bias_init = lambda k, s, d=jnp.float32: jax.random.uniform(
-        k, s, d, -(fan_in**-0.5), fan_in**-0.5
-    )
+    if self.batch_norm:
+      x = batch_norm(train, self.axis_name, name="bn1", dtype=self.dtype)(x)
     return nn.Dense(
         self.out_dim,
         kernel_init=torch_default_init,
-        bias_init=bias_init,
+        bias_init=_torch_bias_init(self.hidden_dim),
         dtype=dt,
         param_dtype=jnp.float32,
         name="fc2",
-    )(x).astype(jnp.float32)
+    )(nn.relu(x)).astype(jnp.float32)
+
+
+def _torch_bias_init(fan_in: int):
+  """nn.Linear's default bias init: uniform in +-1/sqrt(fan_in)."""
+  bound = fan_in**-0.5
+  return lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -82,6 +92,7 @@ class ContrastiveNet(nn.Module):
   proj_hidden_dim: int = 512
   proj_dim: int = 128
   pred_hidden_dim: int = 0  # 0: no predictor
+  proj_batch_norm: bool = True  # False: MoCo v2's Linear(bias)-ReLU-Linear projector
   expand_res: int = 1
   axis_name: str | None = "batch"
   dtype: str = "float32"  # compute dtype; parameters and outputs are float32
@@ -91,7 +102,9 @@ class ContrastiveNet(nn.Module):
     self.encoder = ResNet(
         stages, block, self.width, self.small_stem, self.expand_res, self.axis_name, self.dtype
     )
-    self.projector = MLPHead(self.proj_hidden_dim, self.proj_dim, self.axis_name, self.dtype)
+    self.projector = MLPHead(
+        self.proj_hidden_dim, self.proj_dim, self.axis_name, self.dtype, self.proj_batch_norm
+    )
     if self.pred_hidden_dim:
       self.predictor = MLPHead(self.pred_hidden_dim, self.proj_dim, self.axis_name, self.dtype)
 
@@ -130,6 +143,7 @@ class ModelSpec:
   proj_hidden_dim: int
   proj_dim: int
   pred_hidden_dim: int
+  proj_batch_norm: bool = True  # False: Linear(bias)-ReLU-Linear projector (MoCo v2's)
   dtype: str = "float32"  # compute dtype: how the network runs, not what it is (not in to_dict)
 
   @classmethod
@@ -138,6 +152,7 @@ class ModelSpec:
     (configuration.validate_config gathers them)."""
     m = config.model
     dtype = m.get("dtype", "float32")
+    proj_bn = m.get("proj_batch_norm", True)
     errors = []
     for ok, field, message in [
         (m.arch in ARCHITECTURES, "arch", f"{m.arch!r} is not one of {sorted(ARCHITECTURES)}"),
@@ -145,6 +160,7 @@ class ModelSpec:
         (m.proj_dim > 0, "proj_dim", f"must be > 0, got {m.proj_dim}"),
         (m.proj_hidden_dim >= 0, "proj_hidden_dim", "must be >= 0"),
         (dtype in DTYPES, "dtype", f"{dtype!r} is not one of {sorted(DTYPES)}"),
+        (isinstance(proj_bn, bool), "proj_batch_norm", f"must be True or False, got {proj_bn!r}"),
     ]:
       if not ok:
         errors.append(f"config.model.{field}: {message}")
@@ -158,6 +174,7 @@ class ModelSpec:
         proj_hidden_dim=int(m.proj_hidden_dim or d),
         proj_dim=int(m.proj_dim),
         pred_hidden_dim=int(m.pred_hidden_dim if _uses_predictor(config.method) else 0),
+        proj_batch_norm=proj_bn,
         dtype=dtype,
     )
 
@@ -169,6 +186,7 @@ class ModelSpec:
         proj_hidden_dim=self.proj_hidden_dim,
         proj_dim=self.proj_dim,
         pred_hidden_dim=self.pred_hidden_dim,
+        proj_batch_norm=self.proj_batch_norm,
         expand_res=expand_res,
         axis_name=axis_name,
         dtype=self.dtype,
@@ -180,6 +198,20 @@ class ModelSpec:
     d = dataclasses.asdict(self)
     del d["dtype"]
     return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], source: str = "model spec") -> "ModelSpec":
+    """The inverse of to_dict; fields added since a checkpoint or export was written take their
+    defaults (proj_batch_norm: True, what every earlier model had), so old files still load."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    missing = [n for n, f in fields.items() if n not in d and f.default is dataclasses.MISSING]
+    if unknown or missing:
+      raise ValueError(
+          f"{source}: not a ModelSpec (unknown fields {unknown}, missing {missing}); it was "
+          "written by another version of ocl_jax"
+      )
+    return cls(**d)
 
 
 def random_variables(
