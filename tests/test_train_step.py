@@ -193,3 +193,31 @@ def test_sgcl_multi_crop_pairs_train(method):
   _, losses, metrics = run_steps(method, 1, num_steps=1, sgcl=(("num_local_crops", 1),))
   assert np.isfinite(losses[0]) and losses[0] != base_losses[0]
   np.testing.assert_allclose(metrics["sgcl_weight_mean"], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_online_probe_loss_and_accuracy_are_the_global_batch_means(devices):
+  """After the step's pmean, the probe's loss and accuracy are those of the whole batch
+  (NumPy), on one device or split over four; unlabelled examples (-1) do not count."""
+  from ocl_jax.train import step as step_lib
+
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(16, 5)).astype(np.float32)
+  labels = rng.integers(-1, 3, size=16).astype(np.int32)
+  params = {"kernel": rng.normal(size=(5, 3)).astype(np.float32), "bias": np.zeros(3, np.float32)}
+
+  def run(f, lab):
+    loss, _, acc = step_lib.probe_loss_and_grad(params, f, lab, 3)
+    return jax.lax.pmean(loss, parallel.AXIS), jax.lax.pmean(acc, parallel.AXIS)
+
+  shape = lambda x: x.reshape((devices, -1) + x.shape[1:])
+  loss, acc = jax.pmap(run, axis_name=parallel.AXIS, devices=jax.devices()[:devices])(
+      shape(feats), shape(labels)
+  )
+  logits = feats @ params["kernel"]
+  keep = labels >= 0
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  want_loss = -np.mean(logp[keep, labels[keep]])
+  want_acc = np.mean(np.argmax(logits[keep], 1) == labels[keep])
+  np.testing.assert_allclose(np.asarray(loss), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(acc), want_acc, rtol=1e-6)

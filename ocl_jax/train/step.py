@@ -230,7 +230,7 @@ def probe_loss_and_grad(
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe_params)
   correct = jnp.sum(jnp.where(valid, jnp.argmax(logits, -1) == labels, False))
-  acc = jax.lax.psum(correct, parallel.AXIS) / n_valid * jax.lax.psum(1, parallel.AXIS)
+  acc = jax.lax.psum(correct, parallel.AXIS) / n_valid  # global already: the pmean keeps it
   return loss, grads, acc
 
 
