@@ -51,7 +51,8 @@ def _count(config: ml_collections.ConfigDict, split: str) -> int | None:
 def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, list[dict]]]:
   """(host batch, [ContraCAM outputs per settings]) over `split`, with a progress bar.
 
-  Equal settings in the list are computed once.
+  Equal settings in the list are computed once. Batch k+1 is dispatched before batch
+  k's maps are fetched, so the devices compute while the caller writes files.
   """
   c = config.contracam
   unique = list(dict.fromkeys(settings_list))
@@ -62,7 +63,12 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
   n = _count(config, split)
   total = None if n is None else math.ceil(n / c.batch_size)
   batches = eval_data.localization_batches(config, split, c.batch_size, c.max_images)
-  previous = None
+  previous, pending = None, None
+
+  def fetch(batch, outs):  # equal settings share one output (callers check identity)
+    host = {s: jax.device_get(out) for s, out in outs.items()}
+    return batch, [host[s] for s in settings_list]
+
   for batch in console.progress(batches, total=total, desc=f"ContraCAM {split}", unit="batch"):
     x = _to_input(batch["image"])
     n = x.shape[0]
@@ -72,9 +78,13 @@ def _cam_batches(config, split, settings_list, source) -> Iterator[tuple[dict, l
     outs = {}
     for s in unique:
       net, variables = nets[s.expand_res][:2]
-      out = jax.device_get(contracam.contracam_on_local_devices(net, variables, x, s))
+      out = contracam.contracam_on_local_devices(net, variables, x, s)
       outs[s] = {k: v[:, :n] if k in ("cams", "scores") else v[:n] for k, v in out.items()}
-    yield batch, [outs[s] for s in settings_list]
+    if pending is not None:
+      yield fetch(*pending)
+    pending = batch, outs
+  if pending is not None:
+    yield fetch(*pending)
 
 
 def _boxes(cam: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:

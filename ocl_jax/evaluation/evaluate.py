@@ -58,21 +58,30 @@ def extract_features(
   """(features (N, D) float32, labels (N,)) of every valid example, over all processes.
 
   `batches` are this process's host batches (image uint8, label, valid) of a
-  size divisible by the local device count.
+  size divisible by the local device count. Batch k+1 is dispatched before batch k's
+  features are fetched, so reading the next batch overlaps the forward pass.
   """
   n_dev = jax.local_device_count()
   forward = _pmapped_features(module)
   feats, labels, shape = [], [], None
+
+  def keep_valid(out: jax.Array, batch: dict[str, np.ndarray]) -> None:
+    keep = batch["valid"] > 0
+    feats.append(np.asarray(out).reshape(keep.shape[0], -1)[keep])
+    labels.append(batch["label"][keep])
+
+  pending = None
   for batch in console.progress(batches, total=total, desc=desc, unit="batch", leave=False):
     b = batch["image"].shape[0]
     if b % n_dev:
       raise ValueError(f"evaluation batch {b} is not divisible by the {n_dev} local devices")
     shape = (n_dev, b // n_dev) + batch["image"].shape[1:]
     out = forward(variables, batch["image"].reshape(shape))
-    out = np.asarray(out).reshape(b, -1)
-    keep = batch["valid"] > 0
-    feats.append(out[keep])
-    labels.append(batch["label"][keep])
+    if pending is not None:
+      keep_valid(*pending)
+    pending = out, batch
+  if pending is not None:
+    keep_valid(*pending)
   if jax.process_count() > 1:
     # Every process runs the multi-process pmap equally often: shorter shards run
     # padding batches whose outputs are dropped.
