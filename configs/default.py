@@ -278,4 +278,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.nonfinite = "stop"
   c.view_pictures = 8  # images of the first batch drawn to WORKDIR/views.png (0 = off)
   c.prefetch_to_device = 2  # batches staged on device ahead of the step
+  # Host batches read by a background thread ahead of the step (ocl_jax/data/prefetch.py), so
+  # the next epoch's pipeline is built while queued steps run; 0 reads in the loop's thread.
+  c.host_prefetch = 4
   return c

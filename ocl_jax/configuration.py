@@ -61,6 +61,9 @@ def validate_config(
   if isinstance(b, int) and b > 0:
     _check(b % n_dev == 0, "batch_size", f"{b} is not divisible by the {n_dev} devices", e)
     _check(b % n_proc == 0, "batch_size", f"{b} is not divisible by the {n_proc} processes", e)
+  for field in ("host_prefetch", "prefetch_to_device"):
+    v = config.get(field, 0)
+    _check(isinstance(v, int) and v >= 0, field, f"must be an integer >= 0, got {v!r}", e)
   _gather(lambda: ModelSpec.from_config(config), e)
   method = methods.get(config.method) if config.method in known else None
   for field, message in method.check_config(config) if method else ():

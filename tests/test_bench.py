@@ -136,8 +136,8 @@ def test_quick_bench_cli_writes_json_and_table(tmp_path, scenes_data_dir):
   t10 = by_name["contracam_T10_x1"]
   forward = t10["extra"]["analytic_forward_flops_per_iteration"]
   assert 10 * forward <= t10["flops_per_call"] <= 10 * 1.3 * forward
-  wait = by_name["moco+input"]["extra"]["input_wait_fraction"]
-  assert 0 <= wait <= 1
+  fed = by_name["moco+input"]["extra"]
+  assert 0 <= fed["input_wait_fraction"] <= 1 and 0 <= fed["device_idle_fraction"] <= 1
   assert by_name["contracam_T10_x1@pmap"]["flops_per_call"] == t10["flops_per_call"]
   if HAS_TORCH:
     for name in ("moco", "moco/views", "contracam_T10_x1", "contracam_T10_x1@pmap"):

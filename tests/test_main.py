@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -52,6 +53,8 @@ def test_cli_trains_checkpoints_resumes_and_exports(tmp_path, scenes_data_dir, t
   assert first.returncode == 0, first.stderr[-3000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   assert "loss=" in first.stderr and "eval_probe_accuracy=" in first.stderr
+  idle = [float(x) for x in re.findall(r"device_idle_fraction=([0-9.e-]+)", first.stderr)]
+  assert len(idle) == 2 and all(0 <= x <= 1 for x in idle)  # logged at steps 2 and 4
   assert "%|" not in first.stderr  # log lines on the console (--verbosity): no progress bar
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   # Started again with a longer schedule, the run continues from step 4; here with the CPU

@@ -52,6 +52,7 @@ import ml_collections
 import numpy as np
 
 from ocl_jax import methods, parallel
+from ocl_jax.train.device_idle import DeviceIdleMeter
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "demo.py"
@@ -691,20 +692,25 @@ def bench_input(
     state, metrics = step(state, next(batches))
   jax.block_until_ready(metrics)
   wait, steps = 0.0, n
-  start = time.perf_counter()
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    batch = next(batches)
-    wait += time.perf_counter() - t0
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
-  total = time.perf_counter() - start
+  with DeviceIdleMeter() as idle:
+    start = time.perf_counter()
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      batch = next(batches)
+      wait += time.perf_counter() - t0
+      dispatch = idle.dispatching()
+      state, metrics = step(state, batch)
+      idle.dispatched(dispatch, metrics)
+    jax.block_until_ready(metrics)
+    total = time.perf_counter() - start
+    idle_s = idle.take(flush=True)
   if kept is not None:
     kept["state"] = state
   fed = _result("moco+input", "input", [total / steps], c.batch_size)
   fed.extra.update(
       input_wait_s_per_step=wait / steps,
       input_wait_fraction=wait / total,
+      device_idle_fraction=idle_s / total,
       dataset=c.dataset.name,
       prefetch_to_device=c.prefetch_to_device,
       note=f"moco step fed by tf.data; mean of {steps} steps",
@@ -1023,8 +1029,11 @@ def table(results: list[Result], config_line: str) -> str:
     if r.group == "reference":
       continue
     notes = []
-    if "input_wait_fraction" in r.extra:
-      notes.append(f"waits for input {100 * r.extra['input_wait_fraction']:.1f}% of the time")
+    if "device_idle_fraction" in r.extra:
+      notes.append(
+          f"devices idle {100 * r.extra['device_idle_fraction']:.1f}% of the time (the loop "
+          f"blocked on input {100 * r.extra['input_wait_fraction']:.1f}%)"
+      )
     if r.flops_source == "analytic":
       notes.append("analytic FLOPs")
     if r.group == "peak":

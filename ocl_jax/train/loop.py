@@ -31,8 +31,10 @@ from ocl_jax import (
 )
 from ocl_jax.configuration import save_config_json
 from ocl_jax.data import eval_data, prechecks, sources, train_data
+from ocl_jax.data.prefetch import BackgroundPrefetch
 from ocl_jax.models import ModelSpec
 from ocl_jax.train import step as step_lib
+from ocl_jax.train.device_idle import DeviceIdleMeter
 from ocl_jax.train.state import StepContext, TrainState, create_train_state, make_context
 from ocl_jax.train.step import augment_views, probe_eval_step, train_step
 from ocl_jax.views import augment, saliency
@@ -247,7 +249,10 @@ def _train(
   )
   p_eval = jax.pmap(functools.partial(probe_eval_step, ctx=ctx), axis_name=parallel.AXIS)
   state = parallel.replicate(state)
-  batches = parallel.prefetch_to_device(data.iterate(start_step), config.prefetch_to_device)
+  host = data.iterate(start_step)
+  if config.host_prefetch > 0:
+    host = BackgroundPrefetch(host, config.host_prefetch)
+  batches = parallel.prefetch_to_device(host, config.prefetch_to_device)
   if config.view_pictures > 0 and start_step == 0:
     first = next(batches)
     path = write_view_pictures(state, first, ctx, config.view_pictures, workdir, writer, 0)
@@ -278,20 +283,25 @@ def _train(
   pending: list[dict[str, jax.Array]] = []
   last_log = time.time()
   skipped = 0
-  input_wait = 0.0  # seconds the loop blocked on the input pipeline since the last log
+  # Seconds the loop blocked on the input pipeline since the last log. Steps are dispatched
+  # asynchronously, so this mostly overlaps queued steps; device_idle_fraction is whether the
+  # devices actually ran dry (train/device_idle.py).
+  input_wait = 0.0
   bar = console.progress(
       total=total_steps,
       initial=start_step,
       unit="step",
       desc=f"{os.path.basename(workdir)} ({config.method})",
   )
-  with preemption.PreemptionWatcher() as watcher, bar:
+  with preemption.PreemptionWatcher() as watcher, bar, DeviceIdleMeter() as idle:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         waited = time.perf_counter()
         batch = next(batches)
         input_wait += time.perf_counter() - waited
+        dispatch = idle.dispatching()
         state, metrics = p_step(state, batch)
+        idle.dispatched(dispatch, metrics)
       pending.append(metrics)
       ckpt.check_for_errors()  # a failed background save stops the run at the next step
       report(step)
@@ -309,8 +319,10 @@ def _train(
         }
         now = time.time()
         summary["steps_per_second"] = len(pending) / (now - last_log)
-        # Fraction of wall time the loop waited for input: > 0 means the pipeline starves the step.
-        summary["input_wait_fraction"] = input_wait / max(now - last_log, 1e-9)
+        interval = max(now - last_log, 1e-9)
+        summary["input_wait_fraction"] = input_wait / interval
+        # > 0: the devices waited for the host (input, logging, saves) between steps.
+        summary["device_idle_fraction"] = idle.take(flush=True) / interval
         summary["skipped_steps"] = skipped
         last_log, input_wait = now, 0.0
         writer.write_scalars(step, summary)
@@ -340,6 +352,8 @@ def _train(
         state, next(batches), ctx, config.saliency.picture_images, workdir, writer, total_steps
     )
     logging.info("Wrote a batch's saliency maps and crops after training to %s", path)
+  if isinstance(host, BackgroundPrefetch):
+    host.close()
   final = parallel.unreplicate(state)
   if config.export_encoder:
     export.export_encoder(f"{workdir}/export", final.params, final.batch_stats, spec, config)
