@@ -33,9 +33,10 @@ def use_cpu_devices(count: int, batch_size: int | None = None) -> int:
 
   Why: XLA:CPU barely uses a second core inside one device's step, while the
   pmapped step runs each device's share of the batch on its own core: on the
-  2-core development machine the demo MoCo step ran ~1.3x faster on 2 devices
-  (BENCHMARKS.md). Losses and updates are the same up to rounding: BatchNorm
-  statistics, negatives and BG-mixup / Mixup donors all span the global batch.
+  2-core development machine the demo MoCo step ran 1.3-1.5x faster on 2 devices,
+  the whole main job 1.13x (README, "Run time"). Losses and updates are the same
+  up to rounding: BatchNorm statistics, negatives and BG-mixup / Mixup donors all
+  span the global batch.
   Only the host platform is split; accelerators are unaffected.
   """
   if count < 0:
