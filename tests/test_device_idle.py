@@ -1,6 +1,8 @@
 """DeviceIdleMeter: idle = sum of max(0, dispatch[k+1] - done[k]), checked by hand."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from ocl_jax.train.device_idle import DeviceIdleMeter
@@ -57,9 +59,14 @@ def test_a_failing_wait_does_not_stop_the_meter():
     assert meter.take(flush=True) == pytest.approx(1.0)
 
 
-def test_real_arrays_and_clock():
+def test_run_step_watches_the_metrics_of_a_donating_step():
+  step = jax.jit(
+      lambda state, batch: (state + batch, {"loss": (state * batch).sum()}), donate_argnums=0
+  )
+  state = jnp.zeros(3)
   with DeviceIdleMeter() as meter:
-    for _ in range(2):
-      t = meter.dispatching()
-      meter.dispatched(t, {"loss": jnp.ones(3).sum()})
+    for i in range(3):
+      state, metrics = meter.run_step(step, state, jnp.full(3, float(i)))
     assert 0.0 <= meter.take(flush=True) < 5.0
+  np.testing.assert_array_equal(state, [3.0, 3.0, 3.0])
+  assert float(metrics["loss"]) == 3 * 1.0 * 2.0

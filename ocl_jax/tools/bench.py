@@ -698,9 +698,7 @@ def bench_input(
       t0 = time.perf_counter()
       batch = next(batches)
       wait += time.perf_counter() - t0
-      dispatch = idle.dispatching()
-      state, metrics = step(state, batch)
-      idle.dispatched(dispatch, metrics)
+      state, metrics = idle.run_step(step, state, batch)
     jax.block_until_ready(metrics)
     total = time.perf_counter() - start
     idle_s = idle.take(flush=True)

@@ -43,9 +43,13 @@ class DeviceIdleMeter:
     self._thread = threading.Thread(target=self._watch, name="device_idle", daemon=True)
     self._thread.start()
 
-  def dispatching(self) -> float:
-    """The time a step is about to be dispatched (call just before the step)."""
-    return self._clock()
+  def run_step(self, step: Callable[..., Any], state: Any, batch: Any) -> tuple[Any, Any]:
+    """`step(state, batch)` -> (state, metrics), dispatched now and watched through its
+    metrics (the state may be donated to the next step, so it cannot be waited on)."""
+    dispatch_time = self._clock()
+    state, metrics = step(state, batch)
+    self.dispatched(dispatch_time, metrics)
+    return state, metrics
 
   def dispatched(self, dispatch_time: float, outputs: Any) -> None:
     """Watch `outputs` of the step dispatched at `dispatch_time` until they are computed."""

@@ -299,9 +299,7 @@ def _train(
         waited = time.perf_counter()
         batch = next(batches)
         input_wait += time.perf_counter() - waited
-        dispatch = idle.dispatching()
-        state, metrics = p_step(state, batch)
-        idle.dispatched(dispatch, metrics)
+        state, metrics = idle.run_step(p_step, state, batch)
       pending.append(metrics)
       ckpt.check_for_errors()  # a failed background save stops the run at the next step
       report(step)
