@@ -1,22 +1,10 @@
 """Test setup: 4 fake CPU devices so every pmap path runs multi-device, quiet TF."""
 
-import atexit
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-# One XLA compilation cache for the whole session, child processes included: many tests
-# train the same tiny model (CLI, resume, relative paths, pipeline), and compiling the
-# step is most of their time. Fresh per session, so a run measures what a clean CI sees;
-# only compilations over half a second are stored.
-_XLA_CACHE = tempfile.mkdtemp(prefix="ocl_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

@@ -11,6 +11,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -128,9 +129,13 @@ def _env():
       PYTHON=sys.executable,
       JAX_PLATFORMS="cpu",
       TF_CPP_MIN_LOG_LEVEL="2",
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
-  # JAX_COMPILATION_CACHE_DIR is inherited (conftest): the processes of both layouts share
-  # the session's compilations, which are most of this test's time.
+  # Kept between test runs: compiling the steps is most of this test's time.
+  env.setdefault(
+      "JAX_COMPILATION_CACHE_DIR",
+      os.path.join(tempfile.gettempdir(), "ocl_jax_test_compilation_cache"),
+  )
   return env
 
 
