@@ -76,7 +76,9 @@ def run_steps(method, num_devices, num_steps=2, constant_images=False, sgcl=(), 
   return parallel.unreplicate(state), losses, parallel.unreplicate(metrics)
 
 
-@pytest.mark.parametrize("method", ["moco", "byol", "simclr"])
+# SimCLR's split invariance is in the slow suite here and in test_device_invariance: its
+# step is MoCo's without the queue and the target network, both checked here by moco / byol.
+@pytest.mark.parametrize("method", ["moco", "byol", pytest.param("simclr", marks=pytest.mark.slow)])
 def test_four_devices_equal_one_device(method):
   """Same global batch: identical loss, params, BN statistics, EMA target and queue."""
   state1, losses1, _ = run_steps(method, 1)
@@ -187,7 +189,8 @@ def test_sgcl_step_with_bank_and_local_crops_is_device_count_invariant():
       np.testing.assert_allclose(m4[k], m1[k], rtol=2e-3)
 
 
-@pytest.mark.parametrize("method", ["byol", "simclr"])
+# BYOL's local crops are in the default suite through its golden losses (byol-sgcl_local).
+@pytest.mark.parametrize("method", [pytest.param("byol", marks=pytest.mark.slow), "simclr"])
 def test_sgcl_multi_crop_pairs_train(method):
   _, base_losses, _ = run_steps(method, 1, num_steps=1)
   _, losses, metrics = run_steps(method, 1, num_steps=1, sgcl=(("num_local_crops", 1),))
