@@ -52,7 +52,7 @@ class CheckpointSaveError(RuntimeError):
 # shape mismatch there names the field to change, not just the array.
 SHAPE_FIELDS = {
     "queue": ("moco.queue_size",),
-    "bg_fifo": ("bg_mixup.fifo_size", "batch_size", "dataset.image_size"),
+    "bg_fifo": ("bg_mixup.fifo_size", "augment.crop_size"),  # (fifo_size, crop, crop, 3)
     "saliency_bank": ("saliency.map_size", "saliency.every_k_steps"),
     "saliency_stamp": ("saliency.every_k_steps",),
 }

@@ -164,6 +164,25 @@ def test_another_queue_size_names_the_field_before_orbax_reads(workdir, scenes_d
   assert "queue has shape (64, 8) in the checkpoint, the config expects (128, 8)" in str(e.value)
 
 
+def test_another_crop_size_names_it_for_the_bg_mixup_fifo(scenes_data_dir, tmp_path):
+  """The FIFO holds views, (fifo_size, crop, crop, 3): the new crop size is named, not the
+  batch size, which changed too but shapes no array."""
+  c = _config(scenes_data_dir)
+  c.bg_mixup.enabled = True
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+  ckpt.save(2, jax.device_get(train.create_train_state(0, c, train.make_context(c, 4, 10))))
+  ckpt.close()
+  c.augment.crop_size, c.batch_size = 24, 32
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+  template = train.create_train_state(0, c, train.make_context(c, 4, 10))
+  with pytest.raises(checkpointing.CheckpointMismatchError) as e:
+    ckpt.restore_or(template)
+  ckpt.close()
+  assert "bg_fifo.images has shape (50, 32, 32, 3) in the checkpoint" in str(e.value)
+  assert "augment.crop_size 32 (checkpoint) vs 24 (config)" in str(e.value)
+  assert "batch_size" not in str(e.value)
+
+
 def test_another_model_names_the_model_field(workdir, scenes_data_dir):
   c = _config(scenes_data_dir)
   c.model.width = 8
