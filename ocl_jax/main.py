@@ -12,17 +12,16 @@ import os
 import sys
 from typing import Any
 
-# TensorFlow only feeds the host pipeline (decoding, resizing), which oneDNN's custom ops do
-# not touch (its batches are byte-identical either way); off, TF also prints no notice about
-# them. Its C++ INFO lines are not for the console either. Both must be set before TF loads.
+# TensorFlow, when a TFDS dataset or an image folder is read (data/tf_readers.py), only feeds
+# the host pipeline (decoding, resizing), which oneDNN's custom ops do not touch (its batches
+# are byte-identical either way); off, TF also prints no notice about them. Its C++ INFO lines
+# are not for the console either. Both must be set before TF loads.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
 
 from ocl_jax import console, parallel, paths  # noqa: E402
 from ocl_jax.configuration import save_config_json, validate_config  # noqa: E402
@@ -84,9 +83,6 @@ def main(argv):
   config = paths.resolve_config(FLAGS.config)
   validate_config(config)
   log_file = console.log_to_file(workdir)
-  tfds.disable_progress_bar()  # dataset generation: one line, not a bar per split
-  # tf.data only feeds the host; keep TensorFlow off any accelerator.
-  tf.config.experimental.set_visible_devices([], "GPU")
   logging.info("Full log: %s", log_file)
   logging.info(
       "JAX process %d/%d, %d local devices %s, %d devices in all",

@@ -91,3 +91,9 @@ def global_offset(local_batch: int) -> jax.Array:
   p*D ... p*D+D-1), matching the input pipeline's per-process slices.
   """
   return jax.lax.axis_index(AXIS) * local_batch
+
+
+def shard_for_devices(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """(B, ...) host batch -> (local devices, B / devices, ...), the layout pmap expects."""
+  n = jax.local_device_count()
+  return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}

@@ -161,7 +161,12 @@ def _run_training(config, workdir, stage) -> dict[str, Any]:
   c = stage_config(config, stage, workdir)
   validate_config(c)
   state = train.train_and_evaluate(c, stage_dir(workdir, stage))
-  return {"steps": int(state.step), "export": os.path.join(stage_dir(workdir, stage), "export")}
+  info = {"steps": int(state.step), "export": os.path.join(stage_dir(workdir, stage), "export")}
+  timing = os.path.join(stage_dir(workdir, stage), train.RunTiming.FILE)
+  if os.path.exists(timing):  # this run's own training (not there when nothing was left)
+    with open(timing) as f:
+      info["timing"] = json.load(f)
+  return info
 
 
 def _run_contracam(config, workdir, stage) -> dict[str, Any]:

@@ -15,13 +15,19 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def scenes_data_dir(tmp_path_factory):
-  """A TFDS data dir holding the generated `scenes/tiny` (32 px, a few hundred images)."""
-  import tensorflow_datasets as tfds
-  import ocl_jax  # noqa: F401  registers the builder
+  """A data dir holding the rendered `scenes/tiny` arrays (32 px, a few hundred images)."""
+  from ocl_jax.data import scenes
 
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  tfds.builder("scenes/tiny", data_dir=data_dir).download_and_prepare()
+  data_dir = str(tmp_path_factory.mktemp("data"))
+  scenes.prepare(scenes.CONFIGS["tiny"], data_dir)
   return data_dir
+
+
+def tiny_split(data_dir, split):
+  """The arrays of a `scenes/tiny` split (image, mask, label, id, boxes, classes, ...)."""
+  from ocl_jax.data import scenes
+
+  return scenes.load_split(scenes.CONFIGS["tiny"], data_dir, split)
 
 
 @pytest.fixture

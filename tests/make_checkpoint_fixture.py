@@ -31,13 +31,12 @@ def fixture_config(scenes_data_dir: str):
 
 
 def main() -> None:
-  import tensorflow_datasets as tfds
-  import ocl_jax  # noqa: F401  registers scenes
   from ocl_jax import train
+  from ocl_jax.data import scenes
 
   with tempfile.TemporaryDirectory() as tmp:
-    data_dir = f"{tmp}/tfds"
-    tfds.builder("scenes/tiny", data_dir=data_dir).download_and_prepare()
+    data_dir = f"{tmp}/data"
+    scenes.prepare(scenes.CONFIGS["tiny"], data_dir)
     train.train_and_evaluate(fixture_config(data_dir), f"{tmp}/work")
     shutil.rmtree(PATH, ignore_errors=True)
     shutil.copytree(f"{tmp}/work/checkpoints", PATH)

@@ -64,6 +64,23 @@ def test_every_train_case_is_a_valid_config_and_selectable():
     bench.select("mocco", True)
 
 
+def test_set_overrides_config_fields_such_as_placeholder_paths():
+  """configs/in9.py's shapes with its data paths filled in: what the synthetic cases need."""
+  from ocl_jax.configuration import validate_config
+
+  config = str(pathlib.Path(__file__).parents[1] / "configs" / "in9.py")
+  args = bench.parse_args(
+      ["--config", config, "--set", "dataset.name=scenes/small", "--set=batch_size=128"]
+      + ["--set", "evaluation.folders.imagenet9=unused", "--set", "model.proj_batch_norm=False"]
+  )
+  c = bench.base_config(args)
+  assert c.dataset.name == "scenes/small" and c.batch_size == 128
+  assert c.model.proj_batch_norm is False and c.model.arch == "resnet50"
+  validate_config(c)
+  with pytest.raises(SystemExit, match="KEY=VALUE"):
+    bench.base_config(bench.parse_args(["--set", "batch_size"]))
+
+
 def test_synthetic_batches_match_the_input_pipeline(scenes_data_dir):
   """Every train case's synthetic batch has the keys, shapes and dtypes the pipeline yields."""
   from ocl_jax.data import train_data

@@ -12,7 +12,9 @@ import tensorflow_datasets as tfds
 from ocl_jax.data import eval_data
 from ocl_jax.data import eval_datasets
 from ocl_jax.data import scenes_render
-from ocl_jax.data import sources
+from ocl_jax.data import tf_readers
+from ocl_jax.data.errors import DatasetNotFoundError
+from tests.conftest import tiny_split
 
 
 def _collect(ds, split, **kw):
@@ -51,19 +53,31 @@ def test_scenes_splits_counts_order_and_padding(scenes_data_dir):
       "only_fg": "test_only_fg",
       "single": "test_single",
   }
-  builder = tfds.builder("scenes/tiny", data_dir=scenes_data_dir)
   for split in ds.splits:
     # 64 examples, batches of 24: the last one is padded with 8.
     got = _collect(ds, split, image_size=32, crop_fraction=1.0, batch_size=24)
-    ref = list(tfds.as_numpy(builder.as_dataset(split=split)))
-    assert len(got["label"]) == builder.info.splits[split].num_examples == len(ref)
-    assert eval_data.split_size(ds, split) == len(ref)
-    np.testing.assert_array_equal(got["label"], [ex["label"] for ex in ref])
+    ref = tiny_split(scenes_data_dir, split)
+    assert len(got["label"]) == len(ref["label"]) == 64
+    assert eval_data.split_size(ds, split) == len(ref["label"])
+    np.testing.assert_array_equal(got["label"], ref["label"])
     if split == "test":  # same size, crop fraction 1: the images themselves, in order
-      np.testing.assert_array_equal(got["image"], np.stack([ex["image"] for ex in ref]))
+      np.testing.assert_array_equal(got["image"], ref["image"])
   assert eval_data.last_skipped(ds, "test") == ()
-  small = _collect(ds, "val", image_size=16, crop_fraction=0.5, batch_size=5, max_examples=7)
+  small = _collect(ds, "val", image_size=16, crop_fraction=0.875, batch_size=5, max_examples=7)
   assert small["image"].shape == (7, 16, 16, 3)
+  # The NumPy reader resizes and crops like the tf.data one: 32 -> 18, centre 16 x 16.
+  for got, image in zip(small["image"], tiny_split(scenes_data_dir, "val")["image"][:7]):
+    assert np.abs(got.astype(int) - _np_resize_center_crop(image, 16, 0.875)).max() <= 1
+  # with_ids: the images' ids, in order, padded with 0.
+  batches = list(
+      eval_data.split_batches(
+          ds, "test", image_size=32, crop_fraction=1.0, batch_size=24, with_ids=True
+      )
+  )
+  ids = np.concatenate([b["id"] for b in batches])
+  assert ids.dtype == np.int64 and len(ids) == 72
+  np.testing.assert_array_equal(ids[:64], tiny_split(scenes_data_dir, "test")["id"])
+  assert not ids[64:].any()
 
 
 # ----------------------------------------------------------------------------
@@ -121,7 +135,7 @@ def test_resize_center_crop_matches_numpy_on_a_non_square_folder_image(tmp_path)
   assert np.abs(got["image"][0] - resized[2:18, 13:29]).mean() > 10
   # Portrait, odd sizes (long side truncated: 20 * 47 // 30 = 31) and grayscale input.
   tall = (rng.rand(47, 30, 1) * 255).astype(np.uint8)
-  out = eval_data.resize_center_crop(tf.constant(tall), 15, 0.75).numpy()
+  out = tf_readers.resize_center_crop(tf.constant(tall), 15, 0.75).numpy()
   ref = _np_resize_center_crop(np.repeat(tall, 3, -1), 15, 0.75)
   assert out.shape == (15, 15, 3) and np.abs(out.astype(int) - ref).max() <= 1
 
@@ -143,7 +157,7 @@ def test_coco_crop_box_selection_margin_and_clipping():
       np.float32,
   )
   labels = np.array([3, 4, 7, 9, 1, 5])  # one extra label (mock data): ignored
-  boxes, kept = eval_data.coco_crop_boxes(tf.constant(bbox), tf.constant(labels))
+  boxes, kept = tf_readers.coco_crop_boxes(tf.constant(bbox), tf.constant(labels))
   np.testing.assert_array_equal(kept.numpy(), [3, 7, 9])
   np.testing.assert_allclose(
       boxes.numpy(),
@@ -155,9 +169,9 @@ def test_coco_crop_box_selection_margin_and_clipping():
       atol=1e-6,
   )
   # Pixel windows round outwards and stay inside the image (top, left, h, w).
-  window = eval_data.box_pixels(tf.constant([0.1, 0.02, 0.8, 0.58]), 50, 20).numpy()
+  window = tf_readers.box_pixels(tf.constant([0.1, 0.02, 0.8, 0.58]), 50, 20).numpy()
   np.testing.assert_array_equal(window, [1, 2, 29 - 1, 16 - 2])
-  window = eval_data.box_pixels(tf.constant([0.99, 0.99, 1.0, 1.0]), 10, 10).numpy()
+  window = tf_readers.box_pixels(tf.constant([0.99, 0.99, 1.0, 1.0]), 10, 10).numpy()
   np.testing.assert_array_equal(window, [9, 9, 1, 1])
 
 
@@ -188,7 +202,9 @@ def test_tfds_sets_under_mock_data(name):
         builder = tfds.builder("coco/2017")
         expected = [
             int(
-                eval_data.coco_crop_boxes(ex["objects"]["bbox"], ex["objects"]["label"])[1].shape[0]
+                tf_readers.coco_crop_boxes(ex["objects"]["bbox"], ex["objects"]["label"])[1].shape[
+                    0
+                ]
             )
             for ex in builder.as_dataset(split=split)
         ]
@@ -199,7 +215,7 @@ def test_tfds_sets_under_mock_data(name):
 
 def test_tfds_set_not_prepared_is_a_clear_error(tmp_path):
   ds = eval_datasets.get_eval_dataset("cifar10", data_dir=str(tmp_path))
-  with pytest.raises(sources.DatasetNotFoundError, match=str(tmp_path)):
+  with pytest.raises(DatasetNotFoundError, match=str(tmp_path)):
     next(eval_data.split_batches(ds, "test", image_size=8, crop_fraction=1.0, batch_size=2))
 
 

@@ -13,7 +13,9 @@ from ocl_jax.data import annotations
 from ocl_jax.data import eval_data
 from ocl_jax.data import folders
 from ocl_jax.data import sources
+from ocl_jax.data import tf_readers
 from ocl_jax.data import train_data
+from ocl_jax.data.errors import DatasetNotFoundError
 from ocl_jax.configuration import ConfigError, validate_config
 from tests.conftest import make_tiny_config, train_two_steps
 
@@ -116,9 +118,10 @@ def test_localization_and_eval_batches_use_the_same_ids(folder, caplog):
     assert b["image"].shape[1:] == (32, 32, 3) and set(b) >= {"image", "id", "label"}
     for image_id, label in zip(b["id"], b["label"]):
       assert label == expected[image_id][0]
-  # ContraCAM counts a split through open_split: the listed files.
+  # ContraCAM counts a split through sources.num_examples: the listed files.
   builder = sources.get_builder(c.dataset.name, None)
-  assert int(sources.open_split(builder, "train").cardinality()) == 16
+  assert sources.num_examples(builder, "train") == 16
+  assert int(tf_readers.open_split(builder, "train").cardinality()) == 16
   # Other splits are sibling folders: original/val.
   val = list(eval_data.localization_batches(c, "val", 8))
   assert list(val[0]["id"]) == ["00_dog__im0", "01_bird__im0", "02_cat__im0"]
@@ -126,7 +129,7 @@ def test_localization_and_eval_batches_use_the_same_ids(folder, caplog):
   valid = np.concatenate([b["valid"].reshape(-1) for b in batches])
   labels = np.concatenate([b["label"].reshape(-1) for b in batches])
   assert valid.sum() == 3 and list(labels[valid > 0]) == [0, 1, 2]
-  with pytest.raises(sources.DatasetNotFoundError, match="no split 'test'"):
+  with pytest.raises(DatasetNotFoundError, match="no split 'test'"):
     list(eval_data.eval_batches(c, "test"))
 
 
@@ -170,7 +173,7 @@ def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
   c = _config(tmp_path / "nope")
   with pytest.raises(ConfigError, match="config.dataset.name"):
     validate_config(c, num_devices=4, num_processes=1)
-  with pytest.raises(sources.DatasetNotFoundError, match="config.dataset.name"):
+  with pytest.raises(DatasetNotFoundError, match="config.dataset.name"):
     train_data.create_train_data(c)
   (tmp_path / "empty" / "some_class").mkdir(parents=True)
   c = _config(tmp_path / "empty")

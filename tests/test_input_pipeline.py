@@ -11,7 +11,10 @@ from PIL import Image
 from ocl_jax.data import eval_data
 from ocl_jax.data import preprocess
 from ocl_jax.data import sources
+from ocl_jax.data import tf_readers
 from ocl_jax.data import train_data
+from ocl_jax.data.errors import DatasetNotFoundError
+from tests.conftest import tiny_split
 
 
 def test_train_batches_shapes_and_values(tiny_config):
@@ -51,25 +54,22 @@ def test_eval_batches_pad_and_mask_without_dropping(tiny_config):
   masks = np.concatenate([b["valid"].reshape(-1) for b in batches])
   assert masks.sum() == 64 and len(masks) == 3 * 24  # 64 examples, last batch padded
   labels = np.concatenate([b["label"].reshape(-1) for b in batches])[masks > 0]
-  ref = [
-      int(ex["label"])
-      for ex in tfds.as_numpy(
-          tfds.load("scenes/tiny", split="test", data_dir=tiny_config.dataset.data_dir)
-      )
-  ]
+  ref = tiny_split(tiny_config.dataset.data_dir, "test")["label"]  # in order, each once
   np.testing.assert_array_equal(labels, ref)
 
 
 def test_missing_dataset_names_the_directory(tmp_path):
   builder = tfds.builder("coco/2017", data_dir=str(tmp_path))
-  with pytest.raises(sources.DatasetNotFoundError, match=str(tmp_path)) as e:
-    sources.open_split(builder, "train")
+  with pytest.raises(DatasetNotFoundError, match=str(tmp_path)) as e:
+    tf_readers.open_split(builder, "train")
   assert "tfds build coco/2017" in str(e.value)
 
 
 def test_unknown_dataset_is_a_clear_error(tmp_path):
-  with pytest.raises(sources.DatasetNotFoundError, match="config.dataset.name"):
+  with pytest.raises(DatasetNotFoundError, match="config.dataset.name"):
     sources.get_builder("no_such_dataset_xyz", str(tmp_path))
+  with pytest.raises(DatasetNotFoundError, match="config.dataset.name.*known: scenes/default"):
+    sources.get_builder("scenes/no_such_config", str(tmp_path))
 
 
 def test_coco_label_is_class_of_largest_instance():

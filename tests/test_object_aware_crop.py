@@ -11,7 +11,7 @@ import pytest
 
 from ocl_jax import parallel
 from ocl_jax.data import annotations
-from ocl_jax.data import preprocess
+from ocl_jax.data import array_reader
 from ocl_jax.data import sources
 from ocl_jax.data import train_data
 from ocl_jax.discovery import localization
@@ -119,13 +119,19 @@ def test_full_image_boxes_equal_plain_views():
 
 
 def _examples(config, builder, region_boxes, take=None):
-  """(raw id, raw yxyx bbox, preprocessed example) of the train split, in file order."""
-  ds = sources.open_split(builder, "train")
-  if take:
-    ds = ds.take(take)
-  pre = preprocess.make_preprocess(builder, config.dataset.image_size, region_boxes)
-  ds = ds.map(lambda ex: (ex["image/id"], ex["objects"]["bbox"], pre(ex)))
-  return list(ds.as_numpy_iterator())
+  """(raw id, raw yxyx bbox of its objects, preprocessed example) of the train split, in
+  order, through the reader's own preprocessing (array_reader.example_batch)."""
+  arrays = builder.arrays("train")
+  n = len(arrays["label"]) if take is None else take
+  batch = array_reader.example_batch(arrays, np.arange(n), config.dataset.image_size, region_boxes)
+  return [
+      (
+          int(arrays["id"][j]),
+          arrays["boxes"][j][arrays["classes"][j] >= 0],
+          {k: v[j] for k, v in batch.items()},
+      )
+      for j in range(n)
+  ]
 
 
 def _oa_config(scenes_data_dir, boxes="gt", tolerate=False):

@@ -14,6 +14,7 @@ from ocl_jax.discovery import crf
 from ocl_jax.discovery import discover
 from ocl_jax.discovery import localization
 from ocl_jax.models import ModelSpec
+from tests.conftest import tiny_split
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +60,7 @@ def test_save_boxes_and_masks(model_dirs, tmp_path):
   c = _cam_config(config, workdir)
   path = discover.save_boxes(c, str(tmp_path))
   table = localization.read_box_file(path)
-  ids = [
-      str(ex["image/id"])
-      for ex in tfds.as_numpy(
-          tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir).take(16)
-      )
-  ]
+  ids = [str(int(i)) for i in tiny_split(c.dataset.data_dir, "train")["id"][:16]]
   assert list(table) == ids
   for boxes in table.values():
     assert boxes.shape[1:] == (4,) and np.all((boxes >= 0) & (boxes <= 1))
@@ -103,12 +99,8 @@ def test_crf_refines_the_maps_boxes_and_masks_are_made_from(model_dirs, tmp_path
   assert _read_masks(boxes_only["masks"]).keys() == _read_masks(plain["masks"]).keys()
   for k, m in _read_masks(boxes_only["masks"]).items():
     np.testing.assert_array_equal(m, _read_masks(plain["masks"])[k])
-  images = {
-      str(ex["image/id"]): ex["image"]
-      for ex in tfds.as_numpy(
-          tfds.load("scenes/tiny", split="train", data_dir=c.dataset.data_dir).take(16)
-      )
-  }
+  train = tiny_split(c.dataset.data_dir, "train")
+  images = {str(int(i)): image for i, image in zip(train["id"][:16], train["image"][:16])}
   table = localization.read_box_file(boxes_only["boxes"])
   assert open(boxes_only["boxes"]).read() != open(plain["boxes"]).read()
   raw = _read_masks(plain["masks"])
@@ -183,11 +175,9 @@ def test_centre_prior_row_matches_direct_computation(model_dirs, tmp_path):
   results = discover.evaluate_localization(c, str(tmp_path))
   prior = localization.centre_gaussian_prior(32, 32)
   ious = []
-  for ex in tfds.as_numpy(
-      tfds.load("scenes/tiny", split="test", data_dir=c.dataset.data_dir).take(16)
-  ):
+  for mask in tiny_split(c.dataset.data_dir, "test")["mask"][:16]:
     clean = localization.clean_mask(prior, 0.5, c.contracam.eval_min_obj_scale).astype(np.float32)
-    ious.append(float(localization.mask_iou(clean, ex["mask"][..., 0].astype(np.float32))))
+    ious.append(float(localization.mask_iou(clean, mask.astype(np.float32))))
   np.testing.assert_allclose(
       results["Centre Gaussian prior"]["mask_miou"], np.mean(ious), rtol=1e-6
   )

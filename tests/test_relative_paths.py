@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from ocl_jax import configuration, main
+from ocl_jax.data import scenes
 from tests.conftest import pipeline_test_config
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -72,6 +73,11 @@ def test_every_mode_runs_with_relative_and_home_paths(
   assert "| vanilla |" in (p / "results.md").read_text()
   saved = json.load(open(p / "vanilla" / "export" / "model.json"))["config"]
   assert saved["dataset"]["data_dir"] == os.path.abspath(scenes_data_dir)
+  # Every mode read the one scenes cache the relative and ~ data dirs name: nothing was
+  # rendered anywhere else (the current directory, the default data dir under ~).
+  assert os.listdir(os.path.join(scenes_data_dir, "scenes", "tiny")) == [scenes.VERSION]
+  assert sorted(os.listdir(elsewhere)) == ["runs"]
+  assert not (tmp_path / "home" / "tensorflow_datasets").exists()
 
 
 def test_cli_with_a_relative_workdir_keeps_the_console_readable(scenes_data_dir, tmp_path):

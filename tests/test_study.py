@@ -163,6 +163,7 @@ def test_two_real_seeds_on_tiny(tiny_config, tmp_path):
   c.pipeline.localization = False
   c.study.seeds = (0, 1)
   c.study.metrics = ("scenes/knn/test", "scenes/feature/mixed_rand_consistency")
+  c.evaluation.protocols = ("knn", "feature")  # the protocols of those metrics
   first = study.run(c, str(tmp_path))
   assert set(first["models"]) == {"vanilla", "sgcl"}
   again = study.run(c, str(tmp_path))

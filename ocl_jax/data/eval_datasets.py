@@ -6,7 +6,7 @@ every dataset, whatever its source (a TFDS builder, COCO instances cropped on
 the fly, or a local image folder), the same way.
 
 Registry (`get_eval_dataset(name)`):
-  scenes             TFDS `scenes_name`: train_labeled / val / test + shifted tests
+  scenes             `scenes_name` (arrays): train_labeled / val / test + shifted tests
   coco_crop          COCO 2017 instances (area >= 1%, margin 0.2), 80 classes
   caltech_birds2011, oxford_flowers102, food101, oxford_iiit_pet, cifar10, cifar100
   imagenet9          ImageNet-9 backgrounds challenge folder (`bg_challenge`)
@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from typing import Mapping
-
-import tensorflow_datasets as tfds
 
 from ocl_jax.data import sources
 from ocl_jax.data.folders import class_folder_files
@@ -92,9 +90,9 @@ class EvalDataset:
   tests: dict[str, str] = dataclasses.field(hash=False)  # display name -> split
   head_from: str | None = None  # test-only sets: dataset whose probe is applied; the labels
   # here already index its class_names (matched by name)
-  source: str = "tfds"  # 'tfds' | 'coco_crop' | 'folder'
-  tfds_name: str | None = None  # tfds and coco_crop: the builder name
-  data_dir: str | None = None  # tfds and coco_crop: default TFDS data dir
+  source: str = "tfds"  # 'tfds' | 'coco_crop' | 'folder' | 'arrays' (scenes)
+  tfds_name: str | None = None  # tfds, coco_crop and arrays: the dataset name (sources)
+  data_dir: str | None = None  # tfds, coco_crop and arrays: the default data dir
   root: str | None = None  # folder: the root folder
   files: Mapping[str, tuple[tuple[str, int], ...]] = dataclasses.field(
       default_factory=dict, repr=False, hash=False
@@ -137,7 +135,8 @@ def get_eval_dataset(
     builder = sources.get_builder(scenes_name, data_dir)
     return EvalDataset(
         name=name,
-        class_names=_class_names(builder, "label"),
+        class_names=builder.class_names,
+        source="arrays",
         train="train_labeled",
         val="val",
         tests=dict(SCENES_TESTS),
@@ -214,13 +213,10 @@ def get_eval_dataset(
   raise ValueError(f"Unknown evaluation dataset {name!r}; known: {', '.join(KNOWN_NAMES)}")
 
 
-def _class_names(builder: tfds.core.DatasetBuilder, key: str) -> tuple[str, ...]:
-  feature = builder.info.features
-  for part in key.split("/"):
-    feature = feature[part]
-    if isinstance(feature, tfds.features.Sequence):
-      feature = feature.feature
-  return tuple(feature.names)
+def _class_names(builder: sources.Builder, key: str) -> tuple[str, ...]:
+  from ocl_jax.data import tf_readers  # TensorFlow only for TFDS datasets
+
+  return tf_readers.class_names(builder, key)
 
 
 def _folder_root(name: str, folders: Mapping[str, str]) -> str:

@@ -13,21 +13,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TYPE_CHECKING
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
 from ocl_jax.data.errors import DatasetNotFoundError
+from ocl_jax.data.sources import FOLDER_PREFIX
 
-FOLDER_PREFIX = "folder:"
+if TYPE_CHECKING:  # TensorFlow is imported where a folder is read, not to list one
+  import tensorflow as tf
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
-
-def is_folder_dataset(name: str) -> bool:
-  """Whether config.dataset.name names a local image folder ('folder:<root>')."""
-  return isinstance(name, str) and name.startswith(FOLDER_PREFIX)
 
 
 def folder_image_id(relative_path: str) -> str:
@@ -93,6 +90,8 @@ def class_folder_files(
 def decode_image_file(path: tf.Tensor) -> tf.Tensor:
   """uint8 (H, W, 3): grayscale becomes RGB, alpha is dropped, an animation gives its first
   frame; fails on unreadable or undecodable files (the callers skip those)."""
+  import tensorflow as tf  # only where a folder is read
+
   return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
 
 
@@ -125,6 +124,8 @@ class FolderFiles:
 
   def records(self) -> tf.data.Dataset:
     """Undecoded records (image/filename, label, image/id, file_index), in order."""
+    import tensorflow as tf  # only where a folder is read
+
     return tf.data.Dataset.from_tensor_slices(
         {
             "image/filename": tf.constant(self.paths, tf.string, shape=(len(self),)),
@@ -137,6 +138,8 @@ class FolderFiles:
   def loader(self) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """file index -> decoded example (image, label, image/id, file_index); fails on files
     that cannot be read or decoded."""
+    import tensorflow as tf  # only where a folder is read
+
     paths = tf.constant(self.paths, tf.string, shape=(len(self),))
     labels = tf.constant(self.labels, tf.int32, shape=(len(self),))
     ids = tf.constant(self.ids, tf.string, shape=(len(self),))
@@ -155,6 +158,8 @@ class FolderFiles:
     """Decoded examples in order, passed through `transform` if given; files that cannot be
     read, decoded or transformed are left out (their file_index is then missing from the
     stream, see track_unreadable)."""
+    import tensorflow as tf  # only where a folder is read
+
     load = self.loader()
     fn = load if transform is None else (lambda index: transform(load(index)))
     ds = tf.data.Dataset.range(len(self))
@@ -202,6 +207,7 @@ class FolderSource:
   """
 
   FEATURES = ("image", "label", "image/id")  # what make_preprocess and example_id key on
+  SOURCE_KIND = "folder"
 
   name: str  # 'folder:<root>', as in config.dataset.name
   root: str

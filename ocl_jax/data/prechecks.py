@@ -17,16 +17,12 @@ import time
 
 from absl import logging
 import ml_collections
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from ocl_jax.data import sources
 from ocl_jax.data.annotations import BoxLookupError
-from ocl_jax.data.annotations import example_id
+from ocl_jax.data.annotations import MaskFileError
 from ocl_jax.data.annotations import MaskLookupError
 from ocl_jax.data.errors import DatasetNotFoundError
-from ocl_jax.data.folders import decode_image_file
-from ocl_jax.data.folders import FolderSource
 from ocl_jax.data.train_data import TrainData
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,10 +32,6 @@ FIRST = 5  # ids / files named in a message
 
 class NotWritableError(PermissionError):
   """An output folder cannot be created or written to."""
-
-
-class MaskFileError(ValueError):
-  """A BG-mixup mask PNG is empty or truncated (tf's decoder would not say which file)."""
 
 
 def _first(items: list[str]) -> str:
@@ -65,15 +57,14 @@ def check_writable(folder: str, what: str) -> None:
 
 
 def training_ids(data: TrainData) -> list[str]:
-  """The ids (annotations.example_id) of every training example, read without the images."""
+  """The ids (box files, mask folders) of every training example, read without the images."""
   if data.files is not None:
     return list(data.files.ids)
-  feats = sources.features(data.builder)
-  # Images stay encoded (SkipDecoding; tfds' PartialDecoding would print a deprecation warning).
-  skip = {k: tfds.decode.SkipDecoding() for k in sources.image_features(data.builder)}
-  ds = sources.open_split(data.builder, data.split, decoders=skip or None)
-  ds = ds.map(lambda ex: example_id(ex, feats)).batch(4096)
-  return [i.decode() for batch in tfds.as_numpy(ds) for i in batch]
+  if sources.kind(data.builder) == "arrays":
+    return data.builder.ids(data.split)
+  from ocl_jax.data import tf_readers  # TensorFlow only for TFDS datasets
+
+  return tf_readers.training_ids(data)
 
 
 def _needed(data: TrainData, missing: list[str]) -> list[str]:
@@ -81,15 +72,10 @@ def _needed(data: TrainData, missing: list[str]) -> list[str]:
   ContraCAM skips them, so its box files and mask folders never have them."""
   if data.files is None or not missing:
     return missing
+  from ocl_jax.data import tf_readers  # folders are decoded by tf.data
+
   path_of = dict(zip(data.files.ids, data.files.paths))
-  needed = []
-  for image_id in missing:
-    try:
-      decode_image_file(tf.constant(path_of[image_id]))
-      needed.append(image_id)
-    except tf.errors.OpError:
-      pass
-  return needed
+  return [image_id for image_id in missing if tf_readers.decodable(path_of[image_id])]
 
 
 def _incomplete_png(path: str) -> str:
@@ -135,7 +121,7 @@ def check_coverage(config: ml_collections.ConfigDict, data: TrainData) -> None:
   ids = training_ids(data)
   what = f"{config.dataset.name} split {config.dataset.train_split!r}"
   if boxes is not None:
-    missing = _needed(data, [i for i in ids if i not in boxes.ids])
+    missing = _needed(data, [i for i in ids if i not in boxes.id_set])
     if missing and not boxes.tolerate_errors:
       raise BoxLookupError(
           f"{len(missing)} of the {len(ids)} training images of {what} are not in box file "
@@ -180,18 +166,17 @@ def check_eval_split(config: ml_collections.ConfigDict, data: TrainData) -> None
       f"the online probe evaluates on config.dataset.eval_split={split!r} every "
       f"{config.eval_every_steps} steps (set --config.eval_every_steps=0 to train without it)"
   )
-  if isinstance(builder, FolderSource):
+  if sources.kind(builder) == "folder":
     try:
       builder.files(split)
     except (DatasetNotFoundError, ValueError) as e:
       raise DatasetNotFoundError(f"{e}; {hint}") from e
     return
   try:
-    sources.open_split(builder, split)
+    sources.num_examples(builder, split)
   except (ValueError, KeyError) as e:
     raise DatasetNotFoundError(
-        f"dataset {builder.info.full_name} has no split {split!r} (it has "
-        f"{sorted(builder.info.splits)}): {hint}"
+        f"dataset {sources.full_name(builder)} has no usable split {split!r} ({e}): {hint}"
     ) from e
 
 

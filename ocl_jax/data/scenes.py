@@ -1,35 +1,37 @@
-"""`scenes`: a procedurally generated multi-object benchmark as a TFDS builder.
+"""`scenes`: a procedurally generated multi-object benchmark, cached as NumPy arrays.
 
 Real scene datasets (COCO, ImageNet-9) cannot be downloaded on a fresh
-machine, so this builder renders 1-3 textured shapes on textured backgrounds
-with NumPy. It carries two controllable biases (background and context) and
-exact annotations (union mask, visible-pixel boxes), so localisation and bias
-claims can be measured on a CPU. It has no download step: `tfds.load` simply
-generates it once into the data_dir.
+machine, so `scenes` renders 1-3 textured shapes on textured backgrounds with
+NumPy. It carries two controllable biases (background and context) and exact
+annotations (union mask, visible-pixel boxes), so localisation and bias
+claims can be measured on a CPU. It has no download step and needs no
+TensorFlow: the first reader renders it once into the data dir as plain
+`.npy` files (<data_dir>/scenes/<config>/<VERSION>/<split>/<field>.npy), and
+every reader (training, evaluation, ContraCAM, the feature measures) memory-maps
+those, whether TensorFlow is installed or not.
 
 Scenes are rendered in batches whose random streams are keyed by
 (config seed, split, batch index), so the output depends only on the config.
 The shifted test splits re-render the `test` objects with another background,
-so scene `k` (``image/id % ID_STRIDE``) holds the same objects in `test`,
-`test_mixed_same`, `test_mixed_rand` and `test_only_fg`.
+so scene `k` (``id % ID_STRIDE``) holds the same objects in `test`,
+`test_mixed_same`, `test_mixed_rand` and `test_only_fg`. A split's arrays are
+in scene order.
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
-import struct
-import zlib
-from typing import Iterator
+import os
+import shutil
+import tempfile
+import uuid
 
-from etils import epath
+from absl import logging
 import numpy as np
-import tensorflow_datasets as tfds
 
 from ocl_jax.data.scenes_render import (
-    CLASS_NAMES,
-    FAMILY_NAMES,
+    MAX_OBJECTS,
     choose_families,
     paint,
     render_backgrounds,
@@ -55,10 +57,12 @@ _SPLIT_INDEX = {name: i for i, name in enumerate(SPLITS)}
 BATCH = 256  # scenes per random stream: changing it changes the data
 
 
-@dataclasses.dataclass(eq=False)
-class ScenesConfig(tfds.core.BuilderConfig):
+@dataclasses.dataclass(frozen=True)
+class ScenesConfig:
   """Sizes and biases of one `scenes` variant (`num_test` is per test split)."""
 
+  name: str
+  description: str = ''
   image_size: int = 96
   num_train: int = 20_000
   num_train_labeled: int = 5_000
@@ -126,166 +130,169 @@ def generate_batch(config: ScenesConfig, split: str, batch: int) -> dict[str, np
   )
 
 
-def encode_png(images: np.ndarray, level: int = 1) -> list[bytes]:
-  """Encodes uint8 (n, H, W, C) images, C in {1, 3}, as PNG bytes.
+# --------------------------------------------------------------------------
+# Variants and names.
 
-  TFDS would otherwise encode each image through a TF graph call, which
-  dominates generation time; the Sub filter is applied batch-wise in NumPy
-  and zlib (which releases the GIL) only compresses.
-  """
-  n, h, w, c = images.shape
-  rows = images.reshape(n, h, w * c)
-  filtered = rows.copy()
-  filtered[:, :, c:] -= rows[:, :, :-c]  # Sub filter, wraps mod 256
-  raw = np.concatenate([np.ones((n, h, 1), np.uint8), filtered], axis=2)
-
-  def chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
-
-  color_type = {1: 0, 3: 2}[c]
-  head = b'\x89PNG\r\n\x1a\n' + chunk(
-      b'IHDR', struct.pack('>IIBBBBB', w, h, 8, color_type, 0, 0, 0)
-  )
-  tail = chunk(b'IEND', b'')
-  return [head + chunk(b'IDAT', zlib.compress(r.tobytes(), level)) + tail for r in raw]
-
-
-def _encoded_batch(config: ScenesConfig, split: str, batch: int) -> list[tuple[int, dict]]:
-  """One batch as ready-to-write TFDS examples (images pre-encoded)."""
-  b = generate_batch(config, split, batch)
-  images = encode_png(b['image'])
-  masks = encode_png(b['mask'][..., None])
-  examples = []
-  for i in range(len(images)):
-    keep = b['areas'][i] > 0
-    examples.append(
-        (
-            int(b['id'][i] % ID_STRIDE),
-            {
-                'image': images[i],
-                'image/id': int(b['id'][i]),
-                'label': int(b['label'][i]),
-                'objects': {'label': b['classes'][i][keep], 'bbox': b['boxes'][i][keep]},
-                'mask': masks[i],
-                'background': int(b['background'][i]),
-            },
-        )
+CONFIGS = {
+    c.name: c
+    for c in (
+        ScenesConfig(
+            name='default',
+            image_size=96,
+            num_train=20_000,
+            num_train_labeled=5_000,
+            num_val=1_000,
+            num_test=2_000,
+            description='96 px, 20k unlabelled training images.',
+        ),
+        ScenesConfig(
+            name='small',
+            image_size=96,
+            num_train=4_000,
+            num_train_labeled=2_000,
+            num_val=500,
+            num_test=1_000,
+            description='96 px, 4k training images, for quick demos.',
+        ),
+        ScenesConfig(
+            name='tiny',
+            image_size=32,
+            num_train=256,
+            num_train_labeled=64,
+            num_val=64,
+            num_test=64,
+            description='32 px, a few hundred images, for unit tests.',
+        ),
     )
-  return examples
+}
+# The data a config renders; a renderer change that alters any pixel or annotation bumps it,
+# so a cache of older data is never read as the new one.
+VERSION = '1.0.0'
+# Field -> (dtype, per-example shape given the image side S).
+FIELDS = {
+    'image': (np.uint8, lambda s: (s, s, 3)),
+    'mask': (np.uint8, lambda s: (s, s)),
+    'label': (np.int64, lambda s: ()),
+    'background': (np.int64, lambda s: ()),
+    'id': (np.int64, lambda s: ()),
+    'classes': (np.int64, lambda s: (MAX_OBJECTS,)),
+    'areas': (np.int64, lambda s: (MAX_OBJECTS,)),
+    'boxes': (np.float32, lambda s: (MAX_OBJECTS, 4)),
+}
 
 
-def iter_examples(config: ScenesConfig, split: str) -> Iterator[tuple]:
-  """Yields (key, example) for a split in order.
+def is_scenes_name(name: str) -> bool:
+  """'scenes', 'scenes/tiny' or 'scenes/tiny:1.0.0' (the TFDS-style names configs use)."""
+  return name.split('/', 1)[0].split(':', 1)[0] == 'scenes'
 
-  Helper threads render and encode the next batches while TFDS serialises
-  the current one; NumPy and zlib release the GIL, so both cores work.
-  Batches are independent, so the result does not depend on the threading.
-  """
-  num_batches = -(-split_size(config, split) // BATCH)
-  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    pending = collections.deque()
-    for batch in range(num_batches):
-      pending.append(pool.submit(_encoded_batch, config, split, batch))
-      if len(pending) > 3:
-        yield from pending.popleft().result()
-    while pending:
-      yield from pending.popleft().result()
+
+def config_of(name: str) -> ScenesConfig:
+  """The variant a `scenes[/<config>][:<version>]` name asks for, or a ValueError naming the
+  known ones."""
+  base, _, version = name.partition(':')
+  parts = base.split('/')
+  variant = parts[1] if len(parts) > 1 else 'default'
+  if parts[0] != 'scenes' or len(parts) > 2 or variant not in CONFIGS:
+    raise ValueError(
+        f'Unknown scenes dataset {name!r} (config.dataset.name); known: '
+        + ', '.join(f'scenes/{c}' for c in CONFIGS)
+    )
+  if version and version != VERSION:
+    raise ValueError(f'{name!r}: scenes is at version {VERSION}, not {version}')
+  return CONFIGS[variant]
+
+
+def default_data_dir() -> str:
+  """Where data lives when config.dataset.data_dir is unset: TFDS's default, so one folder
+  holds both kinds of dataset."""
+  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+
+
+def cache_dir(config: ScenesConfig, data_dir: str | None) -> str:
+  root = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else default_data_dir()
+  return os.path.join(root, 'scenes', config.name, VERSION)
 
 
 # --------------------------------------------------------------------------
-# TFDS builder.
+# The array cache.
 
 
-class Scenes(tfds.core.GeneratorBasedBuilder):
-  """Procedurally generated multi-object scenes with background/context bias."""
+def write_split(config: ScenesConfig, split: str, folder: str) -> None:
+  """Renders `split` batch by batch straight into memory-mapped .npy files."""
+  n, s = split_size(config, split), config.image_size
+  os.makedirs(folder)
+  out = {
+      k: np.lib.format.open_memmap(
+          os.path.join(folder, f'{k}.npy'), mode='w+', dtype=dtype, shape=(n,) + shape(s)
+      )
+      for k, (dtype, shape) in FIELDS.items()
+  }
+  num_batches = -(-n // BATCH)
+  # NumPy releases the GIL in the heavy parts: two threads keep both cores rendering.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    for b, arrays in enumerate(
+        pool.map(lambda b: generate_batch(config, split, b), range(num_batches))
+    ):
+      for k, v in arrays.items():
+        out[k][b * BATCH : b * BATCH + len(v)] = v
+  for v in out.values():
+    v.flush()
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = [
-      ScenesConfig(
-          name='default',
-          image_size=96,
-          num_train=20_000,
-          num_train_labeled=5_000,
-          num_val=1_000,
-          num_test=2_000,
-          description='96 px, 20k unlabelled training images.',
-      ),
-      ScenesConfig(
-          name='small',
-          image_size=96,
-          num_train=4_000,
-          num_train_labeled=2_000,
-          num_val=500,
-          num_test=1_000,
-          description='96 px, 4k training images, for quick demos.',
-      ),
-      ScenesConfig(
-          name='tiny',
-          image_size=32,
-          num_train=256,
-          num_train_labeled=64,
-          num_val=64,
-          num_test=64,
-          description='32 px, a few hundred images, for unit tests.',
-      ),
-  ]
-  DEFAULT_CONFIG_NAME = 'default'
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    """Path of this file.
+def prepare(config: ScenesConfig, data_dir: str | None) -> str:
+  """Renders every split of `config` into the data dir unless it is there; returns its folder.
 
-    Overridden because the TFDS 4.9 lookup imports `importlib_resources`, a
-    dependency TFDS does not declare, for every builder inside a package.
-    """
-    return epath.Path(__file__)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    config = self.builder_config
-    size = config.image_size
-    classes = tfds.features.ClassLabel(names=CLASS_NAMES)
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            'Procedural multi-object scenes: 1-3 textured shapes of 10 '
-            'classes on 10 background texture families, with background '
-            f'bias {config.background_bias} and context bias '
-            f'{config.context_bias}. label = class of the largest visible '
-            'object; objects are listed back to front; background = -1 '
-            'in test_only_fg. Scene k of test, test_mixed_same, '
-            'test_mixed_rand and test_only_fg has the same objects '
-            f'(k = image/id % {ID_STRIDE}).'
-        ),
-        features=tfds.features.FeaturesDict(
-            {
-                'image': tfds.features.Image(shape=(size, size, 3)),
-                'image/id': np.int64,
-                'label': classes,
-                'objects': tfds.features.Sequence(
-                    {
-                        'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-                        'bbox': tfds.features.BBoxFeature(),
-                    }
-                ),
-                'mask': tfds.features.Image(shape=(size, size, 1)),
-                'background': tfds.features.ClassLabel(names=FAMILY_NAMES),
-            }
-        ),
-        supervised_keys=('image', 'label'),
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # nothing to download
-    config = self.builder_config
+  The splits are written into a temporary sibling folder that is renamed into place when
+  complete, so an interrupted run leaves no half-written cache and several processes that
+  prepare at once end with one whole copy.
+  """
+  final = cache_dir(config, data_dir)
+  if os.path.isdir(final):
+    return final
+  for split in SPLITS:
+    if not 0 < split_size(config, split) < ID_STRIDE:
+      raise ValueError(f'split {split} needs 1..{ID_STRIDE - 1} examples')
+  for bias in (config.background_bias, config.context_bias):
+    if not 0.0 <= bias <= 1.0:
+      raise ValueError(f'biases are probabilities, got {bias}')
+  parent = os.path.dirname(final)
+  os.makedirs(parent, exist_ok=True)
+  logging.info('Rendering scenes/%s into %s (once; later runs read the arrays)', config.name, final)
+  tmp = tempfile.mkdtemp(prefix=f'.{VERSION}.incomplete-{uuid.uuid4().hex[:8]}-', dir=parent)
+  try:
     for split in SPLITS:
-      if not 0 < split_size(config, split) < ID_STRIDE:
-        raise ValueError(f'split {split} needs 1..{ID_STRIDE - 1} examples')
-    for bias in (config.background_bias, config.context_bias):
-      if not 0.0 <= bias <= 1.0:
-        raise ValueError(f'biases are probabilities, got {bias}')
-    return {split: self._generate_examples(split) for split in SPLITS}
+      write_split(config, split, os.path.join(tmp, split))
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not os.path.isdir(final):  # not a concurrent writer that finished first
+        raise
+  finally:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+  return final
 
-  def _generate_examples(self, split: str):
-    return iter_examples(self.builder_config, split)
+
+def load_split(config: ScenesConfig, data_dir: str | None, split: str) -> dict[str, np.ndarray]:
+  """The arrays of one split (read-only memory maps), rendered first if the cache lacks them."""
+  if split not in SPLITS:
+    raise ValueError(f'scenes/{config.name} has no split {split!r}; it has {list(SPLITS)}')
+  folder = os.path.join(prepare(config, data_dir), split)
+  n, s = split_size(config, split), config.image_size
+  arrays = {}
+  for k, (dtype, shape) in FIELDS.items():
+    path = os.path.join(folder, f'{k}.npy')
+    try:
+      a = np.load(path, mmap_mode='r')
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+      raise ValueError(
+          f'scenes cache file {path} cannot be read ({e}); delete {os.path.dirname(folder)} '
+          'and it is rendered again'
+      ) from e
+    if a.shape != (n,) + shape(s) or a.dtype != dtype:
+      raise ValueError(
+          f'scenes cache file {path} holds {a.dtype} {a.shape}, not {np.dtype(dtype)} '
+          f'{(n,) + shape(s)}; delete {os.path.dirname(folder)} and it is rendered again'
+      )
+    arrays[k] = a
+  return arrays

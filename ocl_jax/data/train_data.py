@@ -1,5 +1,9 @@
 """The training stream: this process's slice of each global batch, resumable at any step.
 
+Datasets held as arrays (`scenes`) are read by array_reader without TensorFlow;
+TFDS datasets and image folders by the tf.data readers (tf_readers), imported
+only for them. Both follow the rules below and give the same batch layout.
+
 The training stream is a pure function of (seed, step): epoch e is shuffled
 with a seed derived from (seed, e), and a run resumed at step s starts at
 batch s exactly (the examples before it are skipped before decoding). In a
@@ -23,18 +27,13 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
+from ocl_jax import parallel
 from ocl_jax.data import sources
 from ocl_jax.data.annotations import create_region_boxes
 from ocl_jax.data.annotations import MaskIds
-from ocl_jax.data.annotations import raise_lookup_errors
 from ocl_jax.data.annotations import RegionBoxes
 from ocl_jax.data.folders import FolderFiles
-from ocl_jax.data.folders import FolderSource
-from ocl_jax.data.preprocess import make_preprocess
-from ocl_jax.data.preprocess import shard_for_devices
 
 # An unreadable file's slot takes the first readable of this many other files.
 FALLBACK_CANDIDATES = 16
@@ -50,7 +49,8 @@ def train_image_size(config: ml_collections.ConfigDict) -> int:
   return int(d.get("train_image_size", 0) or d.image_size)
 
 
-def _epoch_seed(seed: int, epoch: int, *extra: int) -> int:
+def epoch_seed(seed: int, epoch: int, *extra: int) -> int:
+  """The seed of epoch `epoch`'s order (extra: further streams of the same epoch)."""
   return int(np.random.SeedSequence([seed, epoch, *extra]).generate_state(1)[0] % (2**31))
 
 
@@ -100,91 +100,29 @@ class TrainData:
   def global_batch(self) -> int:
     return self.local_batch * self.process_count
 
-  def _own_slice(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-    """The elements of this process's slice of each global batch (all on one process)."""
-    if self.process_count == 1:
-      return ds
-    b, g, p = self.local_batch, self.global_batch, self.process_index
-    return ds.enumerate().filter(lambda i, _: i % g // b == p).map(lambda _, ex: ex)
-
   def folder_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """Folder datasets: (order, alt), the permutations of the files in `epoch`."""
     n = len(self.files)
     return (
-        np.random.default_rng(_epoch_seed(self.seed, epoch)).permutation(n),
-        np.random.default_rng(_epoch_seed(self.seed, epoch, 1)).permutation(n),
+        np.random.default_rng(epoch_seed(self.seed, epoch)).permutation(n),
+        np.random.default_rng(epoch_seed(self.seed, epoch, 1)).permutation(n),
     )
 
-  def epoch(self, epoch: int, skip_batches: int = 0) -> tf.data.Dataset:
-    if self.files is not None:
-      return self._folder_epoch(epoch, skip_batches)
-    seed = _epoch_seed(self.seed, epoch)
-    # Several processes: images are decoded after the slice, only by the process that keeps them.
-    deferred = sources.image_features(self.builder) if self.process_count > 1 else []
-    ds = sources.open_split(
-        self.builder,
-        self.split,
-        shuffle_seed=seed,
-        decoders={k: tfds.decode.SkipDecoding() for k in deferred} or None,
-        add_tfds_id=self.with_index,
-    )
-    ds = ds.shuffle(self.shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
-    ds = ds.take(self.steps_per_epoch * self.global_batch)
-    ds = ds.skip(skip_batches * self.global_batch)
-    ds = self._own_slice(ds)
-    preprocess, feats = self._preprocess(), sources.features(self.builder)
-    if self.with_index:
-      index_of = sources.tfds_example_index(self.builder, self.index_split)[0]
-      base_preprocess = preprocess
-      preprocess = lambda ex: {**base_preprocess(ex), "index": index_of(ex["tfds_id"])}
-    if deferred:
-      decode = lambda ex: {**ex, **{k: feats[k].decode_example(ex[k]) for k in deferred}}
-      ds = ds.map(
-          lambda ex: preprocess(decode(ex)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-      )
-    else:
-      ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(self.local_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+  def epoch(self, epoch: int, skip_batches: int = 0):
+    """The tf.data pipeline of `epoch` (TFDS datasets and folders only)."""
+    from ocl_jax.data import tf_readers
 
-  def _preprocess(self):
-    return make_preprocess(
-        self.builder, self.image_size, self.region_boxes, self.fg_masks, self.mask_ids
-    )
+    return tf_readers.train_epoch(self, epoch, skip_batches)
 
-  def _folder_epoch(self, epoch: int, skip_batches: int) -> tf.data.Dataset:
-    n, k = len(self.files), FALLBACK_CANDIDATES
-    order, alt = (tf.constant(x, tf.int64) for x in self.folder_order(epoch))
-    load = self.files.loader()
+  def host_batches(self, epoch: int, skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This process's host batches of `epoch` from batch `skip_batches` on, from its reader."""
+    if sources.kind(self.builder) == "arrays":
+      from ocl_jax.data import array_reader
 
-    def slot_example(slot):
-      fallbacks = tf.gather(alt, (slot + tf.range(k, dtype=tf.int64)) % n)
-      candidates = tf.concat([order[slot][None], fallbacks], 0)
-      ds = tf.data.Dataset.from_tensor_slices(candidates).map(load).ignore_errors().take(1)
-      return ds.map(lambda ex: {**ex, "slot": slot})
+      return array_reader.train_host_batches(self, epoch, skip_batches)
+    from ocl_jax.data import tf_readers  # TensorFlow only for TFDS datasets and folders
 
-    ds = tf.data.Dataset.range(self.steps_per_epoch * self.global_batch)
-    ds = self._own_slice(ds.skip(skip_batches * self.global_batch))  # before decoding
-    ds = ds.interleave(
-        slot_example,
-        cycle_length=tf.data.AUTOTUNE,
-        block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    preprocess = self._preprocess()
-    ds = ds.map(
-        lambda ex: {
-            **preprocess(ex),
-            "id": ex["image/id"],
-            "slot": ex["slot"],
-            "file_index": ex["file_index"],
-        },
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    ds = ds.batch(self.local_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return tf_readers.train_host_batches(self, epoch, skip_batches)
 
   def _folder_bookkeeping(
       self,
@@ -220,7 +158,7 @@ class TrainData:
       missing = 0
       unreadable: list[str] = []
       order = self.folder_order(epoch)[0] if self.files is not None else None
-      batches = raise_lookup_errors(tfds.as_numpy(self.epoch(epoch, skip)))
+      batches = self.host_batches(epoch, skip)
       for i, batch in enumerate(batches, start=skip):
         if "box_missing" in batch:  # host-side bookkeeping only, not sent to the devices
           missing += int(batch.pop("box_missing").sum())
@@ -236,7 +174,7 @@ class TrainData:
             )
           self.unreadable_count += len(unreadable) - seen
           self.unreadable_files.update(unreadable[seen:])
-        yield shard_for_devices(batch)
+        yield parallel.shard_for_devices(batch)
       if missing:
         self.missing_box_count += missing
         logging.warning(
@@ -269,15 +207,22 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
     fg_masks = "gt"  # SGCL diagnostics: true object coverage of the crops
   with_index = bool(sal is not None and sal.enabled and sal.every_k_steps > 1)
   mask_ids = MaskIds.from_folder(fg_masks) if fg_masks not in (None, "gt") else None
-  if isinstance(builder, FolderSource):
+  kind = sources.kind(builder)
+  if kind == "folder":
     data = _create_folder_train_data(config, builder, local_batch, fg_masks, mask_ids)
     return dataclasses.replace(data, with_index=with_index, index_size=data.num_examples)
-  # The whole split, as one process reads it: every process walks the same global order.
-  split = tfds.split_for_jax_process(
-      d.train_split, process_index=0, process_count=1, drop_remainder=True
-  )
-  n = int(sources.open_split(builder, split).cardinality())
-  if n < 0:
+  if kind == "arrays":
+    split = d.train_split
+    n = builder.num_examples(split)
+    index_size = builder.num_examples(builder.locate(split)[0])
+  else:
+    from ocl_jax.data import tf_readers  # TensorFlow only for TFDS datasets
+
+    # The whole split, as one process reads it: every process walks the same global order.
+    split = tf_readers.whole_split(d.train_split)
+    n = sources.num_examples(builder, split)
+    index_size = tf_readers.tfds_example_index(builder, d.train_split)[1] if with_index else n
+  if n is None or n < 0:
     raise ValueError(f"Cannot count the examples of {d.name} split {d.train_split!r}")
   if n < config.batch_size:
     raise ValueError(
@@ -300,13 +245,13 @@ def create_train_data(config: ml_collections.ConfigDict) -> TrainData:
       process_count=jax.process_count(),
       with_index=with_index,
       index_split=d.train_split,
-      index_size=(sources.tfds_example_index(builder, d.train_split)[1] if with_index else n),
+      index_size=index_size if with_index else n,
   )
 
 
 def _create_folder_train_data(
     config: ml_collections.ConfigDict,
-    source: FolderSource,
+    source: sources.Builder,
     local_batch: int,
     fg_masks: str | None,
     mask_ids: MaskIds | None,

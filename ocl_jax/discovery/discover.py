@@ -13,14 +13,13 @@ import os
 from typing import Iterator
 
 from absl import logging
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ocl_jax import console, export, paths
+from ocl_jax import console, export, metric_writers, paths
 from ocl_jax.data import eval_data
 from ocl_jax.data import prechecks
 from ocl_jax.data import sources
@@ -41,9 +40,9 @@ def _to_input(images_uint8: np.ndarray) -> jax.Array:
 def _count(config: ml_collections.ConfigDict, split: str) -> int | None:
   d = config.dataset
   builder = sources.get_builder(d.name, d.data_dir)
-  n = int(sources.open_split(builder, split).cardinality())
+  n = sources.num_examples(builder, split)
   limit = config.contracam.max_images
-  if n < 0:
+  if n is None:
     return None
   return n if limit < 0 else min(n, limit)
 
@@ -324,9 +323,9 @@ def write_picture(config, workdir, batch, out, final=None) -> str:
   grid = picture_grid(batch["image"][:k], np.asarray(out["cams"])[:, :k], boxes, final=final[:k])
   path = os.path.join(workdir, f"contracam_{config.contracam.eval_split}.png")
   Image.fromarray(grid).save(path)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_images(0, {"contracam": grid[None]})
-  writer.flush()
+  writer.close()
   logging.info("Wrote %s", path)
   return path
 

@@ -19,8 +19,9 @@ Train steps are the project's own: `train.make_context` / `create_train_state`
 `parallel.replicate` as `train_and_evaluate` does, built from configs/demo.py
 (or --config) with per-case overrides, and fed device-resident synthetic
 batches (random pixels, OA-crop boxes, BG-mixup masks), so they time the step
-alone; the `input` cases time the tf.data pipeline alone and the step fed by
-it, with the time the loop waits for input.
+alone; the `input` cases time the input pipeline alone (the NumPy reader for
+`scenes`, tf.data for TFDS datasets and folders) and the step fed by it, with the
+time the loop waits for input.
 
 On a CPU the CLI first splits the host into one JAX device per core
 (`parallel.use_cpu_devices`; --cpu_devices=-1 keeps one device): the step is pmapped
@@ -30,6 +31,7 @@ over them and ContraCAM also runs split over them (`@pmap` cases).
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import functools
@@ -287,6 +289,15 @@ def base_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   """The base config (demo) with the size options applied; --quick shrinks everything."""
   c = load_config(args.config)
   c.view_pictures = 0
+  for item in args.set:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. dataset.name=scenes/small")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # a plain string
+    set_dotted(c, key, value)
   if args.quick or args.image_size:
     c.dataset.train_image_size = 0  # the size options set the training batches' side too
   if args.quick:
@@ -652,7 +663,8 @@ def bench_input(
     peak: float | None,
     kept: dict[str, Any] | None = None,
 ) -> list[Result]:
-  """The tf.data pipeline alone (host batches/s), then the moco step fed by it through
+  """The input pipeline alone (host batches/s: the NumPy reader for `scenes`, tf.data for TFDS
+  datasets and folders), then the moco step fed by it through
   prefetch_to_device as train_and_evaluate feeds it, with the time the loop spent waiting
   in next(batches). `kept`: the moco case's compiled step and state, reused if its config fits."""
   from ocl_jax import parallel
@@ -677,7 +689,7 @@ def bench_input(
   host = _result("input_pipeline", "input", times, c.batch_size, compile_s=first_s)
   host.extra.update(
       dataset=c.dataset.name,
-      note="host tf.data alone: read, decode, resize, batch (augmentation is in the step)",
+      note="host input alone: read, decode, resize, batch (augmentation is in the step)",
   )
 
   if kept and kept.get("step") is not None:
@@ -711,7 +723,7 @@ def bench_input(
       device_idle_fraction=idle_s / total,
       dataset=c.dataset.name,
       prefetch_to_device=c.prefetch_to_device,
-      note=f"moco step fed by tf.data; mean of {steps} steps",
+      note=f"moco step fed by the input pipeline; mean of {steps} steps",
   )
   return [_finish(host, peak), _finish(fed, peak)]
 
@@ -1087,6 +1099,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument(
       "--image_size", type=int, default=0, help="image and crop side (default: config's)"
   )
+  p.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="KEY=VALUE",
+      help="override a config field (dotted key; repeatable), e.g. the data paths of "
+      "configs/in9.py, which the synthetic-batch cases never read",
+  )
   p.add_argument("--width", type=int, default=0, help="ResNet width (default: config's)")
   p.add_argument("--arch", default="", help="resnet10/18/34/50 (default: config's)")
   p.add_argument("--small_stem", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
@@ -1276,9 +1296,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   prepare_environment()
   if args.cpu_devices >= 0:
     parallel.use_cpu_devices(args.cpu_devices, base_config(args).batch_size)
-  import tensorflow as tf  # the input pipeline's; keep it off any accelerator
-
-  tf.config.experimental.set_visible_devices([], "GPU")
   return run(args)
 
 

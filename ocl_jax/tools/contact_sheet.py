@@ -40,16 +40,17 @@ def mask_outline(mask: np.ndarray) -> np.ndarray:
 
 
 def annotate(example: dict, scale: int = 2) -> Image.Image:
-  """One example, upscaled, with its mask outline and object boxes drawn."""
+  """One example (a row of a split's arrays, see first_scenes), upscaled, with its mask
+  outline and object boxes drawn."""
   image = np.asarray(example['image'])
-  outline = mask_outline(np.asarray(example['mask'])[..., 0])
+  outline = mask_outline(np.asarray(example['mask']))
   image = np.where(outline[..., None], 255, image).astype(np.uint8)
   h, w = image.shape[:2]
   tile = Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST)
   draw = ImageDraw.Draw(tile)
   font = ImageFont.load_default()
-  objects = example['objects']
-  for cls, box in zip(objects['label'], objects['bbox']):
+  classes = np.asarray(example['classes'])
+  for cls, box in zip(classes[classes >= 0], np.asarray(example['boxes'])[classes >= 0]):
     ymin, xmin, ymax, xmax = np.asarray(box) * [h, w, h, w] * scale
     color = _BOX_COLORS[int(cls)]
     draw.rectangle([xmin, ymin, xmax - 1, ymax - 1], outline=color)
@@ -64,18 +65,16 @@ def _caption(example: dict) -> str:
   return f"{scenes_render.CLASS_NAMES[int(example['label'])]} / {family}"
 
 
-def first_scenes(data_dir: str, config: str, split: str, count: int) -> list[dict]:
-  """Examples with scene index < count, in scene order.
+def first_scenes(data_dir: str | None, config: str, split: str, count: int) -> list[dict]:
+  """The first `count` scenes of a split, in scene order, as dicts of one row of its arrays
+  (image, mask, label, background, id, classes, areas, boxes).
 
-  Files are shuffled on disk, so examples are picked by `image/id`; the
-  test-derived splits then show the same scenes in the same columns.
+  A split's arrays are in scene order, so the test-derived splits show the same scenes in
+  the same columns. The config is rendered into data_dir first if it is not there.
   """
-  import tensorflow_datasets as tfds  # slow import, only needed here
-
-  ds = tfds.load(f'scenes/{config}', split=split, data_dir=data_dir, download=True)
-  ds = ds.filter(lambda ex: ex['image/id'] % scenes.ID_STRIDE < count)
-  found = sorted(tfds.as_numpy(ds), key=lambda ex: int(ex['image/id']) % scenes.ID_STRIDE)
-  return found[:count]
+  arrays = scenes.load_split(scenes.config_of(f'scenes/{config}'), data_dir, split)
+  n = min(count, len(arrays['label']))
+  return [{k: np.asarray(v[i]) for k, v in arrays.items()} for i in range(n)]
 
 
 def contact_sheet(rows: Sequence[tuple[str, list[dict]]], scale: int = 2) -> Image.Image:
@@ -104,11 +103,9 @@ def contact_sheet(rows: Sequence[tuple[str, list[dict]]], scale: int = 2) -> Ima
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument(
-      '--data_dir', required=True, help='TFDS data dir; the config is generated if absent'
+      '--data_dir', required=True, help='data dir; the config is rendered into it if absent'
   )
-  parser.add_argument(
-      '--config', default='small', help='scenes builder config: default, small or tiny'
-  )
+  parser.add_argument('--config', default='small', help='scenes config: default, small or tiny')
   parser.add_argument('--out', required=True, help='output PNG path')
   parser.add_argument('--per_split', type=int, default=6, help='examples per split')
   parser.add_argument('--scale', type=int, default=2, help='tile upscaling')

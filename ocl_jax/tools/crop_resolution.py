@@ -47,7 +47,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ocl_jax import models
-from ocl_jax.data import preprocess, scenes_render
+from ocl_jax.data import scenes_render
 from ocl_jax.views import augment
 
 HOST_SIZES = (256, 320, 384, 448)
@@ -167,6 +167,8 @@ def source_images(kind: str, n: int, height: int, width: int, seed: int) -> np.n
 
 def host_square(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
   """The training pipeline's host side: preprocess.resize_to_square, run eagerly."""
+  from ocl_jax.data import preprocess  # TensorFlow's resize, as COCO's tf.data reader runs it
+
   square, aspect = preprocess.resize_to_square(image, size)
   return np.asarray(square), float(aspect)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import os
 import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers, periodic_actions
 import jax
 import ml_collections
 import numpy as np
@@ -23,6 +23,7 @@ from ocl_jax import (
     checkpointing,
     console,
     export,
+    metric_writers,
     parallel,
     paths,
     pictures,
@@ -201,6 +202,48 @@ def check_finite(
   return len(bad)
 
 
+class RunTiming:
+  """Where a run's time went, for WORKDIR/train_timing.json: the first step (which compiles
+  the step) on its own, then the steady rate and the devices' idle share of the rest."""
+
+  FILE = "train_timing.json"
+
+  def __init__(self, start_step: int):
+    self.start_step = start_step
+    self.start = time.perf_counter()
+    self.first_done: float | None = None
+    self.idle_seconds = 0.0
+
+  def first_step_done(self, metrics: Any) -> None:
+    jax.block_until_ready(metrics)
+    self.first_done = time.perf_counter()
+    self.idle_seconds = 0.0  # the compile is not idleness
+
+  def write(self, workdir: str, total_steps: int) -> None:
+    if jax.process_index() != 0 or self.first_done is None:
+      return
+    end = time.perf_counter()
+    rest = total_steps - self.start_step - 1
+    steady = max(end - self.first_done, 1e-9)
+    record = {
+        "steps": total_steps - self.start_step,
+        "seconds": end - self.start,
+        "first_step_seconds": self.first_done - self.start,
+        "steps_per_second": rest / steady if rest > 0 else None,
+        "device_idle_fraction": min(self.idle_seconds / steady, 1.0) if rest > 0 else None,
+        "devices": jax.device_count(),
+        "platform": jax.devices()[0].platform,
+    }
+    with open(os.path.join(workdir, self.FILE), "w") as f:
+      json.dump(record, f, indent=1)
+    logging.info(
+        "Run timing: first step (compiles) %.1f s, then %s steps/s, device idle %s",
+        record["first_step_seconds"],
+        "-" if rest <= 0 else f"{record['steps_per_second']:.2f}",
+        "-" if rest <= 0 else f"{record['device_idle_fraction']:.2f}",
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Pretrain with `config`, resuming from the newest checkpoint in `workdir`.
 
@@ -231,12 +274,11 @@ def _train(
 
   # Metrics to the log and (process 0) TensorBoard; the full hyperparameters to TensorBoard and
   # WORKDIR/config.json only, not to the log.
-  tensorboard = metric_writers.SummaryWriter(workdir) if jax.process_index() == 0 else None
-  writer = metric_writers.AsyncMultiWriter(
-      [metric_writers.LoggingWriter()] + ([tensorboard] if tensorboard is not None else [])
+  writer = metric_writers.create_writer(
+      workdir, just_logging=jax.process_index() > 0, log_hparams=False
   )
-  if tensorboard is not None:
-    tensorboard.write_hparams(_flatten(config.to_dict()))
+  if jax.process_index() == 0:
+    writer.write_hparams(_flatten(config.to_dict()))
     save_config_json(config, os.path.join(workdir, "config.json"))
   state = create_train_state(config.seed, config, ctx)
   state = ckpt.restore_or(state)
@@ -270,7 +312,7 @@ def _train(
     writer.write_scalars(0, {"saliency_refresh_ms": 1e3 * seconds})
     batches = itertools.chain([first], batches)
 
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  report = metric_writers.ReportProgress(num_train_steps=total_steps, writer=writer)
   logging.info(
       "Training %s for %d steps (%d per epoch), global batch %d on %d devices, %d " "per process",
       config.method,
@@ -287,6 +329,7 @@ def _train(
   # asynchronously, so this mostly overlaps queued steps; device_idle_fraction is whether the
   # devices actually ran dry (train/device_idle.py).
   input_wait = 0.0
+  timing = RunTiming(start_step)
   bar = console.progress(
       total=total_steps,
       initial=start_step,
@@ -300,6 +343,8 @@ def _train(
         batch = next(batches)
         input_wait += time.perf_counter() - waited
         state, metrics = idle.run_step(p_step, state, batch)
+      if step == start_step + 1:
+        timing.first_step_done(metrics)  # compiles the step: timed on its own
       pending.append(metrics)
       ckpt.check_for_errors()  # a failed background save stops the run at the next step
       report(step)
@@ -320,7 +365,9 @@ def _train(
         interval = max(now - last_log, 1e-9)
         summary["input_wait_fraction"] = input_wait / interval
         # > 0: the devices waited for the host (input, logging, saves) between steps.
-        summary["device_idle_fraction"] = idle.take(flush=True) / interval
+        idle_seconds = idle.take(flush=True)
+        timing.idle_seconds += idle_seconds
+        summary["device_idle_fraction"] = idle_seconds / interval
         summary["skipped_steps"] = skipped
         last_log, input_wait = now, 0.0
         writer.write_scalars(step, summary)
@@ -344,6 +391,7 @@ def _train(
         logging.warning("Termination requested: saved step %d to %s", step, ckpt.directory)
         raise preemption.Preempted(step, ckpt.directory)
   ckpt.close()
+  timing.write(workdir, total_steps)
   if ctx.saliency is not None and config.saliency.picture_images > 0:
     # Drawn at the end: the trained model's saliency (at step 0 it is a random network's).
     path = write_saliency_pictures(
