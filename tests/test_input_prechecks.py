@@ -116,6 +116,31 @@ def test_truncated_or_empty_mask_is_named(tiny_config, tmp_path):
   _assert_not_started(tmp_path / "run")
 
 
+def test_mask_damaged_inside_or_in_rgb_is_named_before_training(tiny_config, tmp_path):
+  """A PNG whose start and end are intact but whose data is not, and a 3-channel PNG:
+  both stop the run before its first step, naming the files (each would otherwise fail or
+  be misread only when its image is streamed)."""
+  ids = _ids(tiny_config)
+  folder = tmp_path / "masks"
+  _write_masks(folder, ids)
+  noisy = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+  Image.fromarray(noisy).save(folder / f"{ids[2]}.png")
+  data = bytearray((folder / f"{ids[2]}.png").read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 40] = bytes(40)
+  (folder / f"{ids[2]}.png").write_bytes(bytes(data))
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / f"{ids[4]}.png")
+  c = tiny_config
+  c.bg_mixup.enabled, c.bg_mixup.masks = True, str(folder)
+  with pytest.raises(prechecks.MaskFileError) as info:
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  message = str(info.value)
+  assert f"2 of the {len(ids)} BG-mixup mask PNGs" in message
+  assert f"{folder / ids[2]}.png (damaged:" in message
+  assert f"{folder / ids[4]}.png (RGB image, not one channel)" in message
+  _assert_not_started(tmp_path / "run")
+
+
 def test_missing_eval_split_stops_before_the_first_step(tiny_config, tmp_path):
   c = tiny_config
   c.dataset.eval_split = "nosuch"

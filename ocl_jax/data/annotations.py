@@ -28,6 +28,7 @@ from ocl_jax.discovery import localization
 
 MISSING_ID_MARK = "is not in box file"
 MISSING_MASK_MARK = "has no BG-mixup mask"
+MASK_MODES = ("L", "1", "I", "I;16", "P")  # PIL modes of a one-channel mask PNG
 
 
 class BoxLookupError(KeyError):
@@ -239,7 +240,7 @@ def read_mask_png(path: str, aspect: float | None = None) -> np.ndarray:
   image's aspect ratio W / H (then it cannot belong to the image)."""
   try:
     with Image.open(path) as im:
-      if im.format != "PNG" or im.mode not in ("L", "1", "I", "I;16", "P"):
+      if im.format != "PNG" or im.mode not in MASK_MODES:
         raise MaskFileError(
             f"BG-mixup mask {path} is a {im.format} image in mode {im.mode}, not a one-channel "
             "PNG (config.bg_mixup.masks: write it again with --config.mode=save_masks)"

@@ -4,8 +4,9 @@ Inside tf.data a training image without a box-file line or a mask PNG is only fo
 that image is streamed (possibly hours into a run, or on resume), a missing eval split at
 the first evaluation, and an unwritable workdir after the work it was to hold is done.
 These functions look at all of that up front: one pass over the training split's ids (no
-image is decoded), a cheap look at each mask PNG, a listing of the eval split and a file
-written and removed in each output folder.
+image is decoded), every mask PNG decoded once (a PNG damaged in its middle would otherwise
+stop training at the step that reads it, at every resume), a listing of the eval split and a
+file written and removed in each output folder.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 
 from absl import logging
 import ml_collections
+from PIL import Image
 
 from ocl_jax.data import sources
 from ocl_jax.data.annotations import BoxLookupError
 from ocl_jax.data.annotations import MaskFileError
+from ocl_jax.data.annotations import MASK_MODES
 from ocl_jax.data.annotations import MaskLookupError
 from ocl_jax.data.errors import DatasetNotFoundError
 from ocl_jax.data.train_data import TrainData
@@ -97,16 +100,32 @@ def _incomplete_png(path: str) -> str:
   return ""
 
 
+def _mask_problem(path: str) -> str:
+  """'' for a mask PNG that decodes whole to one channel, else what is wrong with it."""
+  problem = _incomplete_png(path)
+  if problem:
+    return problem
+  try:
+    with Image.open(path) as image:
+      if image.mode not in MASK_MODES:
+        return f"{path} ({image.mode} image, not one channel)"
+      image.load()  # decodes every row: damage inside the data shows here
+  except (OSError, SyntaxError, ValueError) as e:
+    return f"{path} (damaged: {e})"
+  return ""
+
+
 def check_mask_files(folder: str, ids: list[str]) -> None:
-  """MaskFileError naming the empty or truncated <id>.png of `ids` in `folder`."""
+  """MaskFileError naming the <id>.png of `ids` in `folder` that are empty, truncated,
+  damaged or not one-channel."""
   paths = [os.path.join(folder, f"{i}.png") for i in ids]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    bad = [p for p in pool.map(_incomplete_png, paths, chunksize=256) if p]
+    bad = [p for p in pool.map(_mask_problem, paths, chunksize=256) if p]
   if bad:
     raise MaskFileError(
         f"{len(bad)} of the {len(paths)} BG-mixup mask PNGs of the training images in "
-        f"{folder} (config.bg_mixup.masks) are not whole PNG files: {_first(bad)}; write "
-        "them again with --config.mode=save_masks"
+        f"{folder} (config.bg_mixup.masks) are not whole one-channel PNG files: "
+        f"{_first(bad)}; write them again with --config.mode=save_masks"
     )
 
 
