@@ -81,6 +81,21 @@ def test_feature_measures_come_from_the_paired_splits(tiny_export):
     assert row[f"scenes/feature/{key}"] == pytest.approx(value, abs=tol), key
 
 
+def test_feature_measures_with_max_examples_use_the_same_scenes(tiny_export):
+  """evaluation.max_examples caps every paired split at the same first scenes (each split's
+  arrays are in scene order), so the measures run on them instead of failing after training."""
+  config, workdir = tiny_export
+  module, variables = export.load_model(workdir)[:2]
+  c = config.copy_and_resolve_references()
+  c.evaluation.protocols = ("feature",)
+  c.evaluation.max_examples = 24
+  row = evaluate.evaluate_encoder(c, module, variables)
+  assert row and all(k.startswith("scenes/feature/") for k in row)
+  # Retrieval among 24 scenes: a top-1 fraction in steps of 1/24.
+  top1 = row["scenes/feature/mixed_rand_top1"]
+  assert 0 <= top1 <= 1 and abs(top1 * 24 - round(top1 * 24)) < 1e-6
+
+
 def test_results_table_hand_case():
   rows = {
       "vanilla": {"scenes/linear/test": 0.8123, "loc/mask_miou": 0.4567},
@@ -118,6 +133,35 @@ def test_eval_mode_writes_json_and_markdown_rows(tiny_export, tmp_path):
   assert saved["rows"] == json.loads(json.dumps(rows))
   md = (tmp_path / "eval_results.md").read_text()
   assert "| export |" in md and "scenes/linear/mixed_rand" in md
+
+
+@pytest.mark.parametrize(
+    "sources, names",
+    [
+        (("/r/a/export", "/r/b/export"), ["a", "b"]),
+        (("/x/run/export", "/y/run/export"), ["x/run", "y/run"]),
+        (("/r/a", "/r/a/export", "/s/b"), ["a", "export", "b"]),
+        (("/r/a/", "/r/b/ckpt"), ["a", "ckpt"]),
+    ],
+)
+def test_row_names_are_distinct(sources, names):
+  assert evaluate.row_names(list(sources)) == names
+
+
+def test_the_same_checkpoint_twice_or_a_taken_row_name_is_refused(tiny_export, tmp_path):
+  config, workdir = tiny_export
+  with pytest.raises(ValueError, match="twice"):
+    evaluate.row_names([workdir, workdir + "/"])
+  c = config.copy_and_resolve_references()
+  c.evaluation.checkpoints = (workdir,)
+  c.evaluation.protocols = ("knn",)
+  evaluate.run(c, str(tmp_path))
+  # Another checkpoint folder of the same name: its row would replace this one's.
+  other = tmp_path / "elsewhere" / os.path.basename(workdir)
+  other.mkdir(parents=True)
+  c.evaluation.checkpoints = (str(other),)
+  with pytest.raises(ValueError, match="would get the same name"):
+    evaluate.run(c, str(tmp_path))
 
 
 def test_labels_without_signal_give_chance_accuracy(tiny_export, tmp_path):

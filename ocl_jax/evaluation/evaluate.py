@@ -299,25 +299,74 @@ def write_results(
   return table
 
 
+def row_names(sources: list[str]) -> list[str]:
+  """A distinct row name per checkpoint: the shortest trailing part of its path that no other
+  source shares ('runs/a/export', 'runs/b/export' -> 'a', 'b'; an `export` folder is named by
+  the run that holds it). The same path twice is a ValueError."""
+  paths = [os.path.normpath(s) for s in sources]
+  seen: dict[str, int] = {}
+  for i, p in enumerate(paths):
+    if p in seen:
+      raise ValueError(
+          f"config.evaluation.checkpoints lists {sources[seen[p]]!r} twice (entries "
+          f"{seen[p]} and {i}): each checkpoint is one row"
+      )
+    seen[p] = i
+  full = [[x for x in p.split(os.sep) if x] or [p] for p in paths]
+  short = [f[:-1] if len(f) > 1 and f[-1] == "export" else f for f in full]
+  # A run and its own export folder, both listed: the export keeps its `export`.
+  parts = [f if short.count(sh) > 1 else sh for f, sh in zip(full, short)]
+  names = []
+  for items in parts:
+    for k in range(1, len(items) + 1):
+      name = "/".join(items[-k:])
+      others = ["/".join(o[-k:]) for o in parts if o is not items]
+      if name not in others:
+        break
+    names.append(name)
+  return names
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
-  """--config.mode=eval: evaluate the configured checkpoints (default: the workdir's export)."""
+  """--config.mode=eval: evaluate the configured checkpoints (default: the workdir's export).
+
+  Rows of earlier evaluations in the workdir are kept; a row name that an earlier evaluation
+  gave to another checkpoint is refused rather than overwritten."""
   workdir, config = paths.resolve(workdir), paths.resolve_config(config)
   sources = list(config.evaluation.checkpoints) or [workdir]
+  names = row_names(sources)
   path = os.path.join(workdir, f"{RESULTS_NAME}.json")
   rows: dict[str, dict[str, float]] = {}
-  if os.path.exists(path):  # rows of earlier evaluations in this workdir are kept
-    with open(path) as f:
-      rows = json.load(f).get("rows", {})
-  for source in sources:
-    module, variables, _, _, name = export.load_model(source)
+  origins: dict[str, str] = {}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        earlier = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(
+          f"{path} (the earlier evaluations of this workdir) cannot be read ({e}); move it "
+          "away to start a new table"
+      ) from e
+    rows, origins = earlier.get("rows", {}), earlier.get("sources", {})
+  for name, source in zip(names, sources):
+    previous = origins.get(name)
+    if previous is not None and os.path.normpath(previous) != os.path.normpath(source):
+      raise ValueError(
+          f"row {name!r} of {path} holds {previous}; {source} would get the same name. "
+          "Evaluate it into another workdir or pass a longer path"
+      )
+  for name, source in zip(names, sources):
+    module, variables = export.load_model(source)[:2]
     logging.info("Evaluating %s (%s)", name, source)
     rows[name] = evaluate_encoder(config, module, variables)
+    origins[name] = source
     table = write_results(
         workdir,
         rows,
         {
             "datasets": list(config.evaluation.datasets),
             "protocols": list(config.evaluation.protocols),
+            "sources": origins,
         },
     )
   console.say(table)
