@@ -1,12 +1,16 @@
 """Encoder-only export for evaluation: parameters, BatchNorm statistics and the model spec.
 
 Layout of an export directory (stable):
-  model.json   {"format": "ocl_jax.encoder/1", "model": ModelSpec, "config": training config}
+  model.json   {"format": "ocl_jax.encoder/1", "model": ModelSpec, "config": training config,
+                "digests": {"variables": {array: sha256}, "head": {...}}}
   variables/   Orbax checkpoint of {"params": ..., "batch_stats": ...} of the encoder trunk
   head/        the same for the projector, which ContraCAM's contrastive score needs
 
 `load_model` reads an export or a training workdir's newest checkpoint: every
 mode that needs a trained model (eval, ContraCAM, the pipeline, interop) loads it there.
+An export's arrays are checked against the digests in its model.json, so a damaged export
+is an error naming it and the array, never other weights loaded in silence (exports written
+before digests existed load unverified, with a log line).
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ocl_jax import paths
-from ocl_jax.checkpointing import CheckpointMismatchError, Checkpointer, check_variables
+from ocl_jax.checkpointing import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    Checkpointer,
+    check_variables,
+    digests,
+)
 from ocl_jax.models import ARCHITECTURES, ContrastiveNet, ModelSpec, ResNet
 
 FORMAT = "ocl_jax.encoder/1"
@@ -36,8 +46,6 @@ def export_encoder(
     config: ml_collections.ConfigDict | None = None,
 ) -> str:
   """Write the encoder trunk of a ContrastiveNet (params['encoder']) to `path`."""
-  path = paths.resolve(path)
-  os.makedirs(path, exist_ok=True)
   variables = {
       "params": jax.device_get(params["encoder"]),
       "batch_stats": jax.device_get(batch_stats["encoder"]),
@@ -46,17 +54,59 @@ def export_encoder(
       "params": jax.device_get(params["projector"]),
       "batch_stats": jax.device_get(batch_stats.get("projector", {})),
   }
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "variables"), variables, force=True)
-    ckptr.save(os.path.join(path, "head"), head, force=True)
   meta = {
-      "format": FORMAT,
       "model": spec.to_dict(),
       "config": json.loads(config.to_json_best_effort()) if config is not None else None,
   }
-  with open(os.path.join(path, "model.json"), "w") as f:
+  return write_export(path, variables, head, meta)
+
+
+def write_export(path: str, variables: Any, head: Any | None, meta: dict[str, Any]) -> str:
+  """An export folder: variables/ (and head/ when given) through Orbax, then model.json with
+  `meta`, the format and the arrays' digests, written last and atomically (a folder without
+  model.json is no export)."""
+  path = paths.resolve(path)
+  os.makedirs(path, exist_ok=True)
+  parts = {"variables": variables, **({"head": head} if head is not None else {})}
+  with ocp.StandardCheckpointer() as ckptr:
+    for name, tree in parts.items():
+      ckptr.save(os.path.join(path, name), tree, force=True)
+  meta = {
+      "format": FORMAT,
+      **meta,
+      "digest_algorithm": "sha256",
+      "digests": {name: digests(tree) for name, tree in parts.items()},
+  }
+  target = os.path.join(path, "model.json")
+  with open(target + ".tmp", "w") as f:
     json.dump(meta, f, indent=2)
+  os.replace(target + ".tmp", target)
   return path
+
+
+def _restore_verified(path: str, part: str, meta: dict[str, Any]) -> Any:
+  """Orbax restore of <path>/<part>, its arrays checked against model.json's digests."""
+  folder = os.path.join(path, part)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(folder)
+  except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+    raise CheckpointCorruptError(
+        f"export {path}: {part}/ cannot be read ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); export the model again"
+    ) from e
+  expected = (meta.get("digests") or {}).get(part)
+  if expected is None:
+    logging.info("export %s has no digests of %s/ (an older export): loaded unverified", path, part)
+    return tree
+  got = digests(tree)
+  for name, digest in expected.items():
+    if got.get(name) != digest:
+      raise CheckpointCorruptError(
+          f"export {path} is damaged: array {part}/{name} does not match the digest written "
+          "with it (a file changed after the export was written); export the model again"
+      )
+  return tree
 
 
 def _read_meta(path: str) -> dict[str, Any]:
@@ -114,8 +164,7 @@ def _build(spec: ModelSpec, expand_res: int, head: bool) -> ResNet | Contrastive
 def _load_export(path: str, expand_res: int, head: bool, name: str) -> LoadedModel:
   meta = _read_meta(path)
   spec = ModelSpec.from_dict(meta["model"], f"{path}/model.json")
-  with ocp.StandardCheckpointer() as ckptr:
-    trunk = ckptr.restore(os.path.join(path, "variables"))
+  trunk = _restore_verified(path, "variables", meta)
   encoder = _build(spec, expand_res, head=False)
   check_variables(encoder, trunk, f"export {path}")
   if not head:
@@ -125,8 +174,7 @@ def _load_export(path: str, expand_res: int, head: bool, name: str) -> LoadedMod
     raise CheckpointMismatchError(_no_head_message(path, meta))
   spec = dataclasses.replace(spec, pred_hidden_dim=0)
   net = _build(spec, expand_res, head=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    projector = ckptr.restore(head_path)
+  projector = _restore_verified(path, "head", meta)
   variables = {
       "params": {"encoder": trunk["params"], "projector": projector["params"]},
       "batch_stats": {"encoder": trunk["batch_stats"]},

@@ -10,14 +10,16 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from ocl_jax import checkpointing, train, workdir_lock
+from ocl_jax import checkpointing, export, train, workdir_lock
 from ocl_jax.models import ModelSpec
-from tests.conftest import make_tiny_config
+from tests.conftest import export_random_init, make_tiny_config
 
 
 def _config(data_dir, steps=4):
@@ -231,6 +233,96 @@ def test_a_stale_lock_is_taken_over(workdir, scenes_data_dir, caplog):
     train.train_and_evaluate(_config(scenes_data_dir), str(workdir))
   assert f"Taking over the stale lock {lock} of PID {gone.pid}" in caplog.text
   assert not lock.exists()
+
+
+def test_a_damaged_export_is_refused_naming_it(scenes_data_dir, tmp_path, caplog):
+  """Random overwrites of an export's array files: each either leaves the loaded weights
+  exactly as written (the bytes hit a part Orbax does not read) or is an error naming the
+  export (a digest mismatch or an unreadable file); never other weights loaded in silence.
+  An export written before digests existed loads, unverified, with a log line."""
+  _, good = export_random_init(make_tiny_config(scenes_data_dir), str(tmp_path / "run"))
+  want = export.load_model(good, head=True).variables
+  data_files = sorted(
+      p
+      for p in pathlib.Path(good).rglob("*")
+      if p.is_file() and "/d/" in str(p) and p.stat().st_size
+  )
+  assert data_files
+  rng = np.random.default_rng(0)
+  refused = 0
+  for trial in range(12):
+    copy = tmp_path / f"damaged{trial}"
+    shutil.copytree(good, copy)
+    victim = copy / data_files[trial % len(data_files)].relative_to(good)
+    raw = bytearray(victim.read_bytes())
+    start = int(rng.integers(0, max(1, len(raw) - 64)))
+    raw[start : start + 64] = rng.integers(0, 256, min(64, len(raw) - start), np.uint8).tobytes()
+    victim.write_bytes(bytes(raw))
+    try:
+      got = export.load_model(str(copy), head=True).variables
+    except checkpointing.CheckpointCorruptError as e:
+      assert f"export {copy}" in str(e)
+      refused += 1
+      continue
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  assert refused >= 3  # the overwrites that reach the arrays
+
+  older = tmp_path / "older"
+  shutil.copytree(good, older)
+  meta = json.loads((older / "model.json").read_text())
+  del meta["digests"]
+  (older / "model.json").write_text(json.dumps(meta))
+  with caplog.at_level(logging.INFO):
+    got = export.load_model(str(older), head=True).variables
+  assert "loaded unverified" in caplog.text
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+_LOCK_TAKER = """
+import json, os, sys, time
+from ocl_jax import workdir_lock
+workdir, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+  time.sleep(0.001)
+try:
+  with workdir_lock.WorkdirLock(workdir):
+    got = time.time()
+    time.sleep(0.1)
+    print(json.dumps([got, time.time()]))
+except workdir_lock.WorkdirLockedError:
+  print("refused")
+"""
+
+
+def test_a_stale_lock_is_taken_over_by_exactly_one_of_simultaneous_runs(tmp_path):
+  """Five processes started together on a workdir whose lock a killed run left: in every
+  trial at least one of them holds the lock, and never two at once."""
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  lock = tmp_path / workdir_lock.LOCK_NAME
+  env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parents[1])}
+  for _ in range(8):
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    start = time.time() + 1.5  # past every interpreter's start-up
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOCK_TAKER, str(tmp_path), str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(5)
+    ]
+    held = []
+    for p in procs:
+      out, _ = p.communicate(timeout=60)
+      assert p.returncode == 0, out
+      if out.strip() != "refused":
+        held.append(json.loads(out))
+    assert held
+    held.sort()
+    assert all(a[1] <= b[0] for a, b in zip(held, held[1:])), held  # one holder at a time
+    assert not lock.exists() and not (tmp_path / (workdir_lock.LOCK_NAME + ".takeover")).exists()
 
 
 def test_a_failed_background_save_surfaces(scenes_data_dir, tmp_path, monkeypatch):

@@ -33,7 +33,6 @@ from typing import Any, Mapping
 from absl import logging
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from ocl_jax import export as export_lib
 from ocl_jax import paths
@@ -481,24 +480,19 @@ def import_to_export(
   """
   imported = _import(source, arch, width, small_stem)
   path = paths.resolve(export_dir)
-  os.makedirs(path, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "variables"), imported.variables, force=True)
-    if imported.head is not None:
-      head = {
-          "params": imported.head["params"],
-          "batch_stats": imported.head.get("batch_stats", {}),
-      }
-      ckptr.save(os.path.join(path, "head"), head, force=True)
-  if imported.head is None and os.path.isdir(os.path.join(path, "head")):
+  head = None
+  if imported.head is not None:
+    head = {
+        "params": imported.head["params"],
+        "batch_stats": imported.head.get("batch_stats", {}),
+    }
+  elif os.path.isdir(os.path.join(path, "head")):
     shutil.rmtree(os.path.join(path, "head"))  # a stale projector of an earlier export
   meta = {
-      "format": export_lib.FORMAT,
       "model": imported.spec.to_dict(),
       "config": None,
       "imported_from": imported.metadata(),
   }
-  with open(os.path.join(path, "model.json"), "w") as f:
-    json.dump(meta, f, indent=2)
+  export_lib.write_export(path, imported.variables, head, meta)
   logging.info("Wrote the export %s (head/: %s)", path, imported.head is not None)
   return path
