@@ -420,6 +420,7 @@ class Checkpointer:
         "digest_algorithm": "sha256",
         "digests": digests(state),
     }
+    logging.info("Saving the checkpoint of step %d to %s (in the background)", step, self.directory)
     self.manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),

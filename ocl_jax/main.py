@@ -9,6 +9,7 @@ from OCL_COORDINATOR_ADDRESS, OCL_NUM_PROCESSES, OCL_PROCESS_ID); see launch/.
 
 import importlib
 import os
+import signal
 import sys
 from typing import Any
 
@@ -100,7 +101,10 @@ def main(argv):
     run_mode(config, workdir)
   except preemption.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(preemption.EXIT_STATUS)
+    sys.exit(e.exit_status)
+  except KeyboardInterrupt:
+    logging.warning("Interrupted (a second Ctrl-C): stopped without saving the current step")
+    sys.exit(128 + signal.SIGINT)
 
 
 def initialize_distributed(

@@ -1,17 +1,20 @@
-"""Preemption: SIGTERM asks the run to checkpoint and stop at the next step boundary.
+"""Preemption: SIGTERM (or a first Ctrl-C) asks the run to checkpoint and stop at the next step.
 
 Cloud TPU/GPU VMs and SLURM send SIGTERM some seconds before they kill a job.
 The handler only sets a flag; the training loop polls it between steps,
 saves a checkpoint of the current step and raises `Preempted`, which
-`ocl_jax.main` turns into exit status 143 (128 + SIGTERM), so a scheduler sees
-an interrupted job and running the same command again resumes it. In a
-multi-process job the flags are combined at log steps, so every process
-stops at the same step.
+`ocl_jax.main` turns into exit status 128 + the signal (143 for SIGTERM, 130 for
+Ctrl-C), so a scheduler sees an interrupted job and running the same command
+again resumes it. Ctrl-C at the console does the same, so no work since the last
+checkpoint is lost; a second Ctrl-C stops at once (KeyboardInterrupt). In a
+multi-process job the flags are combined at log steps, so every process stops
+at the same step.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import jax
@@ -24,24 +27,38 @@ EXIT_STATUS = 128 + signal.SIGTERM
 class Preempted(Exception):
   """The run saved a checkpoint at `step` after a termination request and stopped."""
 
-  def __init__(self, step: int, checkpoint_dir: str):
+  def __init__(self, step: int, checkpoint_dir: str, signum: int = signal.SIGTERM):
     super().__init__(
         f"preempted: checkpoint of step {step} saved in {checkpoint_dir}; "
         "run the same command again to resume"
     )
     self.step = step
+    self.exit_status = 128 + int(signum)
 
 
 class PreemptionWatcher:
-  """Context manager installing a SIGTERM handler (main thread only) that sets a flag."""
+  """Context manager installing SIGTERM and SIGINT handlers (main thread only) that set a
+  flag; a second SIGINT raises KeyboardInterrupt at once."""
 
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
     self.signals = signals
     self.requested = False
+    self.signum = signal.SIGTERM  # the first signal received
     self._previous: dict[int, object] = {}
 
   def _handle(self, signum, frame) -> None:
     del frame
+    if signum == signal.SIGINT:
+      if self.requested and self.signum == signal.SIGINT:
+        raise KeyboardInterrupt
+      print(
+          "\nCtrl-C: saving a checkpoint at the end of this step, then stopping "
+          "(Ctrl-C again to stop at once, losing the steps since the last checkpoint)",
+          file=sys.stderr,
+          flush=True,
+      )
+    if not self.requested:
+      self.signum = signum
     self.requested = True
 
   def __enter__(self) -> "PreemptionWatcher":

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -48,11 +49,13 @@ def test_nonfinite_step_stops_the_run_keeping_the_last_good_checkpoint(tiny_conf
   assert f"last good checkpoint (step {bad - 1})" in str(e.value)
 
 
-def _run(workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None):
-  """The CLI on the tiny setting; optionally SIGKILL / SIGTERM it once the log shows
-  training step `kill_at` / `term_at` (or later), after a further random fraction of
-  a step. Step-triggered, not timed, so the fault lands where the test needs it on a
-  fast or a slow machine alike."""
+def _run(
+    workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None, term_signal=None, times=1
+):
+  """The CLI on the tiny setting; optionally SIGKILL / SIGTERM (or `term_signal`, `times`
+  times 20 ms apart) it once the log shows training step `kill_at` / `term_at` (or later),
+  after a further random fraction of a step. Step-triggered, not timed, so the fault lands
+  where the test needs it on a fast or a slow machine alike."""
   env = {
       **os.environ,
       "JAX_COMPILATION_CACHE_DIR": str(pathlib.Path(workdir).parent / "jax_cache"),
@@ -85,13 +88,19 @@ def _run(workdir, data_dir, steps, env_extra=None, kill_at=None, term_at=None):
   ]
   proc = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
   target = kill_at if kill_at is not None else term_at
-  sig = signal.SIGKILL if kill_at is not None else signal.SIGTERM
+  sig = signal.SIGKILL if kill_at is not None else (term_signal or signal.SIGTERM)
+
+  def send():
+    for i in range(times):
+      time.sleep(0.02 if i else 0.0)
+      proc.send_signal(sig)
+
   lines, timer = [], None
   for line in proc.stderr:
     lines.append(line)
     logged = re.search(r"\] \[(\d+)\] .*learning_rate=", line)
     if target is not None and timer is None and logged and int(logged.group(1)) >= target:
-      timer = threading.Timer(np.random.uniform(0.0, 0.05), proc.send_signal, (sig,))
+      timer = threading.Timer(np.random.uniform(0.0, 0.05), send)
       timer.start()
   proc.wait(timeout=600)
   if timer is not None:
@@ -104,6 +113,37 @@ def _final_params(workdir, step):
     return m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state[
         "params"
     ]
+
+
+def test_ctrl_c_saves_like_sigterm(tmp_path, scenes_data_dir):
+  """A first Ctrl-C (SIGINT) saves the current step and exits 130, as SIGTERM does with 143."""
+  code, log = _run(tmp_path / "once", scenes_data_dir, 40, term_at=5, term_signal=signal.SIGINT)
+  assert code == 128 + signal.SIGINT, log[-3000:]
+  saved = int(re.search(r"Termination requested: saved step (\d+)", log).group(1))
+  assert saved >= 5 and str(saved) in os.listdir(tmp_path / "once" / "checkpoints")
+  assert "Ctrl-C: saving a checkpoint" in log
+
+
+def test_a_second_ctrl_c_stops_at_once(capsys):
+  """The watcher: SIGTERM or a first SIGINT only set the flag (and which signal it was); a
+  second SIGINT raises KeyboardInterrupt where the program is; leaving restores the handlers."""
+  before = signal.getsignal(signal.SIGINT)
+  with preemption.PreemptionWatcher() as watcher:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert watcher.requested and watcher.signum == signal.SIGINT
+    assert "Ctrl-C again to stop at once" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.5)
+  assert signal.getsignal(signal.SIGINT) is before
+  with preemption.PreemptionWatcher() as watcher:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)  # after SIGTERM: still one request, no exception
+    time.sleep(0.01)
+    assert watcher.requested and watcher.signum == signal.SIGTERM
+  assert preemption.Preempted(3, "/c", watcher.signum).exit_status == 143
 
 
 def test_killed_and_resumed_run_ends_with_identical_parameters(tmp_path, scenes_data_dir):

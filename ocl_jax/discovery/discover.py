@@ -163,15 +163,13 @@ def save_boxes_and_masks(
     written["boxes"] = os.path.join(workdir, f"boxes_{c.split}.txt")
     localization.write_box_file(written["boxes"], table)
     with_box = sum(len(b) > 0 for b in table.values())
-    logging.info(
-        "Wrote %d images' boxes (%d with at least one box) to %s",
-        len(table),
-        with_box,
-        written["boxes"],
+    console.say(
+        f"Wrote the boxes of {len(table)} images ({with_box} with at least one box) to "
+        f"{written['boxes']}"
     )
   if masks:
     written["masks"] = folder
-    logging.info("Wrote %d masks to %s", count, folder)
+    console.say(f"Wrote {count} masks to {folder}")
   return written
 
 

@@ -389,7 +389,7 @@ def _train(
         ckpt.close()
         writer.flush()
         logging.warning("Termination requested: saved step %d to %s", step, ckpt.directory)
-        raise preemption.Preempted(step, ckpt.directory)
+        raise preemption.Preempted(step, ckpt.directory, watcher.signum)
   ckpt.close()
   timing.write(workdir, total_steps)
   if ctx.saliency is not None and config.saliency.picture_images > 0:
