@@ -77,6 +77,19 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
+def report_error(error: BaseException, log_file: str | None = None, max_lines: int = 20) -> None:
+  """The error that stopped a run as one short paragraph on stderr (what, and its message,
+  which names the file or field), with where the traceback went."""
+  lines = (str(error).strip() or repr(error)).splitlines()
+  if len(lines) > max_lines:
+    lines = lines[:max_lines] + [f"... ({len(lines) - max_lines} more lines in the log)"]
+  text = f"Error ({type(error).__name__}): " + "\n  ".join(lines)
+  if log_file:
+    text += f"\n(The traceback is in {log_file}.)"
+  sys.stderr.write(text + "\n")
+  sys.stderr.flush()
+
+
 def progress(
     iterable: Iterable[Any] | None = None,
     *,

@@ -105,6 +105,23 @@ def main(argv):
   except KeyboardInterrupt:
     logging.warning("Interrupted (a second Ctrl-C): stopped without saving the current step")
     sys.exit(128 + signal.SIGINT)
+  except Exception as e:  # noqa: BLE001  one paragraph for the person; the traceback to the log
+    logging.info("The run stopped on this error:", exc_info=True)
+    console.report_error(e, log_file)
+    sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or config override (`--config.batchsize=3`) told in
+  one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    text = text.strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    usage = "python -m ocl_jax.main --config=FILE --workdir=DIR [--config.FIELD=VALUE ...]"
+    sys.stderr.write(f"Error in the command line: {text}\nUsage: {usage}\n")
+    sys.exit(2)
 
 
 def initialize_distributed(
@@ -154,4 +171,4 @@ def run_mode(config, workdir: str) -> Any:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

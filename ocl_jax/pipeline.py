@@ -225,8 +225,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for stage in stages:
     marker = os.path.join(stage_dir(workdir, stage), DONE_FILE)
     if os.path.exists(marker):
-      with open(marker) as f:
-        info = json.load(f)
+      try:
+        with open(marker) as f:
+          info = json.load(f)
+      except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{marker} (the marker of the finished stage {stage}) cannot be read ({e}); delete "
+            f"it to run stage {stage} again, or delete {stage_dir(workdir, stage)} to start "
+            "it from scratch"
+        ) from e
       progress.end(stage, info.get("seconds", 0.0))
       logging.info("Stage %s already done (%s); skipping", stage, marker)
       result = info if stage == "eval" else result

@@ -180,3 +180,42 @@ def test_paper_configs_use_the_release_contracam_score():
     assert load_sibling_config(str(path), path.name).contracam.official_score is True, path.name
   for name in ("default.py", "scenes.py", "demo.py"):
     assert load_sibling_config(str(ROOT / "configs" / name), name).contracam.official_score is False
+
+
+def test_a_config_typo_is_one_line_not_a_traceback(tmp_path):
+  run = subprocess.run(
+      [sys.executable, "-m", "ocl_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}"]
+      + ["--config.batchsize=3"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert run.returncode == 2
+  assert "Traceback" not in run.stderr
+  assert 'Did you mean "batch_size" instead of "batchsize"?' in run.stderr
+  assert "\\n" not in run.stderr and len(run.stderr.strip().splitlines()) == 2
+
+
+def test_an_error_is_one_paragraph_on_the_console_and_its_traceback_in_the_log(
+    tmp_path, scenes_data_dir
+):
+  """A damaged stage marker stops the pipeline with a short paragraph naming the file;
+  the traceback is in log.txt only."""
+  marker = tmp_path / "vanilla" / "stage_done.json"
+  marker.parent.mkdir(parents=True)
+  marker.write_text('{"stage": "vani')
+  run = subprocess.run(
+      [sys.executable, "-m", "ocl_jax.main", "--config=configs/scenes.py"]
+      + [f"--workdir={tmp_path}", "--config.mode=pipeline", "--config.dataset.name=scenes/tiny"]
+      + [f"--config.dataset.data_dir={scenes_data_dir}"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr
+  assert f"Error (ValueError): {marker} (the marker of the finished stage vanilla)" in run.stderr
+  assert f"(The traceback is in {tmp_path / 'log.txt'}.)" in run.stderr
+  assert "Traceback" in (tmp_path / "log.txt").read_text()
