@@ -256,6 +256,7 @@ class Checkpointer:
           f"({_first_line(e)})"
       ) from e
     self._check_meta(meta, source)
+    self._warn_config_changes(meta, source)
     try:
       saved = leaf_names(self.manager.item_metadata(step)["state"])
     except Exception as e:  # noqa: BLE001
@@ -279,6 +280,27 @@ class Checkpointer:
     self._verify(restored, meta, source, step_dir)
     logging.info("Restored %s", source)
     return restored
+
+  def _warn_config_changes(self, meta: dict[str, Any], source: str) -> None:
+    """One warning naming every config field that differs from the checkpoint's own (a
+    resume with another learning rate or batch size trains on from weights made under the
+    old one; fine when meant, a surprise when not)."""
+    if self.config is None:
+      return
+    try:
+      saved = json.loads(meta.get("config") or "{}")
+      current = json.loads(self.config.to_json_best_effort())
+    except (TypeError, ValueError):
+      return
+    if not isinstance(saved, dict) or not saved:
+      return
+    diffs = _differences(saved, current)
+    if diffs:
+      logging.warning(
+          "Resuming %s under another config: %s",
+          source,
+          "; ".join(f"{k} {v}" for k, v in diffs.items()),
+      )
 
   def _check_meta(self, meta: dict[str, Any], source: str) -> None:
     """Raise CheckpointMismatchError naming the model / method fields that differ."""

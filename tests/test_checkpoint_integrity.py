@@ -235,6 +235,19 @@ def test_a_stale_lock_is_taken_over(workdir, scenes_data_dir, caplog):
   assert not lock.exists()
 
 
+def test_resuming_under_another_config_names_every_changed_field(workdir, scenes_data_dir, caplog):
+  c = _config(scenes_data_dir, steps=6)
+  c.optim.base_lr = 0.5
+  log = _resume(c, workdir, caplog)
+  line = next(x for x in log.splitlines() if "under another config" in x)
+  assert "optim.base_lr" in line and "(checkpoint) vs 0.5 (config)" in line
+  assert "num_train_steps 4 (checkpoint) vs 6 (config)" in line
+  assert "batch_size" not in line  # unchanged fields are not named
+  caplog.clear()
+  log = _resume(c, workdir, caplog)  # nothing left to do; the same config: no warning
+  assert "under another config" not in log
+
+
 def test_a_damaged_export_is_refused_naming_it(scenes_data_dir, tmp_path, caplog):
   """Random overwrites of an export's array files: each either leaves the loaded weights
   exactly as written (the bytes hit a part Orbax does not read) or is an error naming the
