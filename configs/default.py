@@ -276,6 +276,10 @@ def get_config() -> ml_collections.ConfigDict:
   # an error naming the step (the last good checkpoint is kept); 'skip': it goes on, counting
   # skipped steps (logged as skipped_steps).
   c.nonfinite = "stop"
+  # Before each checkpoint: a parameter norm grown more than this many times since the last
+  # checkpoint (a blow-up with finite weights, e.g. a far too large learning rate) stops the
+  # run without saving, keeping the good checkpoints (ocl_jax/train/divergence.py; 0 = off).
+  c.max_param_norm_growth = 100.0
   c.view_pictures = 8  # images of the first batch drawn to WORKDIR/views.png (0 = off)
   c.prefetch_to_device = 2  # batches staged on device ahead of the step
   # Host batches read by a background thread ahead of the step (ocl_jax/data/prefetch.py), so

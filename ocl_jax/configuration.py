@@ -89,6 +89,12 @@ def validate_config(
       f"{config.nonfinite!r} is not 'stop' or 'skip'",
       e,
   )
+  _check(
+      config.get("max_param_norm_growth", 0.0) == 0 or config.max_param_norm_growth > 1,
+      "max_param_norm_growth",
+      f"must be 0 (off) or > 1, got {config.get('max_param_norm_growth')}",
+      e,
+  )
   _check(config.eval_every_steps >= 0, "eval_every_steps", "must be >= 0", e)
   _check(config.dataset.image_size > 0, "dataset.image_size", "must be > 0", e)
   _check(

@@ -36,6 +36,7 @@ from ocl_jax.data.prefetch import BackgroundPrefetch
 from ocl_jax.models import ModelSpec
 from ocl_jax.train import step as step_lib
 from ocl_jax.train.device_idle import DeviceIdleMeter
+from ocl_jax.train.divergence import DivergenceError, DivergenceGuard
 from ocl_jax.train.state import StepContext, TrainState, create_train_state, make_context
 from ocl_jax.train.step import augment_views, probe_eval_step, train_step
 from ocl_jax.views import augment, saliency
@@ -330,6 +331,9 @@ def _train(
   # devices actually ran dry (train/device_idle.py).
   input_wait = 0.0
   timing = RunTiming(start_step)
+  guard = DivergenceGuard(
+      config.get("max_param_norm_growth", 0.0), parallel.unreplicate(state).params, start_step
+  )
   bar = console.progress(
       total=total_steps,
       initial=start_step,
@@ -384,7 +388,13 @@ def _train(
             step, {"eval_probe_accuracy": evaluate_probe(p_eval, state, config, ctx)}
         )
       if save_now or stop_now:
-        ckpt.save(step, parallel.unreplicate(state))
+        host_state = parallel.unreplicate(state)
+        try:
+          guard.check(host_state.params, step, ckpt.latest_step(), ckpt.directory)
+        except DivergenceError:
+          ckpt.close()  # the saves before this one finish; this state is not saved
+          raise
+        ckpt.save(step, host_state)
       if stop_now and step < total_steps:
         ckpt.close()
         writer.flush()
