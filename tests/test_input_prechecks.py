@@ -116,10 +116,10 @@ def test_truncated_or_empty_mask_is_named(tiny_config, tmp_path):
   _assert_not_started(tmp_path / "run")
 
 
-def test_mask_damaged_inside_or_in_rgb_is_named_before_training(tiny_config, tmp_path):
-  """A PNG whose start and end are intact but whose data is not, and a 3-channel PNG:
-  both stop the run before its first step, naming the files (each would otherwise fail or
-  be misread only when its image is streamed)."""
+def test_mask_damaged_inside_rgb_or_not_square_is_named_before_training(tiny_config, tmp_path):
+  """A PNG whose start and end are intact but whose data is not, a 3-channel PNG and a
+  non-square mask of a square-image dataset: all stop the run before its first step, naming
+  the files (each would otherwise fail or be misread only when its image is streamed)."""
   ids = _ids(tiny_config)
   folder = tmp_path / "masks"
   _write_masks(folder, ids)
@@ -130,13 +130,15 @@ def test_mask_damaged_inside_or_in_rgb_is_named_before_training(tiny_config, tmp
   data[middle : middle + 40] = bytes(40)
   (folder / f"{ids[2]}.png").write_bytes(bytes(data))
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / f"{ids[4]}.png")
+  Image.fromarray(np.zeros((32, 20), np.uint8)).save(folder / f"{ids[6]}.png")
   c = tiny_config
   c.bg_mixup.enabled, c.bg_mixup.masks = True, str(folder)
   with pytest.raises(prechecks.MaskFileError) as info:
     train.train_and_evaluate(c, str(tmp_path / "run"))
   message = str(info.value)
-  assert f"2 of the {len(ids)} BG-mixup mask PNGs" in message
+  assert f"3 of the {len(ids)} BG-mixup mask PNGs" in message
   assert f"{folder / ids[2]}.png (damaged:" in message
+  assert f"{folder / ids[6]}.png (20x32: not square like the dataset's images)" in message
   assert f"{folder / ids[4]}.png (RGB image, not one channel)" in message
   _assert_not_started(tmp_path / "run")
 

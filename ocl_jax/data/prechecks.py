@@ -12,6 +12,7 @@ file written and removed in each output folder.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import tempfile
 import time
@@ -100,8 +101,9 @@ def _incomplete_png(path: str) -> str:
   return ""
 
 
-def _mask_problem(path: str) -> str:
-  """'' for a mask PNG that decodes whole to one channel, else what is wrong with it."""
+def _mask_problem(path: str, square: bool = False) -> str:
+  """'' for a mask PNG that decodes whole to one channel (and, with `square`, is square like
+  the dataset's images), else what is wrong with it."""
   problem = _incomplete_png(path)
   if problem:
     return problem
@@ -110,21 +112,26 @@ def _mask_problem(path: str) -> str:
       if image.mode not in MASK_MODES:
         return f"{path} ({image.mode} image, not one channel)"
       image.load()  # decodes every row: damage inside the data shows here
+      w, h = image.size
+      if square and abs(w / h - 1.0) >= 0.02:
+        return f"{path} ({w}x{h}: not square like the dataset's images)"
   except (OSError, SyntaxError, ValueError) as e:
     return f"{path} (damaged: {e})"
   return ""
 
 
-def check_mask_files(folder: str, ids: list[str]) -> None:
+def check_mask_files(folder: str, ids: list[str], square: bool = False) -> None:
   """MaskFileError naming the <id>.png of `ids` in `folder` that are empty, truncated,
-  damaged or not one-channel."""
+  damaged, not one-channel or (with `square`: datasets of square images, such as `scenes`)
+  not square. Other datasets' masks may have their image's aspect, checked when streamed."""
   paths = [os.path.join(folder, f"{i}.png") for i in ids]
+  check = functools.partial(_mask_problem, square=square)
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    bad = [p for p in pool.map(_mask_problem, paths, chunksize=256) if p]
+    bad = [p for p in pool.map(check, paths, chunksize=256) if p]
   if bad:
     raise MaskFileError(
         f"{len(bad)} of the {len(paths)} BG-mixup mask PNGs of the training images in "
-        f"{folder} (config.bg_mixup.masks) are not whole one-channel PNG files: "
+        f"{folder} (config.bg_mixup.masks) are not whole one-channel PNG masks: "
         f"{_first(bad)}; write them again with --config.mode=save_masks"
     )
 
@@ -167,7 +174,11 @@ def check_coverage(config: ml_collections.ConfigDict, data: TrainData) -> None:
           f"masks); first ids: {_first(missing)}. Write the masks of this split with "
           "--config.mode=save_masks"
       )
-    check_mask_files(masks.folder, [i for i in ids if i in masks.ids])
+    check_mask_files(
+        masks.folder,
+        [i for i in ids if i in masks.ids],
+        square=sources.kind(data.builder) == "arrays",
+    )
   logging.info(
       "Pre-check: the %d training images have their boxes / masks (%.1f s)",
       len(ids),
