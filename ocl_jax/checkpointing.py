@@ -111,6 +111,18 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def _save_error(directory: str, e: BaseException) -> "CheckpointSaveError":
+  """A failed save, told briefly; a full disk says so and what to do."""
+  text = str(e)
+  if "RESOURCE_EXHAUSTED" in text or "No space left" in text or "ENOSPC" in text:
+    return CheckpointSaveError(
+        f"saving a checkpoint to {directory} failed: the disk is full. The checkpoints saved "
+        "before are intact; free space (or lower keep_checkpoints) and run the same command "
+        "again to resume, or use a --workdir on another disk"
+    )
+  return CheckpointSaveError(f"saving a checkpoint to {directory} failed: {_first_line(e)}")
+
+
 def _read_error(e: BaseException) -> tuple[str | None, str]:
   """(the array a TensorStore read error names, or None; the most specific error line):
   Orbax wraps the error that names the array in a generic one."""
@@ -427,9 +439,7 @@ class Checkpointer:
     try:
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointSaveError(
-          f"saving a checkpoint to {self.directory} failed: {_first_line(e)}"
-      ) from e
+      raise _save_error(self.directory, e) from e
 
   def save(self, step: int, state: Any) -> None:
     """Start an asynchronous save of `state` (host arrays) with its digests."""
@@ -443,10 +453,13 @@ class Checkpointer:
         "digests": digests(state),
     }
     logging.info("Saving the checkpoint of step %d to %s (in the background)", step, self.directory)
-    self.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-    )
+    try:
+      self.manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      )
+    except Exception as e:  # noqa: BLE001  (the previous save's error surfaces here too)
+      raise _save_error(self.directory, e) from e
 
   def close(self) -> None:
     """Finish the pending save and close; raises CheckpointSaveError if that save failed."""
@@ -458,9 +471,7 @@ class Checkpointer:
       self.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
       self._close_manager()
-      raise CheckpointSaveError(
-          f"saving a checkpoint to {self.directory} failed: {_first_line(e)}"
-      ) from e
+      raise _save_error(self.directory, e) from e
     self.manager.close()
 
   def _close_manager(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import sys
+import threading
 from typing import Any, Iterable
 
 from absl import logging
@@ -37,10 +38,20 @@ def log_path(workdir: str, process_index: int) -> str:
   return os.path.join(workdir, name)
 
 
+class LibraryTracebacksToLog(std_logging.Filter):
+  """Keep Orbax's own error records (each with a traceback of its background threads) off
+  the console: they reach log.txt, and the run's error is reported once, briefly."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not ("/orbax/" in record.pathname and record.levelno >= std_logging.ERROR)
+
+
 def show_on_console(verbose: bool) -> None:
   """The console gets warnings, and INFO lines too when `verbose`; call first thing."""
   logging.get_absl_logger().addFilter(QuietLibraries())
   logging.get_absl_handler().setLevel(std_logging.INFO if verbose else std_logging.WARNING)
+  if not verbose:
+    logging.get_absl_handler().addFilter(LibraryTracebacksToLog())
 
 
 def log_to_file(workdir: str) -> str:
@@ -75,6 +86,23 @@ def say(message: str) -> None:
   if jax.process_index() == 0 and not _console_shows_info():
     tqdm.tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()
+
+
+def route_stray_tracebacks() -> None:
+  """Tracebacks that libraries print from their own threads and callbacks (e.g. an asyncio
+  loop that Orbax closed while a read was failing) go to the log file, not the console,
+  where the one paragraph of the error that stopped the run (report_error) is what counts."""
+
+  def to_log(exc_type, exc, tb, where="a library callback"):
+    logging.info("Traceback in %s (not what stopped the run):", where, exc_info=(exc_type, exc, tb))
+
+  sys.excepthook = to_log
+  sys.unraisablehook = lambda u: to_log(
+      u.exc_type, u.exc_value, u.exc_traceback, f"a callback ({u.err_msg or 'unraisable'})"
+  )
+  threading.excepthook = lambda a: to_log(
+      a.exc_type, a.exc_value, a.exc_traceback, f"thread {getattr(a.thread, 'name', '?')}"
+  )
 
 
 def report_error(error: BaseException, log_file: str | None = None, max_lines: int = 20) -> None:

@@ -84,6 +84,7 @@ def main(argv):
   config = paths.resolve_config(FLAGS.config)
   validate_config(config)
   log_file = console.log_to_file(workdir)
+  console.route_stray_tracebacks()
   logging.info("Full log: %s", log_file)
   logging.info(
       "JAX process %d/%d, %d local devices %s, %d devices in all",

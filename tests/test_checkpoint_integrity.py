@@ -349,8 +349,39 @@ def test_a_failed_background_save_surfaces(scenes_data_dir, tmp_path, monkeypatc
   ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
   ckpt.save(2, state)
-  with pytest.raises(checkpointing.CheckpointSaveError, match="No space left on device"):
+  with pytest.raises(checkpointing.CheckpointSaveError, match="the disk is full") as e:
     ckpt.close()
+  assert str(tmp_path) in str(e.value) and "run the same command again" in str(e.value)
+
+
+def test_a_save_refused_at_once_by_orbax_is_a_checkpoint_save_error(
+    scenes_data_dir, tmp_path, monkeypatch
+):
+  c = _config(scenes_data_dir)
+  state = jax.device_get(train.create_train_state(0, c, train.make_context(c, 4, 10)))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), ModelSpec.from_config(c), c)
+
+  def refuse(*args, **kwargs):
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database')
+
+  monkeypatch.setattr(ckpt.manager, "save", refuse)
+  with pytest.raises(checkpointing.CheckpointSaveError, match="the disk is full"):
+    ckpt.save(2, state)
+  monkeypatch.setattr(ckpt.manager, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("EIO")))
+  with pytest.raises(checkpointing.CheckpointSaveError, match="OSError: EIO"):
+    ckpt.save(2, state)
+
+
+def test_orbax_error_records_stay_off_the_console():
+  import logging as std_logging
+
+  from ocl_jax import console
+
+  keep = console.LibraryTracebacksToLog()
+  record = lambda path, level: std_logging.LogRecord("absl", level, path, 1, "m", None, None)
+  assert not keep.filter(record("/x/orbax/checkpoint/future.py", std_logging.ERROR))
+  assert keep.filter(record("/x/orbax/checkpoint/future.py", std_logging.WARNING))
+  assert keep.filter(record("/x/ocl_jax/train/loop.py", std_logging.ERROR))
 
 
 def test_loading_a_corrupt_newest_checkpoint_for_inference_names_it(workdir):

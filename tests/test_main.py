@@ -219,3 +219,32 @@ def test_an_error_is_one_paragraph_on_the_console_and_its_traceback_in_the_log(
   assert f"Error (ValueError): {marker} (the marker of the finished stage vanilla)" in run.stderr
   assert f"(The traceback is in {tmp_path / 'log.txt'}.)" in run.stderr
   assert "Traceback" in (tmp_path / "log.txt").read_text()
+
+
+def test_eval_on_a_damaged_checkpoint_is_a_short_paragraph(tmp_path, scenes_data_dir):
+  """The library's own tracebacks (Orbax's closed event loop, in callbacks) go to log.txt;
+  the console gets the error naming the checkpoint and the array."""
+  run = _cli(tmp_path / "run", scenes_data_dir, 2, "--config.export_encoder=False")
+  assert run.returncode == 0, run.stderr[-3000:]
+  files = sorted(
+      (p for p in (tmp_path / "run" / "checkpoints" / "2" / "state").rglob("*") if p.is_file()),
+      key=lambda p: p.stat().st_size,
+  )
+  raw = bytearray(files[-1].read_bytes())
+  raw[100:4196] = bytes(min(4096, len(raw) - 100))
+  files[-1].write_bytes(bytes(raw))
+  run = subprocess.run(
+      [sys.executable, "-m", "ocl_jax.main", "--config=configs/scenes.py"]
+      + [f"--workdir={tmp_path / 'eval'}", "--config.mode=eval"]
+      + [f"--config.evaluation.checkpoints=('{tmp_path / 'run'}',)"]
+      + ["--config.dataset.name=scenes/tiny", f"--config.dataset.data_dir={scenes_data_dir}"]
+      + ["--config.dataset.image_size=32", "--config.model.arch=resnet10"]
+      + ["--config.model.width=4", "--config.model.small_stem=True", "--config.model.proj_dim=8"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) <= 6, run.stderr
+  assert f"Error (CheckpointCorruptError): checkpoint {tmp_path / 'run'}" in run.stderr
