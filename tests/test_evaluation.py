@@ -164,6 +164,15 @@ def test_the_same_checkpoint_twice_or_a_taken_row_name_is_refused(tiny_export, t
     evaluate.run(c, str(tmp_path))
 
 
+def test_a_damaged_results_file_is_named(tiny_export, tmp_path):
+  config, workdir = tiny_export
+  (tmp_path / "eval_results.json").write_text('{"rows": {"a"')
+  c = config.copy_and_resolve_references()
+  c.evaluation.checkpoints = (workdir,)
+  with pytest.raises(ValueError, match=f"{tmp_path / 'eval_results.json'}.*cannot be read"):
+    evaluate.run(c, str(tmp_path))
+
+
 def test_labels_without_signal_give_chance_accuracy(tiny_export, tmp_path):
   """Noise images in random class folders (train / val / test disjoint): the probe and kNN
   must be at chance (1/4), which fails if features or labels leak between splits."""

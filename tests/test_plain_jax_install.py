@@ -100,6 +100,10 @@ def test_the_tiny_main_job_runs_all_six_stages_without_tensorflow(scenes_data_di
 
   log = run()
   assert "Stage 6/6: eval" in log
+  # The console says where ContraCAM wrote; the log has every checkpoint save.
+  assert f"Wrote 256 masks to {work / 'contracam' / 'masks_train'}" in log
+  assert f"to {work / 'contracam' / 'boxes_train.txt'}" in log
+  assert f"Saving the checkpoint of step 2 to {work / 'vanilla' / 'checkpoints'}" in log
   table = (work / "results.md").read_text()
   for model in ("vanilla", "oacrop", "bgmix", "sgcl"):
     assert f"| {model} |" in table, table
