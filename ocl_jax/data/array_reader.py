@@ -287,6 +287,17 @@ def _shard(source: ArraySource, split: str, process_index: int, process_count: i
   return {k: v[start:stop] for k, v in arrays.items()}
 
 
+def _ordered_rows(
+    arrays: dict[str, np.ndarray], batch_size: int, max_examples: int | None
+) -> Iterator[np.ndarray]:
+  """Row indices of consecutive batches of an ordered pass, at most max_examples in all."""
+  n = len(arrays["label"])
+  if max_examples is not None and max_examples >= 0:
+    n = min(n, max_examples)
+  for start in range(0, n, batch_size):
+    yield np.arange(start, min(start + batch_size, n))
+
+
 def eval_batches(
     source: ArraySource,
     split: str,
@@ -324,11 +335,7 @@ def localization_batches(
   gt_mask (B, S, S) float32 {0, 1} (nearest resize), gt_boxes (B, 16, 4) x1, y1, x2, y2 with
   gt_box_valid; the last batch is smaller."""
   arrays = _shard(source, split, process_index, process_count)
-  n = len(arrays["label"])
-  if max_examples is not None and max_examples >= 0:
-    n = min(n, max_examples)
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, min(start + batch_size, n))
+  for rows in _ordered_rows(arrays, batch_size, max_examples):
     batch = example_batch(arrays, rows, image_size)
     batch["id"] = np.array([str(int(i)) for i in arrays["id"][rows]])
     if "mask" in arrays:
@@ -363,11 +370,7 @@ def split_batches(
   """The frozen-encoder evaluation view (resize_center_crop): image, label, valid and with
   `with_ids` id int64; batches of batch_size, the last one padded (label -1, valid 0)."""
   arrays = _shard(source, split, process_index, process_count)
-  n = len(arrays["label"])
-  if max_examples is not None and max_examples >= 0:
-    n = min(n, max_examples)
-  for start in range(0, n, batch_size):
-    rows = np.arange(start, min(start + batch_size, n))
+  for rows in _ordered_rows(arrays, batch_size, max_examples):
     batch = {
         "image": resize_center_crop(arrays["image"][rows], image_size, crop_fraction),
         "label": np.asarray(arrays["label"][rows], np.int32),

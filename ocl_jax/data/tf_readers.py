@@ -526,16 +526,7 @@ def split_batches(
     max_examples: int | None = None,
     with_ids: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over this process's shard of `split`, in a fixed order.
-
-  Yields host batches of exactly `batch_size` (examples of this process):
-  image uint8 (B, S, S, 3) (see resize_center_crop), label int32 (B,),
-  valid int32 (B,) 1 for real examples, and with `with_ids` (TFDS datasets with an
-  `image/id`, such as `scenes`) id int64 (B,); the last batch is padded with zeros,
-  valid 0 and label -1. max_examples: read at most that many (files for
-  folders, instances for coco_crop). Folder files that cannot be decoded are
-  skipped; after the pass they are logged and kept for `last_skipped`.
-  """
+  """eval_data.split_batches of a TFDS dataset, COCO-Crop or a folder (the same batches)."""
   limit = max_examples is not None and max_examples >= 0
   files = None
   if ds.source == "folder":
