@@ -116,10 +116,11 @@ def test_truncated_or_empty_mask_is_named(tiny_config, tmp_path):
   _assert_not_started(tmp_path / "run")
 
 
-def test_mask_damaged_inside_rgb_or_not_square_is_named_before_training(tiny_config, tmp_path):
-  """A PNG whose start and end are intact but whose data is not, a 3-channel PNG and a
-  non-square mask of a square-image dataset: all stop the run before its first step, naming
-  the files (each would otherwise fail or be misread only when its image is streamed)."""
+def test_mask_damaged_inside_rgb_or_of_another_size_is_named_before_training(tiny_config, tmp_path):
+  """A PNG whose start and end are intact but whose data is not, a 3-channel PNG and masks of
+  another size than save_masks writes for this square-image dataset: all stop the run before
+  its first step, naming the files (each would otherwise fail or be misread only when its
+  image is streamed)."""
   ids = _ids(tiny_config)
   folder = tmp_path / "masks"
   _write_masks(folder, ids)
@@ -131,14 +132,16 @@ def test_mask_damaged_inside_rgb_or_not_square_is_named_before_training(tiny_con
   (folder / f"{ids[2]}.png").write_bytes(bytes(data))
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / f"{ids[4]}.png")
   Image.fromarray(np.zeros((32, 20), np.uint8)).save(folder / f"{ids[6]}.png")
+  Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / f"{ids[7]}.png")
   c = tiny_config
   c.bg_mixup.enabled, c.bg_mixup.masks = True, str(folder)
   with pytest.raises(prechecks.MaskFileError) as info:
     train.train_and_evaluate(c, str(tmp_path / "run"))
   message = str(info.value)
-  assert f"3 of the {len(ids)} BG-mixup mask PNGs" in message
+  assert f"4 of the {len(ids)} BG-mixup mask PNGs" in message
   assert f"{folder / ids[2]}.png (damaged:" in message
-  assert f"{folder / ids[6]}.png (20x32: not square like the dataset's images)" in message
+  assert f"{folder / ids[6]}.png (20x32: not the 32x32 that save_masks writes)" in message
+  assert f"{folder / ids[7]}.png (16x16: not the 32x32 that save_masks writes)" in message
   assert f"{folder / ids[4]}.png (RGB image, not one channel)" in message
   _assert_not_started(tmp_path / "run")
 

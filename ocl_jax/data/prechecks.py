@@ -101,9 +101,9 @@ def _incomplete_png(path: str) -> str:
   return ""
 
 
-def _mask_problem(path: str, square: bool = False) -> str:
-  """'' for a mask PNG that decodes whole to one channel (and, with `square`, is square like
-  the dataset's images), else what is wrong with it."""
+def _mask_problem(path: str, side: int = 0) -> str:
+  """'' for a mask PNG that decodes whole to one channel (and, with `side`, is the side x side
+  square save_masks writes), else what is wrong with it."""
   problem = _incomplete_png(path)
   if problem:
     return problem
@@ -113,19 +113,20 @@ def _mask_problem(path: str, square: bool = False) -> str:
         return f"{path} ({image.mode} image, not one channel)"
       image.load()  # decodes every row: damage inside the data shows here
       w, h = image.size
-      if square and abs(w / h - 1.0) >= 0.02:
-        return f"{path} ({w}x{h}: not square like the dataset's images)"
+      if side and (w, h) != (side, side):
+        return f"{path} ({w}x{h}: not the {side}x{side} that save_masks writes)"
   except (OSError, SyntaxError, ValueError) as e:
     return f"{path} (damaged: {e})"
   return ""
 
 
-def check_mask_files(folder: str, ids: list[str], square: bool = False) -> None:
+def check_mask_files(folder: str, ids: list[str], side: int = 0) -> None:
   """MaskFileError naming the <id>.png of `ids` in `folder` that are empty, truncated,
-  damaged, not one-channel or (with `square`: datasets of square images, such as `scenes`)
-  not square. Other datasets' masks may have their image's aspect, checked when streamed."""
+  damaged, not one-channel or (with `side`: datasets of square images such as `scenes`, whose
+  masks save_masks writes at dataset.image_size) of another size. Other datasets' masks may
+  also have their image's own size, checked when streamed."""
   paths = [os.path.join(folder, f"{i}.png") for i in ids]
-  check = functools.partial(_mask_problem, square=square)
+  check = functools.partial(_mask_problem, side=side)
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     bad = [p for p in pool.map(check, paths, chunksize=256) if p]
   if bad:
@@ -177,7 +178,7 @@ def check_coverage(config: ml_collections.ConfigDict, data: TrainData) -> None:
     check_mask_files(
         masks.folder,
         [i for i in ids if i in masks.ids],
-        square=sources.kind(data.builder) == "arrays",
+        side=config.dataset.image_size if sources.kind(data.builder) == "arrays" else 0,
     )
   logging.info(
       "Pre-check: the %d training images have their boxes / masks (%.1f s)",
