@@ -129,6 +129,16 @@ def test_training_batches_slice_the_global_order_by_process(tiny_config):
     np.testing.assert_array_equal(batch["image"], joined)
   resumed = list(whole.host_batches(1, skip_batches=5))
   np.testing.assert_array_equal(resumed[0]["label"], first[5]["label"])
+  # Against the rule itself: epoch e's batch i holds rows order[16 i : 16 (i + 1)] of the split,
+  # order the permutation seeded by (seed, e).
+  arrays = tiny_split(tiny_config.dataset.data_dir, "train")
+  for epoch, batches in ((1, first), (2, list(whole.host_batches(2)))):
+    seed = train_data.epoch_seed(tiny_config.seed, epoch)
+    order = np.random.default_rng(seed).permutation(256)
+    for i, batch in enumerate(batches):
+      rows = order[16 * i : 16 * (i + 1)]
+      np.testing.assert_array_equal(batch["image"], arrays["image"][rows])
+      np.testing.assert_array_equal(batch["label"], arrays["label"][rows])
   other_epoch = next(iter(whole.host_batches(2)))
   assert not np.array_equal(other_epoch["label"], first[0]["label"]) or not np.array_equal(
       other_epoch["image"], first[0]["image"]

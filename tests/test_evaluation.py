@@ -84,6 +84,8 @@ def test_feature_measures_come_from_the_paired_splits(tiny_export):
 def test_feature_measures_with_max_examples_use_the_same_scenes(tiny_export):
   """evaluation.max_examples caps every paired split at the same first scenes (each split's
   arrays are in scene order), so the measures run on them instead of failing after training."""
+  from ocl_jax.evaluation import scene_features
+
   config, workdir = tiny_export
   module, variables = export.load_model(workdir)[:2]
   c = config.copy_and_resolve_references()
@@ -94,6 +96,22 @@ def test_feature_measures_with_max_examples_use_the_same_scenes(tiny_export):
   # Retrieval among 24 scenes: a top-1 fraction in steps of 1/24.
   top1 = row["scenes/feature/mixed_rand_top1"]
   assert 0 <= top1 <= 1 and abs(top1 * 24 - round(top1 * 24)) < 1e-6
+  ref = {}
+  for name, split in (
+      ("test", "test"),
+      ("mixed_rand", "test_mixed_rand"),
+      ("only_fg", "test_only_fg"),
+  ):
+    arrays = tiny_split(config.dataset.data_dir, split)
+    x = np.asarray(arrays["image"][:24], np.float32) / 255.0
+    x = (x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    f = np.asarray(module.apply(variables, x.astype(np.float32), train=False)).mean(axis=(1, 2))
+    ref[name] = (f, np.asarray(arrays["label"][:24]), np.asarray(arrays["id"][:24]))
+  want = scene_features.feature_metrics(ref)  # the measures of the first 24 scenes
+  assert set(row) == {f"scenes/feature/{k}" for k in want}
+  for key, value in want.items():
+    tol = 1e-4 if key == "mixed_rand_consistency" else 1.5 / 24  # a near-tie may flip
+    assert row[f"scenes/feature/{key}"] == pytest.approx(value, abs=tol), key
 
 
 def test_results_table_hand_case():

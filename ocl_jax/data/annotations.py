@@ -100,6 +100,8 @@ class RegionBoxes:
   boxes: np.ndarray | None = None  # (len(ids) + 1, K, 4) x1, y1, x2, y2
   counts: np.ndarray | None = None  # (len(ids) + 1,)
   row_of: dict[str, int] = dataclasses.field(default_factory=dict, repr=False)
+  # The tf.data readers' in-graph lookup, built once per object (not per epoch) by preprocess.
+  graph_lookup: object = dataclasses.field(default=None, repr=False, compare=False)
 
   def __post_init__(self):
     self.row_of = {image_id: row for row, image_id in enumerate(self.ids)}
@@ -211,6 +213,8 @@ class MaskIds:
   folder: str
   count: int
   ids: frozenset[str] = frozenset()
+  # The tf.data readers' in-graph check, built once per object (not per epoch) by preprocess.
+  graph_check: object = dataclasses.field(default=None, repr=False, compare=False)
 
   @classmethod
   def from_folder(cls, folder: str) -> "MaskIds":

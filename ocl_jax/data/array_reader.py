@@ -345,12 +345,10 @@ def localization_batches(
       pick = np.minimum(((np.arange(image_size) + 0.5) * s / image_size).astype(np.int64), s - 1)
       batch["gt_mask"] = (mask[:, pick][:, :, pick] > 0).astype(np.float32)
     if "boxes" in arrays:
-      present = arrays["classes"][rows] >= 0
-      boxes = np.zeros((len(rows), MAX_GT_BOXES, 4), np.float32)
-      valid = np.zeros((len(rows), MAX_GT_BOXES), bool)
-      for j, (b, keep) in enumerate(zip(_xyxy(arrays["boxes"][rows]), present)):
-        kept = b[keep][:MAX_GT_BOXES]
-        boxes[j, : len(kept)], valid[j, : len(kept)] = kept, True
+      # Every object, as it is: the OA-crop region rule with no area floor and no margin.
+      boxes, valid = gt_region_boxes(
+          _xyxy(arrays["boxes"][rows]), arrays["classes"][rows] >= 0, MAX_GT_BOXES, -np.inf, 0.0
+      )
       batch.update(gt_boxes=boxes, gt_box_valid=valid)
     yield batch
 

@@ -22,8 +22,6 @@ import numpy as np
 from ocl_jax import parallel
 from ocl_jax.data import array_reader
 from ocl_jax.data import sources
-from ocl_jax.data.array_reader import MAX_GT_BOXES  # noqa: F401  (the gt_boxes padding)
-from ocl_jax.data.array_reader import pad_batch  # noqa: F401  (re-exported for the readers)
 from ocl_jax.data.eval_datasets import EvalDataset
 
 

@@ -72,7 +72,11 @@ def make_preprocess(
   For a FolderSource the examples are its decoded records (see folders.FolderFiles).
   """
   feats = sources.features(builder)
+  # Lookup tables are built here, eagerly, once per object: inside the traced map function
+  # they would belong to that epoch's graph alone.
   boxes_of = None if region_boxes is None else region_boxes_fn(region_boxes)
+  if mask_ids is not None:
+    mask_check_fn(mask_ids)
   if sources.kind(builder) == "folder":
     has_label, has_objects = True, False
   else:
@@ -129,7 +133,14 @@ def gt_region_boxes(
 
 def region_boxes_fn(rb: RegionBoxes) -> Callable[[dict[str, Any]], dict[str, tf.Tensor]]:
   """example -> its OA-crop regions: boxes (K, 4), box_valid (K,) and, for box files,
-  box_missing; the box file's table becomes a string -> row hash table in the graph."""
+  box_missing; the box file's table becomes a string -> row hash table in the graph, built
+  on the first call and kept on `rb` (every epoch's pipeline uses the same one)."""
+  if rb.graph_lookup is None:
+    rb.graph_lookup = _build_region_boxes_fn(rb)
+  return rb.graph_lookup
+
+
+def _build_region_boxes_fn(rb: RegionBoxes) -> Callable[[dict[str, Any]], dict[str, tf.Tensor]]:
   if rb.path is None:
 
     def gt(example):
@@ -177,7 +188,14 @@ def region_boxes_fn(rb: RegionBoxes) -> Callable[[dict[str, Any]], dict[str, tf.
 
 
 def mask_check_fn(mask_ids: MaskIds) -> Callable[[tf.Tensor], tf.Operation]:
-  """image id -> an assertion that the mask folder has <id>.png (a clear message if not)."""
+  """image id -> an assertion that the mask folder has <id>.png (a clear message if not);
+  its table is built on the first call and kept on `mask_ids`."""
+  if mask_ids.graph_check is None:
+    mask_ids.graph_check = _build_mask_check_fn(mask_ids)
+  return mask_ids.graph_check
+
+
+def _build_mask_check_fn(mask_ids: MaskIds) -> Callable[[tf.Tensor], tf.Operation]:
   ids = sorted(mask_ids.ids)
   keys = tf.constant(ids, tf.string) if ids else tf.zeros((0,), tf.string)
   table = tf.lookup.StaticHashTable(
