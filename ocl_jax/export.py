@@ -78,9 +78,10 @@ def write_export(path: str, variables: Any, head: Any | None, meta: dict[str, An
       "digests": {name: digests(tree) for name, tree in parts.items()},
   }
   target = os.path.join(path, "model.json")
-  with open(target + ".tmp", "w") as f:
+  tmp = f"{target}.tmp.{os.getpid()}"  # every process of a job writes the same file
+  with open(tmp, "w") as f:
     json.dump(meta, f, indent=2)
-  os.replace(target + ".tmp", target)
+  os.replace(tmp, target)
   return path
 
 
